@@ -1,0 +1,62 @@
+# duquant-packs: the user's entry point. `make packs` and `make test` set up .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= llm_w4a8
+CKPT ?=
+JOBS ?=
+OUT ?= artifacts
+DEMO_DIR := $(OUT)/demo
+FULL_DIR := $(OUT)/demo-full
+# One BLAS/OpenMP thread per process and no OpenMP busy-waiting: on 2 cores the
+# defaults make small matmuls many times slower under load.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: help install packs verify test lint format bench bench-full full-checkpoint clean
+
+help:
+	@echo "make packs [CONFIG=llm_w4a8] [CKPT=path] [JOBS=n]   build + verify a bundle (demo checkpoint when no CKPT)"
+	@echo "make test                                           the test suite (CI runs this)"
+	@echo "make lint | format | verify BUNDLE=... | bench | bench-full | full-checkpoint | clean"
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The exact CPU wheel for dev/CI; pyproject keeps a permissive torch range for users.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+packs: $(STAMP)
+	@set -euo pipefail; \
+	ckpt="$(CKPT)"; \
+	if [ -z "$$ckpt" ]; then ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); echo "demo checkpoint: $$ckpt"; fi; \
+	bundle=$$($(BIN)/duquant-packs build --config $(CONFIG) --checkpoint "$$ckpt" --out $(OUT) $(if $(JOBS),--jobs $(JOBS)) | tail -n 1); \
+	$(BIN)/duquant-packs verify "$$bundle" --config $(CONFIG) --checkpoint "$$ckpt"; \
+	echo "$$bundle"
+
+verify: $(STAMP)
+	@test -n "$(BUNDLE)" || { echo "usage: make verify BUNDLE=artifacts/<cfg>/<cfg>-<fp12>.h5 [CONFIG=...] [CKPT=...]"; exit 2; }
+	$(BIN)/duquant-packs verify "$(BUNDLE)" $(if $(filter command line,$(origin CONFIG)),--config $(CONFIG)) $(if $(CKPT),--checkpoint $(CKPT))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+full-checkpoint: $(STAMP)
+	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)
+
+clean:
+	rm -rf $(OUT)/*/ .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

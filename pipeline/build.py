@@ -1,0 +1,201 @@
+"""Parallel build: checkpoint + config -> one fingerprinted HDF5 bundle, written atomically.
+
+Workers (joblib, loky by default) open the checkpoint themselves, so no weight is
+pickled to them; each returns a finished LayerPack (a quarter of the weight's bytes)
+to the one writer in the parent as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from duquant_runtime import __version__
+from duquant_runtime.bundle import LayerPack, write_header, write_layer
+from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.errors import BundleError
+from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
+from duquant_runtime.packing import pack_codes, storage_for_bits
+
+from .algorithm import METHODS, quantize_rows
+from .checkpoint import Checkpoint, CheckpointError
+from .select import SelectedLayer, select_layers
+from .verify import verify_bundle
+
+BACKENDS = ("loky", "multiprocessing", "threading", "sequential", "dask")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    fingerprint: str
+    layers: int
+    skipped: bool
+    seconds: float
+    weight_bytes: int
+
+
+def bundle_path(out_dir: Path, config: DuQuantConfig, fingerprint: str) -> Path:
+    return out_dir / config.name / f"{config.name}-{fingerprint[:SHORT_LEN]}.h5"
+
+
+def source_tensors(ckpt: Checkpoint, layers: list[SelectedLayer], jobs: int = 1) -> list[SourceTensor]:
+    """sha256 of every selected tensor's raw bytes (hashlib releases the GIL: threads suffice)."""
+    names = [n for layer in layers for n in layer.tensor_names]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        hashes = list(pool.map(ckpt.sha256, names))
+    return [
+        SourceTensor(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape, h) for n, h in zip(names, hashes, strict=True)
+    ]
+
+
+def pack_layer(
+    weight: np.ndarray, bias: np.ndarray | None, layer: SelectedLayer, source_dtype: str, transform: TransformConfig
+) -> LayerPack:
+    """One layer's pack from its float64 weight (DESIGN.md §5)."""
+    t = METHODS[transform.method](weight, transform)
+    codes, scales = quantize_rows(t.w_t, layer.bits)
+    return LayerPack(
+        name=layer.name,
+        in_features=layer.in_features,
+        out_features=layer.out_features,
+        weight_bits=layer.bits,
+        storage=storage_for_bits(layer.bits),
+        block_size=transform.block_size,
+        block_out_size=transform.block_out_size,
+        perm=None if t.perm is None else t.perm.astype(np.int32),
+        r_in=t.r_in.astype(np.float32),
+        r_out=None if t.r_out is None else t.r_out.astype(np.float32),
+        qweight=pack_codes(codes, layer.bits),
+        w_scale=scales,
+        bias=None if bias is None else bias.astype(np.float32),
+        source_dtype=source_dtype,
+        source_sum=float(weight.sum()),
+        source_sumsq=float(np.square(weight).sum()),
+    )
+
+
+def _pack_job(ckpt_path: str, layer: SelectedLayer, transform: TransformConfig) -> LayerPack:
+    """Runs in a worker: open the checkpoint here, so only names cross the process boundary.
+
+    Worker BLAS threads are capped at one by ``inner_max_num_threads`` (loky sets the
+    OMP/OpenBLAS variables before the worker imports numpy): 2 workers x 2 threads would
+    oversubscribe 2 cores.
+    """
+    ckpt = Checkpoint.open(ckpt_path)
+    weight = ckpt.read(layer.weight)
+    if not np.isfinite(weight).all():
+        bad = int((~np.isfinite(weight)).sum())
+        raise CheckpointError(
+            f"layer {layer.name} has {bad} NaN/Inf value(s) in {layer.weight}; fix the checkpoint or exclude the layer"
+        )
+    bias = ckpt.read(layer.bias) if layer.bias else None
+    if bias is not None and not np.isfinite(bias).all():
+        raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
+    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, transform)
+
+
+def _run_jobs(
+    ckpt: Checkpoint, layers: list[SelectedLayer], transform: TransformConfig, jobs: int, backend: str
+) -> Iterator[LayerPack]:
+    """Yield packs as workers finish them (unordered), largest layers first for balance."""
+    order = sorted(layers, key=lambda la: -la.out_features * la.in_features)
+    if backend == "sequential" or jobs == 1:
+        for layer in order:
+            yield _pack_job(str(ckpt.path), layer, transform)
+        return
+    from joblib import Parallel, delayed, parallel_config
+
+    if backend == "dask":
+        import distributed  # noqa: F401  (registers joblib's dask backend)
+    with parallel_config(backend=backend, n_jobs=jobs, inner_max_num_threads=1 if backend != "dask" else None):
+        runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
+        yield from runner(delayed(_pack_job)(str(ckpt.path), layer, transform) for layer in order)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Temp files of builds that died (SIGKILL) are removed; a live build's are kept."""
+    for tmp in directory.glob(".*.h5.*.tmp"):
+        with contextlib.suppress(ValueError, OSError):
+            if not _pid_alive(int(tmp.name.rsplit(".", 2)[-2])):
+                tmp.unlink()
+
+
+def build_bundle(
+    config: DuQuantConfig,
+    checkpoint: str | Path,
+    out_dir: str | Path = "artifacts",
+    *,
+    jobs: int | None = None,
+    backend: str = "loky",
+    force: bool = False,
+    progress: Callable[[int, int, int, int], None] | None = None,
+) -> BuildResult:
+    """Build (or reuse) the bundle of ``config`` for ``checkpoint``; returns where it is.
+
+    ``progress(layers_done, layers_total, bytes_done, bytes_total)`` is called as layers finish.
+    """
+    start = time.perf_counter()
+    jobs = jobs or os.cpu_count() or 1
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    ckpt = Checkpoint.open(checkpoint)
+    layers = select_layers(config, ckpt)
+    sources = source_tensors(ckpt, layers, jobs)
+    doc = fingerprint_document(config, sources)
+    fp = digest(doc)
+    final = bundle_path(Path(out_dir), config, fp)
+    total_bytes = sum(la.weight_bytes for la in layers)
+    if final.exists() and not force:
+        problems = verify_bundle(final, config=config, sources=sources)
+        if not problems:
+            return BuildResult(final, fp, len(layers), True, time.perf_counter() - start, total_bytes)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final.parent)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            write_header(
+                f,
+                fingerprint_doc=doc,
+                config=config.to_dict(),
+                provenance=ckpt.provenance(),
+                tool_version=__version__,
+                created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            )
+            done_layers, done_bytes = 0, 0
+            by_name = {la.name: la for la in layers}
+            for pack in _run_jobs(ckpt, layers, config.transform, jobs, backend):
+                write_layer(f, pack)
+                done_layers += 1
+                done_bytes += by_name[pack.name].weight_bytes
+                if progress:
+                    progress(done_layers, len(layers), done_bytes, total_bytes)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)  # atomic: readers see the old bundle or the whole new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return BuildResult(final, fp, len(layers), False, time.perf_counter() - start, total_bytes)
+
+
+__all__ = ["BuildResult", "BundleError", "build_bundle", "bundle_path", "pack_layer", "source_tensors"]

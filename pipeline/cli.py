@@ -1,0 +1,319 @@
+"""`duquant-packs`: build, check and inspect DuQuant pack bundles.
+
+Every expected failure is one sentence on stderr and a non-zero exit (2 for bad input,
+1 for a bundle that does not verify), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from duquant_runtime import __version__
+from duquant_runtime.bundle import BundleReader
+from duquant_runtime.config import DuQuantConfig, preset_names, resolve
+from duquant_runtime.env import apply_env
+from duquant_runtime.errors import DuQuantError
+
+EXIT_BAD_INPUT = 2
+COMPONENTS = {
+    "vision": "paligemma_with_expert.paligemma.model.vision_tower.",
+    "llm": "paligemma_with_expert.paligemma.model.language_model.",
+    "expert": "paligemma_with_expert.gemma_expert.",
+}
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our own exceptions into one sentence and exit 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DuQuantError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted: no bundle was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def load_config(config: str, use_env: bool) -> DuQuantConfig:
+    cfg = resolve(config)
+    return apply_env(cfg) if use_env else cfg
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+config_option = click.option(
+    "--config",
+    "-c",
+    "config",
+    required=True,
+    metavar="PRESET|FILE.toml",
+    help="A preset name (see `duquant-packs configs`) or a path to a TOML config.",
+)
+checkpoint_option = click.option(
+    "--checkpoint",
+    "--ckpt",
+    "checkpoint",
+    required=True,
+    metavar="PATH",
+    help="A .safetensors file, a directory holding model.safetensors, or a sharded model.safetensors.index.json.",
+)
+env_option = click.option(
+    "--env/--no-env",
+    "use_env",
+    default=True,
+    show_default=True,
+    help="Apply the seed's OPENPI_DUQUANT_* variables (SCOPE, BLOCK, PERMUTE, ...) on top of the config.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="duquant-packs")
+def main() -> None:
+    """Build DuQuant W4A8 pack bundles offline, once, and check them before they are used.
+
+    \b
+    Typical flow:
+      duquant-packs list-layers -c llm_w4a8 --ckpt /ckpt/pi05_libero     # dry run
+      duquant-packs build       -c llm_w4a8 --ckpt /ckpt/pi05_libero     # -> artifacts/llm_w4a8/llm_w4a8-<fp12>.h5
+      duquant-packs verify artifacts/llm_w4a8/llm_w4a8-<fp12>.h5 -c llm_w4a8 --ckpt /ckpt/pi05_libero
+
+    A bundle's fingerprint binds it to the exact config and checkpoint it was built from.
+    """
+
+
+@main.command()
+@config_option
+@checkpoint_option
+@click.option(
+    "--out",
+    "out_dir",
+    default="artifacts",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Bundles go to OUT/<config name>/<name>-<fp12>.h5.",
+)
+@click.option(
+    "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Parallel workers (default: the number of cores)."
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["loky", "multiprocessing", "threading", "sequential", "dask"]),
+    default="loky",
+    show_default=True,
+    help="joblib backend; 'dask' uses an active dask.distributed Client.",
+)
+@click.option("--force", is_flag=True, help="Rebuild even when a verified bundle already exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@env_option
+@friendly
+def build(
+    config: str, checkpoint: str, out_dir: str, jobs: int | None, backend: str, force: bool, quiet: bool, use_env: bool
+) -> None:
+    """Compute every selected layer's pack and write one bundle atomically.
+
+    An identical bundle that already exists and verifies is reused in seconds. The
+    bundle's path is the last line printed on stdout.
+    """
+    from tqdm import tqdm
+
+    from .build import build_bundle
+
+    cfg = load_config(config, use_env)
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = tqdm(
+                total=total,
+                unit="layer",
+                desc=f"packing {cfg.name}",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 5.0,
+            )
+        bar.update(done - bar.n)
+        bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights")
+
+    try:
+        result = build_bundle(cfg, checkpoint, out_dir, jobs=jobs, backend=backend, force=force, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    verb = "reused verified" if result.skipped else "built"
+    click.echo(
+        f"{verb} {cfg.name}: {result.layers} layers, {_human(result.weight_bytes)} of weights, "
+        f"fingerprint {result.fingerprint[:12]}, {result.seconds:.1f} s",
+        err=True,
+    )
+    click.echo(str(result.path))
+
+
+@main.command("list-layers")
+@config_option
+@checkpoint_option
+@env_option
+@friendly
+def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
+    """Dry run: print every layer the config selects, with its shape and bits, and the total."""
+    from .checkpoint import Checkpoint
+    from .select import select_layers
+
+    cfg = load_config(config, use_env)
+    layers = select_layers(cfg, Checkpoint.open(checkpoint))
+    width = max(len(la.name) for la in layers)
+    for la in layers:
+        click.echo(f"{la.name:<{width}}  {la.out_features:>6} x {la.in_features:<6}  w{la.bits}  {la.dtype}")
+    total = sum(la.weight_bytes for la in layers)
+    click.echo(f"{len(layers)} layers selected by {cfg.name} ({_human(total)} of weights)")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option(
+    "--config",
+    "-c",
+    "config",
+    default=None,
+    metavar="PRESET|FILE.toml",
+    help="Also check the bundle was built for this config.",
+)
+@click.option(
+    "--checkpoint",
+    "--ckpt",
+    "checkpoint",
+    default=None,
+    metavar="PATH",
+    help="Also check the bundle was built from this checkpoint's weights.",
+)
+@env_option
+@friendly
+def verify(bundle: str, config: str | None, checkpoint: str | None, use_env: bool) -> None:
+    """Exit 0 when BUNDLE is intact (and matches); otherwise exit 1 and say what differs."""
+    from .verify import verify_bundle
+
+    cfg = load_config(config, use_env) if config else None
+    problems = verify_bundle(bundle, config=cfg, checkpoint=checkpoint)
+    if problems:
+        for line in problems:
+            click.echo(f"MISMATCH {line}", err=True)
+        click.echo(f"{bundle}: does not verify ({len(problems)} problem(s))", err=True)
+        sys.exit(1)
+    checked = ["integrity"] + (["config"] if cfg else []) + (["checkpoint"] if checkpoint else [])
+    click.echo(f"{bundle}: OK ({', '.join(checked)})")
+
+
+def component_of(layer: str) -> str:
+    return next((c for c, prefix in COMPONENTS.items() if prefix in layer), "other")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def inspect(bundle: str, as_json: bool) -> None:
+    """Config, fingerprint, layers, bytes per component (bf16 weights vs bundle) and provenance."""
+    with BundleReader(bundle) as reader:
+        h = reader.header
+        per: dict[str, dict[str, int]] = {}
+        for name in h.layer_names:
+            pack = reader.read_layer(name, check=False)
+            comp = per.setdefault(component_of(name), {"layers": 0, "bf16_bytes": 0, "bundle_bytes": 0})
+            comp["layers"] += 1
+            comp["bf16_bytes"] += 2 * pack.in_features * pack.out_features
+            comp["bundle_bytes"] += pack.nbytes()
+    info = {
+        "path": str(Path(bundle)),
+        "config_name": h.name,
+        "fingerprint": h.fingerprint,
+        "format_version": h.format_version,
+        "tool_version": h.tool_version,
+        "created_at": h.created_at,
+        "layers": len(h.layer_names),
+        "file_bytes": os.path.getsize(bundle),
+        "components": per,
+        "config": h.config,
+        "provenance": h.provenance,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"bundle       {info['path']}")
+    click.echo(f"config       {h.name}")
+    click.echo(f"fingerprint  {h.fingerprint}")
+    click.echo(f"format       {h.format_version} (written by duquant-packs {h.tool_version}, {h.created_at})")
+    click.echo(f"checkpoint   {h.provenance.get('checkpoint')}")
+    click.echo(f"layers       {len(h.layer_names)}    file {_human(info['file_bytes'])}")
+    t = h.config["transform"]
+    q = h.config["quant"]
+    click.echo(
+        f"method       {t['method']}  block {t['block_size']}/{t['block_out_size']}  permute {t['permute']}  "
+        f"row_rot {t['row_rot']}  w{q['weight_bits']}a{q['act_bits']} ({q['act_mode']})"
+    )
+    click.echo(f"scope        {h.config['select']['scope']!r}")
+    click.echo("component    layers   bf16 weights   bundle     ratio")
+    for comp, c in sorted(per.items()):
+        ratio = c["bundle_bytes"] / c["bf16_bytes"]
+        click.echo(
+            f"{comp:<12} {c['layers']:>6}   {_human(c['bf16_bytes']):>12}   {_human(c['bundle_bytes']):>9}"
+            f"   {ratio:.3f}x"
+        )
+
+
+@main.command()
+def configs() -> None:
+    """List the preset configs and what each one selects."""
+    for name in preset_names():
+        cfg = resolve(name)
+        t = cfg.transform
+        click.echo(
+            f"{name:<16} scope={cfg.select.scope!r:<58} w{cfg.quant.weight_bits}a{cfg.quant.act_bits} "
+            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} method={t.method}"
+        )
+
+
+@main.command("demo-checkpoint")
+@click.option("--out", "out_dir", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--full-size", is_flag=True, help="Real pi0.5 widths (~6.5 GB bf16), streamed tensor by tensor.")
+@click.option("--dtype", type=click.Choice(["BF16", "F32"]), default="BF16", show_default=True)
+@friendly
+def demo_checkpoint(out_dir: str, full_size: bool, dtype: str) -> None:
+    """Write the deterministic pi0.5-shaped demo checkpoint (kept if already there)."""
+    from tqdm import tqdm
+
+    from .demo import DEMO, FULL, tensor_specs, write_demo_checkpoint
+
+    n = len(tensor_specs(FULL if full_size else DEMO))
+    with tqdm(total=n, unit="tensor", desc="demo checkpoint", file=sys.stderr, disable=not full_size) as bar:
+        path = write_demo_checkpoint(
+            out_dir, full_size=full_size, dtype=dtype, on_tensor=lambda name, nbytes: bar.update(1)
+        )
+    click.echo(str(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,209 @@
+"""The embedded demo checkpoint: pi0.5's module tree, real depths, reduced (or full) widths.
+
+Names follow openpi's PyTorch ``PI0Pytorch`` state dict. Every tensor is drawn from a
+generator seeded by its name, so the file is byte-for-byte deterministic and any tensor
+can be regenerated alone. Weights carry the outlier structure that makes quantization
+hard: a few heavy input columns per Linear and a few large norm gains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import MODEL_NAME, Checkpoint, CheckpointError, to_bf16_bits, write_safetensors
+
+SEED = 20240917
+CHUNK_ELEMENTS = 1 << 22  # rows are generated this many values at a time
+MARKER = "duquant-packs demo checkpoint v1"
+
+PG = "paligemma_with_expert.paligemma.model."
+VISION = PG + "vision_tower.vision_model."
+LLM = PG + "language_model."
+EXPERT = "paligemma_with_expert.gemma_expert.model."
+
+
+@dataclass(frozen=True)
+class Pi05Dims:
+    llm_width: int
+    llm_heads: int
+    llm_head_dim: int
+    llm_kv_heads: int
+    llm_mlp: int
+    vocab: int
+    expert_width: int
+    expert_heads: int
+    expert_head_dim: int
+    expert_kv_heads: int
+    expert_mlp: int
+    vision_width: int
+    vision_heads: int
+    vision_mlp: int
+    vision_positions: int = 256
+    patch: int = 14
+    action_dim: int = 32
+    llm_layers: int = 18
+    expert_layers: int = 18
+    vision_layers: int = 27
+
+
+# The real pi0.5: Gemma-2B LLM, Gemma-300M action expert, SigLIP So400m/14.
+FULL = Pi05Dims(2048, 8, 256, 1, 16384, 257152, 1024, 8, 256, 1, 4096, 1152, 16, 4304)
+# Reduced widths, same depths and head structure; 152 and 600 are not multiples of 16
+# (like SigLIP's 4304 is not a multiple of 64), so short last blocks are always exercised.
+DEMO = Pi05Dims(256, 4, 64, 1, 1024, 1024, 128, 4, 64, 1, 512, 152, 4, 600)
+
+
+def tensor_specs(d: Pi05Dims) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor, in file order."""
+    specs: list[tuple[str, tuple[int, ...]]] = []
+
+    def linear(name: str, out: int, inp: int, bias: bool) -> None:
+        specs.append((f"{name}.weight", (out, inp)))
+        if bias:
+            specs.append((f"{name}.bias", (out,)))
+
+    v = d.vision_width
+    specs += [
+        (f"{VISION}embeddings.patch_embedding.weight", (v, 3, d.patch, d.patch)),
+        (f"{VISION}embeddings.patch_embedding.bias", (v,)),
+        (f"{VISION}embeddings.position_embedding.weight", (d.vision_positions, v)),
+    ]
+    for i in range(d.vision_layers):
+        p = f"{VISION}encoder.layers.{i}."
+        specs += [(f"{p}layer_norm1.weight", (v,)), (f"{p}layer_norm1.bias", (v,))]
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{p}self_attn.{proj}", v, v, True)
+        specs += [(f"{p}layer_norm2.weight", (v,)), (f"{p}layer_norm2.bias", (v,))]
+        linear(f"{p}mlp.fc1", d.vision_mlp, v, True)
+        linear(f"{p}mlp.fc2", v, d.vision_mlp, True)
+    specs += [(f"{VISION}post_layernorm.weight", (v,)), (f"{VISION}post_layernorm.bias", (v,))]
+    linear(f"{PG}multi_modal_projector.linear", d.llm_width, v, True)
+
+    def gemma(prefix: str, width: int, heads: int, head_dim: int, kv: int, mlp: int, n: int, ada: bool) -> None:
+        def norm(name: str) -> None:
+            if ada:  # pi0.5's adaptive RMSNorm: a Linear from the time conditioning
+                linear(f"{name}.dense", 3 * width, width, True)
+            else:
+                specs.append((f"{name}.weight", (width,)))
+
+        for i in range(n):
+            p = f"{prefix}layers.{i}."
+            norm(f"{p}input_layernorm")
+            linear(f"{p}self_attn.q_proj", heads * head_dim, width, False)
+            linear(f"{p}self_attn.k_proj", kv * head_dim, width, False)
+            linear(f"{p}self_attn.v_proj", kv * head_dim, width, False)
+            linear(f"{p}self_attn.o_proj", width, heads * head_dim, False)
+            norm(f"{p}post_attention_layernorm")
+            linear(f"{p}mlp.gate_proj", mlp, width, False)
+            linear(f"{p}mlp.up_proj", mlp, width, False)
+            linear(f"{p}mlp.down_proj", width, mlp, False)
+        norm(f"{prefix}norm")
+
+    specs.append((f"{LLM}embed_tokens.weight", (d.vocab, d.llm_width)))
+    gemma(LLM, d.llm_width, d.llm_heads, d.llm_head_dim, d.llm_kv_heads, d.llm_mlp, d.llm_layers, False)
+    gemma(
+        EXPERT,
+        d.expert_width,
+        d.expert_heads,
+        d.expert_head_dim,
+        d.expert_kv_heads,
+        d.expert_mlp,
+        d.expert_layers,
+        True,
+    )
+    e = d.expert_width
+    linear("action_in_proj", e, d.action_dim, True)
+    linear("action_out_proj", d.action_dim, e, True)
+    linear("time_mlp_in", e, e, True)
+    linear("time_mlp_out", e, e, True)
+    return specs
+
+
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng([SEED, zlib.crc32(name.encode())])
+
+
+def tensor_chunks(name: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """float32 values of one tensor, row chunks at a time (deterministic per name)."""
+    rng = _rng(name)
+    if len(shape) == 2 and name.endswith(".weight") and "embed" not in name:
+        out, inp = shape
+        col_scale = np.ones(inp, dtype=np.float32)
+        heavy = rng.choice(inp, size=max(1, inp // 64), replace=False)
+        col_scale[heavy] = rng.uniform(5.0, 20.0, size=heavy.size)  # heavy input channels
+        col_scale /= math.sqrt(inp)
+        rows = max(1, CHUNK_ELEMENTS // inp)
+        for start in range(0, out, rows):
+            n = min(rows, out - start)
+            yield rng.standard_normal((n, inp), dtype=np.float32) * col_scale
+        return
+    if len(shape) == 1 and name.endswith(".weight"):  # norm gains, a few of them large
+        gains = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        big = rng.choice(shape[0], size=max(1, shape[0] // 100), replace=False)
+        gains[big] = rng.uniform(10.0, 40.0, size=big.size)
+        yield gains
+        return
+    size = math.prod(shape)
+    rows_total = shape[0]
+    per_row = size // rows_total
+    rows = max(1, CHUNK_ELEMENTS // max(1, per_row))
+    for start in range(0, rows_total, rows):
+        n = min(rows, rows_total - start)
+        yield 0.02 * rng.standard_normal((n, *shape[1:]), dtype=np.float32)
+
+
+def write_demo_checkpoint(
+    out_dir: str | Path,
+    *,
+    full_size: bool = False,
+    dtype: str = "BF16",
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> Path:
+    """Write ``out_dir/model.safetensors``; an identical existing file is kept as is."""
+    dims = FULL if full_size else DEMO
+    path = Path(out_dir) / MODEL_NAME
+    metadata = {
+        "format": "pt",
+        "duquant_demo": MARKER,
+        "dims": json.dumps(asdict(dims), sort_keys=True),
+        "dtype": dtype,
+    }
+    if path.is_file() and _existing_metadata(path) == metadata:
+        return path
+    specs = tensor_specs(dims)
+    shapes = dict(specs)
+
+    def produce(name: str) -> Iterator[np.ndarray]:
+        for chunk in tensor_chunks(name, shapes[name]):
+            yield to_bf16_bits(chunk) if dtype == "BF16" else chunk.astype(np.float32)
+
+    write_safetensors(path, [(n, dtype, s) for n, s in specs], produce, metadata, on_tensor)
+    return path
+
+
+def _existing_metadata(path: Path) -> dict[str, str] | None:
+    import struct
+
+    try:
+        with path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        Checkpoint.open(path)  # also checks every tensor fits the file (not truncated)
+        return header.get("__metadata__")
+    except (OSError, ValueError, struct.error, CheckpointError):
+        return None
+
+
+def demo_dims(ckpt: Checkpoint) -> Pi05Dims:
+    """The dims a demo (or full-size synthetic) checkpoint was written with."""
+    meta = _existing_metadata(ckpt.files[0]) or {}
+    if meta.get("duquant_demo") != MARKER:
+        raise CheckpointError(f"{ckpt.path} is not a duquant-packs demo checkpoint")
+    return Pi05Dims(**json.loads(meta["dims"]))

@@ -1,0 +1,131 @@
+"""Which checkpoint tensors are quantized: the seed's scope / include / exclude / whitelist.
+
+A Linear is a 2-D floating ``<module>.weight`` (with an optional 1-D ``<module>.bias``).
+Rules, in order:
+  * ``select.layers`` non-empty: exactly those module names (each must exist);
+  * otherwise: the name starts with ``scope``, matches ``include`` (re.search) and
+    does not match ``exclude`` (re.search);
+  * ``action_out_proj`` (the policy's last layer) is never selected unless whitelisted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from duquant_runtime.config import DuQuantConfig
+from duquant_runtime.errors import ConfigError
+
+from .checkpoint import FLOAT_DTYPES, Checkpoint
+
+NEVER_UNLESS_LISTED = re.compile(r"(?:^|\.)action_out_proj$")
+
+
+@dataclass(frozen=True)
+class SelectedLayer:
+    name: str  # module name, e.g. paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj
+    weight: str  # tensor names in the checkpoint
+    bias: str | None
+    out_features: int
+    in_features: int
+    dtype: str
+    bits: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_features * self.in_features * (2 if self.dtype in ("BF16", "F16") else 4)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+
+class SelectionError(ConfigError):
+    """A config selects no layer, or names layers the checkpoint lacks."""
+
+
+def linear_modules(ckpt: Checkpoint) -> dict[str, tuple[str, str | None]]:
+    """module name -> (weight tensor, bias tensor or None), for every 2-D floating weight."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for name, info in ckpt.tensors.items():
+        if not name.endswith(".weight") or len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+            continue
+        module = name[: -len(".weight")]
+        bias = f"{module}.bias"
+        ok_bias = bias in ckpt.tensors and ckpt.tensors[bias].shape == (info.shape[0],)
+        out[module] = (name, bias if ok_bias else None)
+    return out
+
+
+def _scope_prefixes(names: list[str]) -> Counter[str]:
+    """Every dotted prefix of the names ("a.", "a.b.", ...), counted."""
+    counts: Counter[str] = Counter()
+    for n in names:
+        parts = n.split(".")
+        for i in range(1, len(parts)):
+            counts[".".join(parts[:i]) + "."] += 1
+    return counts
+
+
+def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
+    s = cfg.select
+    in_scope = [m for m in modules if m.startswith(s.scope)]
+    if not modules:
+        return f"config {cfg.name!r} selects 0 layers: the checkpoint holds no 2-D Linear weight at all"
+    if not in_scope:
+        prefixes = _scope_prefixes(modules)
+        near = difflib.get_close_matches(s.scope, list(prefixes), n=3, cutoff=0.5)
+        if not near:
+            near = [p for p, _ in prefixes.most_common(3)]
+        hints = "; ".join(
+            f"{p!r} ({prefixes[p]} Linear layers, e.g. {next(m for m in modules if m.startswith(p))})" for p in near
+        )
+        return (
+            f"config {cfg.name!r} selects 0 layers: no Linear layer name starts with scope {s.scope!r}. "
+            f"Nearest scopes in this checkpoint: {hints}"
+        )
+    return (
+        f"config {cfg.name!r} selects 0 layers: {len(in_scope)} Linear layers are in scope {s.scope!r} "
+        f"(e.g. {in_scope[0]}) but none matches include {s.include!r} without matching exclude "
+        f"{s.exclude!r}"
+    )
+
+
+def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
+    modules = linear_modules(ckpt)
+    s, q = cfg.select, cfg.quant
+    if s.layers:
+        missing = [n for n in s.layers if n not in modules]
+        if missing:
+            near = difflib.get_close_matches(missing[0], list(modules), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise SelectionError(
+                f"select.layers names {len(missing)} layer(s) that are not Linear layers of "
+                f"this checkpoint, e.g. {missing[0]!r}{hint}"
+            )
+        names = sorted(set(s.layers))
+    else:
+        include, exclude = re.compile(s.include), re.compile(s.exclude) if s.exclude else None
+        names = sorted(
+            m
+            for m in modules
+            if m.startswith(s.scope)
+            and include.search(m)
+            and not (exclude and exclude.search(m))
+            and not NEVER_UNLESS_LISTED.search(m)
+        )
+    if not names:
+        raise SelectionError(explain_empty(cfg, sorted(modules)))
+    stray = [n for n, _ in q.per_layer_weight_bits if n not in names]
+    if stray:
+        raise SelectionError(
+            f"quant.per_layer_weight_bits names {stray[0]!r}, which is not a selected layer of config {cfg.name!r}"
+        )
+    out = []
+    for n in names:
+        weight, bias = modules[n]
+        info = ckpt.tensors[weight]
+        out.append(SelectedLayer(n, weight, bias, info.shape[0], info.shape[1], info.dtype, q.bits_for(n)))
+    return out

@@ -1,0 +1,314 @@
+"""The bundle format (HDF5), defined once: the pipeline writes with it, the runtime reads.
+
+Layout (format_version 1)::
+
+    /                   attrs: format, format_version, fingerprint, fingerprint_json,
+                               config_json, provenance_json, tool_version, created_at
+    /layers/<module>    attrs: in_features, out_features, weight_bits, storage,
+                               block_size, block_out_size, source_dtype,
+                               source_sum, source_sumsq (float64 signature of the weight)
+        perm      int32  [in]               (absent when permute is off)
+        r_in      float32 [n_in_blocks, B, B]   (last block identity-padded)
+        r_out     float32 [n_out_blocks, Bo, Bo] (absent when row_rot is off)
+        qweight   uint8 [out, ceil(in/2)] (int4x2) or int8 [out, in]
+        w_scale   float32 [out]
+        bias      float32 [out]          (absent when the layer has none)
+    every dataset carries attr crc32 (of its bytes), checked on read.
+
+Every h5py failure is translated into :class:`BundleReadError`; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import BundleReadError, BundleVersionError
+from .fingerprint import FORMAT_VERSION, digest
+from .packing import INT4, INT8
+
+FORMAT_NAME = "duquant-packs-bundle"
+LAYERS = "layers"
+DATASETS = ("perm", "r_in", "r_out", "qweight", "w_scale", "bias")
+# Which tool release first wrote each format version (for "built by X" messages).
+FORMAT_WRITERS = {1: "0.1"}
+
+
+@dataclass
+class LayerPack:
+    """Everything the runtime needs for one layer; produced offline, stored as-is."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight_bits: int
+    storage: str
+    block_size: int
+    block_out_size: int
+    perm: np.ndarray | None
+    r_in: np.ndarray
+    r_out: np.ndarray | None
+    qweight: np.ndarray
+    w_scale: np.ndarray
+    bias: np.ndarray | None
+    source_dtype: str
+    source_sum: float
+    source_sumsq: float
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in DATASETS if getattr(self, k) is not None}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+
+@dataclass(frozen=True)
+class BundleHeader:
+    path: Path
+    format_version: int
+    fingerprint: str
+    fingerprint_doc: dict[str, Any]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    tool_version: str
+    created_at: str
+    layer_names: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name", "?"))
+
+
+def crc32(array: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_header(
+    f: h5py.File,
+    *,
+    fingerprint_doc: dict[str, Any],
+    config: dict[str, Any],
+    provenance: dict[str, Any],
+    tool_version: str,
+    created_at: str,
+) -> None:
+    from .fingerprint import canonical_json
+
+    f.attrs["format"] = FORMAT_NAME
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["fingerprint"] = digest(fingerprint_doc)
+    f.attrs["fingerprint_json"] = canonical_json(fingerprint_doc)
+    f.attrs["config_json"] = json.dumps(config, sort_keys=True)
+    f.attrs["provenance_json"] = json.dumps(provenance, sort_keys=True)
+    f.attrs["tool_version"] = tool_version
+    f.attrs["created_at"] = created_at
+    f.require_group(LAYERS)
+
+
+def write_layer(f: h5py.File, pack: LayerPack) -> None:
+    g = f[LAYERS].create_group(pack.name)
+    for key in ("in_features", "out_features", "weight_bits", "block_size", "block_out_size"):
+        g.attrs[key] = int(getattr(pack, key))
+    g.attrs["storage"] = pack.storage
+    g.attrs["source_dtype"] = pack.source_dtype
+    g.attrs["source_sum"] = float(pack.source_sum)
+    g.attrs["source_sumsq"] = float(pack.source_sumsq)
+    for key, array in pack.arrays().items():
+        ds = g.create_dataset(key, data=np.ascontiguousarray(array))
+        ds.attrs["crc32"] = crc32(array)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@contextlib.contextmanager
+def _translated(path: Path, what: str) -> Iterator[None]:
+    """Turn any low-level failure while reading into one BundleReadError sentence."""
+    try:
+        yield
+    except (BundleReadError, BundleVersionError):
+        raise
+    except (
+        OSError,
+        KeyError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+    ) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleReadError(
+            f"{path}: cannot read {what} ({detail}); the file is damaged or not a "
+            "duquant bundle — rebuild it with `duquant-packs build`"
+        ) from None
+
+
+class BundleReader:
+    """Read-only access to a bundle; use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleReadError(f"bundle not found: {self.path}")
+        with _translated(self.path, "the file"):
+            if not h5py.is_hdf5(self.path):
+                raise BundleReadError(f"{self.path} is not an HDF5 file, so not a duquant bundle")
+            self._f = h5py.File(self.path, "r")
+        self.header = self._read_header()
+
+    def __enter__(self) -> BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def _attr(self, key: str) -> Any:
+        if key not in self._f.attrs:
+            raise BundleReadError(
+                f"{self.path}: header attribute {key!r} is missing; the file is not a complete duquant bundle"
+            )
+        value = self._f.attrs[key]
+        return value.decode() if isinstance(value, bytes) else value
+
+    def _read_header(self) -> BundleHeader:
+        with _translated(self.path, "the header"):
+            fmt = self._f.attrs.get("format")
+            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            if fmt != FORMAT_NAME:
+                raise BundleReadError(
+                    f"{self.path} is an HDF5 file but not a duquant bundle (format attribute {fmt!r})"
+                )
+            version = int(self._attr("format_version"))
+            tool = str(self._attr("tool_version"))
+            if version != FORMAT_VERSION:
+                reader = FORMAT_WRITERS.get(FORMAT_VERSION, "?")
+                raise BundleVersionError(
+                    f"{self.path} was built by duquant-packs {tool} (format {version}); this runtime "
+                    f"reads format {FORMAT_VERSION} (duquant-packs {reader}): install a duquant-packs "
+                    f"that reads format {version}, or rebuild the bundle with this one",
+                    field="format_version",
+                )
+            fp = str(self._attr("fingerprint"))
+            fp_doc = json.loads(self._attr("fingerprint_json"))
+            if digest(fp_doc) != fp:
+                raise BundleReadError(
+                    f"{self.path}: the stored fingerprint does not match the document "
+                    "it was hashed from; the header was edited or damaged",
+                    field="fingerprint",
+                )
+            if LAYERS not in self._f or not isinstance(self._f[LAYERS], h5py.Group):
+                raise BundleReadError(f"{self.path}: the layers group is missing; the bundle is incomplete")
+            return BundleHeader(
+                path=self.path,
+                format_version=version,
+                fingerprint=fp,
+                fingerprint_doc=fp_doc,
+                config=json.loads(self._attr("config_json")),
+                provenance=json.loads(self._attr("provenance_json")),
+                tool_version=tool,
+                created_at=str(self._attr("created_at")),
+                layer_names=tuple(sorted(self._f[LAYERS].keys())),
+            )
+
+    def read_layer(self, name: str, *, check: bool = True) -> LayerPack:
+        """One layer's pack; ``check`` verifies every dataset's crc32."""
+        with _translated(self.path, f"layer {name!r}"):
+            if name not in self._f[LAYERS]:
+                raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
+            g = self._f[LAYERS][name]
+            arrays: dict[str, np.ndarray | None] = {}
+            for key in DATASETS:
+                if key not in g:
+                    arrays[key] = None
+                    continue
+                ds = g[key]
+                data = ds[()]
+                if check and int(ds.attrs["crc32"]) != crc32(data):
+                    raise BundleReadError(
+                        f"{self.path}: layer {name!r} dataset {key!r} fails its checksum; the file is "
+                        "corrupted — rebuild it with `duquant-packs build`",
+                        layer=name,
+                        field=key,
+                    )
+                arrays[key] = data
+            a = g.attrs
+            storage = a["storage"]
+            storage = storage.decode() if isinstance(storage, bytes) else str(storage)
+            source_dtype = a["source_dtype"]
+            pack = LayerPack(
+                name=name,
+                in_features=int(a["in_features"]),
+                out_features=int(a["out_features"]),
+                weight_bits=int(a["weight_bits"]),
+                storage=storage,
+                block_size=int(a["block_size"]),
+                block_out_size=int(a["block_out_size"]),
+                source_dtype=source_dtype.decode() if isinstance(source_dtype, bytes) else str(source_dtype),
+                source_sum=float(a["source_sum"]),
+                source_sumsq=float(a["source_sumsq"]),
+                **arrays,  # type: ignore[arg-type]
+            )
+        _check_pack_shapes(self.path, pack)
+        return pack
+
+    def datasets_nbytes(self) -> int:
+        with _translated(self.path, "dataset sizes"):
+            total = 0
+            for name in self.header.layer_names:
+                g = self._f[LAYERS][name]
+                total += sum(g[k].size * g[k].dtype.itemsize for k in g)
+            return total
+
+
+def _check_pack_shapes(path: Path, p: LayerPack) -> None:
+    """Shapes must agree with the attributes before any tensor is built from them."""
+
+    def bad(field: str, what: str) -> BundleReadError:
+        return BundleReadError(
+            f"{path}: layer {p.name!r} {field} {what}; the bundle is inconsistent", layer=p.name, field=field
+        )
+
+    n_in, n_out = p.in_features, p.out_features
+    if n_in < 1 or n_out < 1 or p.block_size < 1 or p.block_out_size < 1:
+        raise bad("shape attributes", f"are invalid (in={n_in}, out={n_out})")
+    nb = -(-n_in // p.block_size)
+    if p.r_in is None or p.r_in.shape != (nb, p.block_size, p.block_size):
+        raise bad(
+            "r_in", f"has shape {None if p.r_in is None else p.r_in.shape}, expected {(nb, p.block_size, p.block_size)}"
+        )
+    if p.perm is not None and (p.perm.shape != (n_in,) or not np.array_equal(np.sort(p.perm), np.arange(n_in))):
+        raise bad("perm", "is not a permutation of the input channels")
+    if p.r_out is not None:
+        nbo = -(-n_out // p.block_out_size)
+        if p.r_out.shape != (nbo, p.block_out_size, p.block_out_size):
+            raise bad("r_out", f"has shape {p.r_out.shape}, expected {(nbo, p.block_out_size, p.block_out_size)}")
+    expected_q = (n_out, (n_in + 1) // 2) if p.storage == INT4 else (n_out, n_in)
+    if p.storage not in (INT4, INT8) or p.qweight is None or p.qweight.shape != expected_q:
+        raise bad(
+            "qweight",
+            f"has shape {None if p.qweight is None else p.qweight.shape} and storage "
+            f"{p.storage!r}, expected {expected_q}",
+        )
+    if p.w_scale is None or p.w_scale.shape != (n_out,):
+        raise bad("w_scale", f"has shape {None if p.w_scale is None else p.w_scale.shape}, expected {(n_out,)}")
+    if p.bias is not None and p.bias.shape != (n_out,):
+        raise bad("bias", f"has shape {p.bias.shape}, expected {(n_out,)}")

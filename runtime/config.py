@@ -1,0 +1,235 @@
+"""The config schema shared by the pipeline and the runtime.
+
+A config is three small frozen dataclasses (select, quant, transform) under a name.
+Presets are TOML files shipped as package data of ``duquant_pipeline`` (in
+``pipeline/configs/``); the runtime finds them by location, without importing any
+pipeline code, so eval environments stay slim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ROW_ROT_MODES = ("0", "restore")
+ACT_MODES = ("per_token_dynamic", "per_channel_static")
+METHODS = ("svd",)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which Linear layers a config quantizes (matched on module names)."""
+
+    scope: str = ""
+    include: str = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj).*"
+    exclude: str = r"(?:^|\.)(norm|ln|layernorm|emb)(?:\.|$)"
+    layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight_bits: int = 4
+    act_bits: int = 8  # 0 turns activation quantization off (the seed's ABITS=0)
+    act_mode: str = "per_token_dynamic"
+    act_percentile: float = 99.9
+    calib_steps: int = 32
+    # Sorted (layer name, bits) pairs: a tuple keeps the dataclass hashable and canonical.
+    per_layer_weight_bits: tuple[tuple[str, int], ...] = ()
+
+    def bits_for(self, layer: str) -> int:
+        return dict(self.per_layer_weight_bits).get(layer, self.weight_bits)
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    block_size: int = 16
+    block_out_size: int = 16
+    permute: bool = True
+    row_rot: str = "restore"
+    lambda_smooth: float = 0.15
+    method: str = "svd"
+
+
+@dataclass(frozen=True)
+class DuQuantConfig:
+    name: str
+    select: SelectConfig = field(default_factory=SelectConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-able form (lists and tables instead of tuples)."""
+        d = dataclasses.asdict(self)
+        d["select"]["layers"] = list(self.select.layers)
+        d["quant"]["per_layer_weight_bits"] = dict(self.quant.per_layer_weight_bits)
+        return d
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Every field that changes the packs or the runtime numerics: all but the name."""
+        d = self.to_dict()
+        del d["name"]
+        return d
+
+    def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
+        if section is None:
+            return dataclasses.replace(self, **changes)
+        sub = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **{section: sub})
+
+
+_SECTIONS: dict[str, type] = {
+    "select": SelectConfig,
+    "quant": QuantConfig,
+    "transform": TransformConfig,
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DuQuantConfig) -> None:
+    """Refuse values that would build wrong or meaningless packs, with one sentence each."""
+    s, q, t = cfg.select, cfg.quant, cfg.transform
+    _check(bool(cfg.name) and isinstance(cfg.name, str), "config name must be a non-empty string")
+    for key in ("include", "exclude"):
+        pattern = getattr(s, key)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"select.{key} is not a valid regular expression ({exc}): {pattern!r}") from None
+    _check(2 <= q.weight_bits <= 8, f"quant.weight_bits must be between 2 and 8, got {q.weight_bits}")
+    _check(
+        q.act_bits == 0 or 2 <= q.act_bits <= 16,
+        f"quant.act_bits must be 0 (off) or between 2 and 16, got {q.act_bits}",
+    )
+    _check(q.act_mode in ACT_MODES, f"quant.act_mode must be one of {', '.join(ACT_MODES)}, got {q.act_mode!r}")
+    _check(0.0 < q.act_percentile <= 100.0, f"quant.act_percentile must be in (0, 100], got {q.act_percentile}")
+    _check(q.calib_steps >= 1, f"quant.calib_steps must be at least 1, got {q.calib_steps}")
+    for layer, bits in q.per_layer_weight_bits:
+        _check(2 <= bits <= 8, f"quant.per_layer_weight_bits[{layer!r}] must be between 2 and 8, got {bits}")
+    _check(t.block_size >= 2, f"transform.block_size must be at least 2, got {t.block_size}")
+    _check(t.block_out_size >= 2, f"transform.block_out_size must be at least 2, got {t.block_out_size}")
+    _check(
+        t.row_rot != "propagate",
+        "transform.row_rot = 'propagate' is refused: it rotates a layer's output basis without "
+        "telling the next layer, which gives wrong numbers; use 'restore' or '0'",
+    )
+    _check(t.row_rot in ROW_ROT_MODES, f"transform.row_rot must be '0' or 'restore', got {t.row_rot!r}")
+    _check(0.0 <= t.lambda_smooth <= 1.0, f"transform.lambda_smooth must be in [0, 1], got {t.lambda_smooth}")
+    _check(t.method in METHODS, f"transform.method must be one of {', '.join(METHODS)}, got {t.method!r}")
+
+
+def _typed(section: str, key: str, value: Any, default: Any) -> Any:
+    """Coerce a TOML/JSON value to the field's type, refusing anything ambiguous."""
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if isinstance(value, bool | int) and key == "row_rot":
+            # The seed wrote ROW_ROT=0; accept the TOML integer 0 too.
+            value = str(int(value))
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if key == "layers":
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of layer names, got {value!r}")
+        return tuple(value)
+    if key == "per_layer_weight_bits":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table of layer name -> bits, got {value!r}")
+        pairs = []
+        for name, bits in value.items():
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise ConfigError(f"{where}[{name!r}] must be an integer, got {bits!r}")
+            pairs.append((str(name), bits))
+        return tuple(sorted(pairs))
+    raise ConfigError(f"unsupported field {where}")  # pragma: no cover - schema bug
+
+
+def from_dict(data: Mapping[str, Any], *, default_name: str | None = None) -> DuQuantConfig:
+    """Build a config from a parsed TOML/JSON mapping; unknown keys are refused."""
+    unknown = set(data) - {"name", *_SECTIONS}
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(sorted(unknown))}; "
+            f"allowed top-level keys are name, {', '.join(_SECTIONS)}"
+        )
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ConfigError("config needs a non-empty string 'name'")
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        raw = data.get(section, {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"[{section}] must be a table, got {raw!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = set(raw) - set(fields)
+        if bad:
+            raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(bad))}; allowed: {', '.join(fields)}")
+        defaults = cls()
+        kwargs = {k: _typed(section, k, v, getattr(defaults, k)) for k, v in raw.items()}
+        sections[section] = cls(**kwargs)
+    return DuQuantConfig(name=name, **sections)
+
+
+def presets_dir() -> Path:
+    """Where the preset TOMLs live, found without importing duquant_pipeline."""
+    spec = importlib.util.find_spec("duquant_pipeline")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("preset configs not found: the duquant_pipeline package data is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def load_toml(path: str | Path) -> DuQuantConfig:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return from_dict(data, default_name=path.stem)
+
+
+def resolve(config: str | Path | DuQuantConfig) -> DuQuantConfig:
+    """A preset name, a TOML path or a config object -> a config object."""
+    if isinstance(config, DuQuantConfig):
+        return config
+    text = str(config)
+    if text.endswith(".toml") or Path(text).is_file():
+        return load_toml(text)
+    preset = presets_dir() / f"{text}.toml"
+    if preset.is_file():
+        return load_toml(preset)
+    raise ConfigError(
+        f"unknown config {text!r}: give a preset name ({', '.join(preset_names())}) or a path to a .toml file"
+    )

@@ -1,0 +1,48 @@
+"""Dedicated exceptions: every refusal names what differs, never a raw h5py/KeyError."""
+
+from __future__ import annotations
+
+
+class DuQuantError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(DuQuantError, ValueError):
+    """A config (preset, TOML file or environment override) is invalid."""
+
+
+class BundleError(DuQuantError):
+    """A bundle cannot be used. ``layer`` and ``field`` name what is wrong, when known."""
+
+    def __init__(self, message: str, *, layer: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.field = field
+
+
+class BundleReadError(BundleError):
+    """The file is missing, is not a duquant bundle, or is damaged (truncated, bad checksum)."""
+
+
+class BundleVersionError(BundleError):
+    """The bundle's format version is not one this runtime reads."""
+
+
+class ConfigMismatchError(BundleError):
+    """The bundle was built for another configuration than the one expected."""
+
+
+class CheckpointMismatchError(BundleError):
+    """The bundle was built from other weights than the live model's (or the checkpoint given)."""
+
+
+class ModelMismatchError(BundleError):
+    """A bundle layer is missing from the model, or has another shape or type there."""
+
+
+class ActScalesError(BundleError):
+    """An activation-scales file is unreadable or belongs to another bundle."""
+
+
+class NotCalibratedError(DuQuantError, RuntimeError):
+    """A static-activation layer was run before its scales were calibrated or loaded."""

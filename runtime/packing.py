@@ -1,0 +1,37 @@
+"""Integer code storage: 2..4-bit codes two per byte, 5..8-bit codes as int8.
+
+A code c in [-2^(b-1), 2^(b-1)-1] is stored as the nibble c + 8 (int4 storage holds
+every b <= 4). Column 2k goes to the low nibble of byte k, column 2k+1 to the high
+nibble; an odd column count pads one zero nibble per row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INT4 = "int4x2"
+INT8 = "int8"
+
+
+def storage_for_bits(bits: int) -> str:
+    return INT4 if bits <= 4 else INT8
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """int codes [out, in] -> stored array (uint8 [out, ceil(in/2)] or int8 [out, in])."""
+    codes = np.asarray(codes)
+    if storage_for_bits(bits) == INT8:
+        return codes.astype(np.int8)
+    nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = np.pad(nibbles, ((0, 0), (0, 1)), constant_values=8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_codes_np(stored: np.ndarray, in_features: int) -> np.ndarray:
+    """NumPy twin of :func:`unpack_codes`, for checks and references outside torch."""
+    if stored.dtype == np.int8:
+        return stored
+    low = (stored & 0x0F).astype(np.int8) - 8
+    high = (stored >> 4).astype(np.int8) - 8
+    return np.stack((low, high), axis=-1).reshape(stored.shape[0], -1)[:, :in_features]
