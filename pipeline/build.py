@@ -181,11 +181,10 @@ def build_bundle(
                 tool_version=__version__,
                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             )
-            done_layers, done_bytes = 0, 0
+            done_bytes = 0
             by_name = {la.name: la for la in layers}
-            for pack in _run_jobs(ckpt, layers, config.transform, jobs, backend):
+            for done_layers, pack in enumerate(_run_jobs(ckpt, layers, config.transform, jobs, backend), 1):
                 write_layer(f, pack)
-                done_layers += 1
                 done_bytes += by_name[pack.name].weight_bytes
                 if progress:
                     progress(done_layers, len(layers), done_bytes, total_bytes)

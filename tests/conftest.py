@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
+
+
+def outlier_weight(rng: np.random.Generator, out: int, inp: int, heavy: int = 3) -> np.ndarray:
+    w = rng.standard_normal((out, inp)) / np.sqrt(inp)
+    cols = rng.choice(inp, size=min(heavy, inp), replace=False)
+    w[:, cols] *= rng.uniform(8, 30, size=cols.size)
+    return w
+
+
+def write_checkpoint(path: Path, tensors: dict[str, np.ndarray], dtype: torch.dtype = torch.float32) -> Path:
+    """A checkpoint written by the official safetensors library (independent of our writer)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(dtype).contiguous() for k, v in tensors.items()},
+        str(path),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from duquant_pipeline.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_bundles(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Demo bundles for the configs the runtime and fingerprint tests use."""
+    from duquant_pipeline.build import build_bundle
+    from duquant_runtime.config import resolve
+
+    out = tmp_path_factory.mktemp("bundles")
+    return {
+        name: build_bundle(resolve(name), demo_ckpt, out, jobs=2).path for name in ("llm_w4a8", "dit_w4a8", "full_w4a8")
+    }

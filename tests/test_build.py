@@ -1,0 +1,225 @@
+"""The offline pipeline end to end: selection, bundle contents, fingerprint, CLI, atomicity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import outlier_weight, write_checkpoint
+from duquant_pipeline.build import build_bundle
+from duquant_pipeline.cli import main
+from duquant_runtime.bundle import BundleReader
+from duquant_runtime.config import from_dict, resolve
+from duquant_runtime.env import apply_env
+from reference import blocks_from_stacked, reference_pack, unpack_int4
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def tiny_config(**transform):
+    return from_dict(
+        {
+            "name": "tiny",
+            "select": {"scope": "net."},
+            "transform": {"block_size": 16, "block_out_size": 16, **transform},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "net.a.q_proj.weight": rng.standard_normal((48, 64)),  # random
+        "net.a.k_proj.weight": outlier_weight(rng, 40, 37),  # outliers, odd width
+        "net.a.k_proj.bias": rng.standard_normal(40),
+        "net.b.fc1.weight": outlier_weight(rng, 23, 50),  # odd both ways
+        "net.b.fc2.weight": outlier_weight(rng, 70, 9),  # narrower than one block
+        "net.b.norm.weight": np.ones(64),  # 1-D: never selected
+        "net.b.layer_fc1.scale": np.ones((4, 4)),  # 2-D but not a .weight
+    }
+    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "model.safetensors", tensors, torch.bfloat16), tensors
+
+
+@pytest.mark.parametrize("transform", [{}, {"permute": False, "row_rot": "0"}])
+def test_bundle_matches_slow_reference(tiny_ckpt, tmp_path, transform):
+    path, tensors = tiny_ckpt
+    cfg = tiny_config(**transform)
+    result = build_bundle(cfg, path, tmp_path, jobs=2)
+    with BundleReader(result.path) as r:
+        assert set(r.header.layer_names) == {"net.a.q_proj", "net.a.k_proj", "net.b.fc1", "net.b.fc2"}
+        for name in r.header.layer_names:
+            pack = r.read_layer(name)
+            # the reference sees the bf16-rounded weight, exactly as stored in the checkpoint
+            w = torch.from_numpy(tensors[f"{name}.weight"].astype(np.float32)).bfloat16().double().numpy()
+            ref = reference_pack(w, permute=cfg.transform.permute, row_rot=cfg.transform.row_rot)
+            out, inp = w.shape
+            if cfg.transform.permute:
+                np.testing.assert_array_equal(pack.perm, ref["perm"])
+            else:
+                assert pack.perm is None
+            for got, want in zip(blocks_from_stacked(pack.r_in, inp), ref["r_in"], strict=True):
+                if got.shape[0] <= out:
+                    np.testing.assert_allclose(got, want, atol=2e-6)
+            if cfg.transform.row_rot == "restore":
+                for got, want in zip(blocks_from_stacked(pack.r_out, out), ref["r_out"], strict=True):
+                    if got.shape[0] <= inp:
+                        np.testing.assert_allclose(got, want, atol=2e-6)
+            codes = unpack_int4(pack.qweight, inp)
+            if out >= 16 and inp >= 16:  # unique rotations -> codes and scales are determined
+                np.testing.assert_allclose(pack.w_scale, ref["scales"], rtol=1e-6)
+                mismatch = codes != ref["codes"]
+                assert mismatch.mean() <= 1e-3 and np.abs(codes - ref["codes"]).max() <= 1
+            # in every case (unique rotations or not) the codes quantize W in the stored basis
+            w_t = transformed_with_stored_blocks(w, pack)
+            deq = codes * pack.w_scale[:, None].astype(np.float64)
+            assert np.linalg.norm(deq - w_t) / np.linalg.norm(w_t) < 0.2
+            if name == "net.a.k_proj":
+                np.testing.assert_allclose(pack.bias, tensors["net.a.k_proj.bias"].astype(np.float32), rtol=1e-2)
+
+
+def transformed_with_stored_blocks(w: np.ndarray, pack) -> np.ndarray:
+    """W[:, perm] · blockdiag(R_in), then blockdiag(R_out) ·, block by block from the bundle."""
+    out, inp = w.shape
+    w_t = w[:, pack.perm] if pack.perm is not None else w.copy()
+    start = 0
+    for u in blocks_from_stacked(pack.r_in, inp):
+        w_t[:, start : start + len(u)] = w_t[:, start : start + len(u)] @ u
+        start += len(u)
+    if pack.r_out is not None:
+        start = 0
+        for u in blocks_from_stacked(pack.r_out, out):
+            w_t[start : start + len(u)] = u @ w_t[start : start + len(u)]
+            start += len(u)
+    return w_t
+
+
+def test_demo_layer_counts(demo_ckpt):
+    for config, count in [
+        ("llm_w4a8", 126),
+        ("dit_w4a8", 126),
+        ("vision_w4a8", 162),
+        ("llm_dit_w4a8", 252),
+        ("full_w4a8", 414),
+    ]:
+        code, out, _ = _cli("list-layers", "-c", config, "--ckpt", str(demo_ckpt))
+        assert code == 0
+        assert out.strip().splitlines()[-1].startswith(f"{count} layers selected by {config}")
+        assert "action_out_proj" not in out and "multi_modal_projector" not in out
+
+
+def test_zero_match_names_the_nearest_scope(demo_ckpt, monkeypatch):
+    monkeypatch.setenv("OPENPI_DUQUANT_SCOPE", "paligemma_with_expert.paligemma.language_model.")
+    code, _, err = _cli("list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt))
+    assert code == 2
+    assert "selects 0 layers" in err and "'paligemma_with_expert.paligemma.model.language_model.'" in err
+    assert "Traceback" not in err
+
+
+def test_action_out_proj_only_when_whitelisted(demo_ckpt, tmp_path):
+    cfg = tmp_path / "head.toml"
+    cfg.write_text('name = "head"\n[select]\nscope = ""\ninclude = "action"\nlayers = ["action_out_proj"]\n')
+    code, out, _ = _cli("list-layers", "-c", str(cfg), "--ckpt", str(demo_ckpt))
+    assert (
+        code == 0 and "action_out_proj" in out and out.strip().splitlines()[-1].startswith("1 layers selected by head")
+    )
+    cfg.write_text('name = "head"\n[select]\nscope = ""\ninclude = "action_.*_proj$"\n')
+    code, out, _ = _cli("list-layers", "-c", str(cfg), "--ckpt", str(demo_ckpt))
+    assert code == 0 and "action_in_proj" in out and "action_out_proj" not in out
+
+
+def test_env_override_changes_fingerprint(tiny_ckpt, tmp_path, monkeypatch):
+    path, _ = tiny_ckpt
+    base = build_bundle(tiny_config(), path, tmp_path, jobs=1)
+    monkeypatch.setenv("OPENPI_DUQUANT_BLOCK", "32")
+    cfg = apply_env(tiny_config())
+    assert cfg.transform.block_size == 32 and cfg.transform.block_out_size == 32
+    other = build_bundle(cfg, path, tmp_path, jobs=1)
+    assert other.fingerprint != base.fingerprint and other.path != base.path
+    with BundleReader(other.path) as r:
+        assert r.header.config["transform"]["block_size"] == 32
+
+
+def test_second_build_is_a_noop(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    first = build_bundle(tiny_config(), path, tmp_path, jobs=2)
+    stamp = first.path.stat().st_mtime_ns
+    second = build_bundle(tiny_config(), path, tmp_path, jobs=2)
+    assert not first.skipped and second.skipped
+    assert second.path == first.path and first.path.stat().st_mtime_ns == stamp
+
+
+def test_cli_build_prints_path_last_and_verifies(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('name = "tiny"\n[select]\nscope = "net."\n')
+    code, out, _ = _cli("build", "-c", str(cfg), "--ckpt", str(path), "--out", str(tmp_path), "-q")
+    assert code == 0
+    bundle = Path(out.strip().splitlines()[-1])
+    assert bundle.is_file() and bundle.parent == tmp_path / "tiny"
+    code, out, _ = _cli("verify", str(bundle), "-c", str(cfg), "--ckpt", str(path))
+    assert code == 0 and "OK" in out
+    code, out, _ = _cli("inspect", str(bundle))
+    assert code == 0 and "fingerprint" in out and "4" in out
+
+
+def test_sigkill_mid_build_leaves_no_bundle(demo_ckpt, tmp_path):
+    """SIGKILL during a build: no bundle appears; the next build cleans up and succeeds."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "duquant_pipeline.cli",
+        "build",
+        "-c",
+        "full_w4a8",
+        "--ckpt",
+        str(demo_ckpt),
+        "--out",
+        str(tmp_path),
+        "--jobs",
+        "1",
+        "-q",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    target = tmp_path / "full_w4a8"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(target.glob(".*.tmp")):
+        time.sleep(0.05)
+    assert list(target.glob(".*.tmp")), "the build never started writing"
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(target.glob("*.h5")), "a killed build must not leave a bundle"
+    result = build_bundle(resolve("full_w4a8"), demo_ckpt, tmp_path, jobs=2)
+    assert result.path.is_file() and not result.skipped
+    assert not list(target.glob(".*.tmp")), "the dead build's temp file is cleaned up"
+    with h5py.File(result.path) as f:
+        assert len(f["layers"]) == 414
+
+
+def test_demo_checkpoint_is_deterministic_and_standard(tmp_path):
+    from duquant_pipeline.demo import write_demo_checkpoint
+    from safetensors import safe_open
+
+    a = write_demo_checkpoint(tmp_path / "a")
+    b = write_demo_checkpoint(tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    with safe_open(str(a), framework="pt") as f:  # the official reader agrees with our writer
+        keys = list(f.keys())
+        w = f.get_tensor(
+            "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.26.mlp.fc1.weight"
+        )
+    assert w.dtype == torch.bfloat16 and tuple(w.shape) == (600, 152)
+    assert len([k for k in keys if k.endswith("q_proj.weight")]) == 18 + 18 + 27
