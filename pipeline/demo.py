@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -21,7 +22,11 @@ from .checkpoint import MODEL_NAME, Checkpoint, CheckpointError, to_bf16_bits, w
 
 SEED = 20240917
 CHUNK_ELEMENTS = 1 << 22  # rows are generated this many values at a time
-MARKER = "duquant-packs demo checkpoint v1"
+MARKER = "duquant-packs demo checkpoint v3"
+# Residual-branch outputs are scaled by 1/sqrt(2 * depth) (GPT-2 style), so the random
+# stack is not chaotic and a component's output error reflects quantization, not noise
+# amplified through 18-27 random layers.
+RESIDUAL_OUT = re.compile(r"\.(o_proj|out_proj|down_proj|fc2)\.weight$")
 
 PG = "paligemma_with_expert.paligemma.model."
 VISION = PG + "vision_tower.vision_model."
@@ -130,15 +135,17 @@ def _rng(name: str) -> np.random.Generator:
     return np.random.default_rng([SEED, zlib.crc32(name.encode())])
 
 
-def tensor_chunks(name: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+def tensor_chunks(name: str, shape: tuple[int, ...], depth: int = 18) -> Iterator[np.ndarray]:
     """float32 values of one tensor, row chunks at a time (deterministic per name)."""
     rng = _rng(name)
     if len(shape) == 2 and name.endswith(".weight") and "embed" not in name:
         out, inp = shape
         col_scale = np.ones(inp, dtype=np.float32)
         heavy = rng.choice(inp, size=max(1, inp // 64), replace=False)
-        col_scale[heavy] = rng.uniform(5.0, 20.0, size=heavy.size)  # heavy input channels
+        col_scale[heavy] = rng.uniform(2.0, 5.0, size=heavy.size)  # heavy input channels
         col_scale /= math.sqrt(inp)
+        if RESIDUAL_OUT.search(name):
+            col_scale /= math.sqrt(2 * depth)
         rows = max(1, CHUNK_ELEMENTS // inp)
         for start in range(0, out, rows):
             n = min(rows, out - start)
@@ -181,7 +188,8 @@ def write_demo_checkpoint(
     shapes = dict(specs)
 
     def produce(name: str) -> Iterator[np.ndarray]:
-        for chunk in tensor_chunks(name, shapes[name]):
+        depth = dims.vision_layers if "vision_tower" in name else dims.llm_layers
+        for chunk in tensor_chunks(name, shapes[name], depth):
             yield to_bf16_bits(chunk) if dtype == "BF16" else chunk.astype(np.float32)
 
     write_safetensors(path, [(n, dtype, s) for n, s in specs], produce, metadata, on_tensor)

@@ -1,6 +1,50 @@
 """duquant_runtime: load a DuQuant W4A8 bundle onto a live PyTorch model, no preprocessing.
 
-Imports only torch, numpy and h5py (and the standard library), never the pipeline.
+Imports only torch, numpy and h5py (and the standard library), never the pipeline::
+
+    from duquant_runtime import load_bundle
+    report = load_bundle(policy.model, "artifacts/llm_w4a8/llm_w4a8-<fp12>.h5", expect_config="llm_w4a8")
+
+Names are imported lazily, so tools that only need the bundle format (the pipeline's
+CLI) do not pay for importing torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "calibrate": "calibration",
+    "save_act_scales": "calibration",
+    "DuQuantConfig": "config",
+    "DuQuantLinear": "layer",
+    "LoadReport": "loader",
+    "enable_from_env": "loader",
+    "load_bundle": "loader",
+    **{
+        name: "errors"
+        for name in (
+            "ActScalesError",
+            "BundleError",
+            "BundleReadError",
+            "BundleVersionError",
+            "CheckpointMismatchError",
+            "ConfigError",
+            "ConfigMismatchError",
+            "DuQuantError",
+            "ModelMismatchError",
+            "NotCalibratedError",
+        )
+    },
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,319 @@
+"""load_bundle / enable_from_env: check everything, then swap modules, all or nothing.
+
+Load time does no SVD, rotation, permutation or scale search: it reads tensors (and,
+for ``weight_storage="dequant"``, unpacks integer codes once).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bundle import BundleHeader, BundleReader, LayerPack
+from .checks import config_problems, expected_layers
+from .config import DuQuantConfig, from_dict, resolve
+from .env import PREFIX, bundle_location_from_env, config_from_env, overrides_from_env
+from .errors import (
+    BundleError,
+    CheckpointMismatchError,
+    ConfigMismatchError,
+    DuQuantError,
+    ModelMismatchError,
+)
+from .layer import WEIGHT_STORAGES, DuQuantLinear
+
+VERIFY_MODES = ("signature", "shapes")
+# float64 sums of the same values in another order agree to ~1e-15; a one-ulp change
+# of one bf16 weight moves them by far more than this.
+SIGNATURE_RTOL = 1e-11
+
+
+@dataclass
+class LoadReport:
+    bundle: Path
+    fingerprint: str
+    config_name: str
+    replaced: list[str] = field(default_factory=list)
+    bytes_before: int = 0  # the replaced nn.Linear parameters
+    bytes_after: int = 0  # the DuQuantLinear buffers that replace them
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+
+    def __str__(self) -> str:
+        return (
+            f"duquant: {len(self.replaced)} layers from {self.bundle.name} ({self.config_name}, "
+            f"fp {self.fingerprint[:12]}): {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({self.ratio:.3f}x) in {self.seconds:.2f} s"
+        )
+
+
+def weight_signature(weight: torch.Tensor) -> tuple[float, float]:
+    """float64 (sum, sum of squares) of a weight, on its own device."""
+    w = weight.detach().to(torch.float64)
+    return float(w.sum()), float((w * w).sum())
+
+
+def _signature_problem(name: str, weight: torch.Tensor, pack: LayerPack) -> str | None:
+    live_sum, live_sumsq = weight_signature(weight)
+    n = weight.numel()
+    rtol = SIGNATURE_RTOL
+    source_bits = {"BF16": 8, "F16": 11, "F32": 24, "F64": 53}.get(pack.source_dtype, 53)
+    live_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}.get(weight.dtype, 53)
+    if live_bits < source_bits or (live_bits == 11 and source_bits == 8):
+        rtol = 4.0 * 2.0**-live_bits  # the model holds a rounded copy of the source weights
+    scale = math.sqrt(n * max(pack.source_sumsq, 1e-300))
+    if abs(live_sum - pack.source_sum) > rtol * scale + 1e-30 or abs(live_sumsq - pack.source_sumsq) > (
+        rtol * pack.source_sumsq + 1e-30
+    ):
+        return (
+            f"layer {name}: weight signature differs (model sum {live_sum:.9g}, sumsq {live_sumsq:.9g}; bundle "
+            f"sum {pack.source_sum:.9g}, sumsq {pack.source_sumsq:.9g}): the bundle was built from another "
+            "checkpoint than the model's weights"
+        )
+    return None
+
+
+def _prepare(
+    model: nn.Module,
+    reader: BundleReader,
+    config: DuQuantConfig,
+    *,
+    prefix: str,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    weight_storage: str,
+    verify: str,
+) -> dict[str, tuple[nn.Linear, DuQuantLinear]]:
+    """Check every layer and build its replacement; nothing in ``model`` changes here."""
+    header = reader.header
+    modules = dict(model.named_modules())
+    missing_layers = expected_layers(header) - set(header.layer_names)
+    if missing_layers:
+        name = sorted(missing_layers)[0]
+        raise BundleError(
+            f"{header.path}: layer {name} is missing from the bundle ({len(missing_layers)} missing): "
+            "the file is incomplete",
+            layer=name,
+            field="presence",
+        )
+    prepared: dict[str, tuple[nn.Linear, DuQuantLinear]] = {}
+    for name in header.layer_names:
+        target = prefix + name
+        module = modules.get(target)
+        if module is None:
+            near = [m for m in modules if m.endswith(name)]
+            hint = f"; the model has {near[0]!r} — pass name_prefix={near[0][: -len(name)]!r}" if near else ""
+            raise ModelMismatchError(f"layer {target}: not found in the model{hint}", layer=target, field="presence")
+        if not isinstance(module, nn.Linear):
+            raise ModelMismatchError(
+                f"layer {target}: is a {type(module).__name__} in the model, not an nn.Linear",
+                layer=target,
+                field="type",
+            )
+        pack = reader.read_layer(name, check=True)
+        live = (module.out_features, module.in_features)
+        if live != (pack.out_features, pack.in_features):
+            raise ModelMismatchError(
+                f"layer {target}: shape differs (model {live[0]}x{live[1]}, bundle "
+                f"{pack.out_features}x{pack.in_features})",
+                layer=target,
+                field="shape",
+            )
+        if (module.bias is None) != (pack.bias is None):
+            raise ModelMismatchError(
+                f"layer {target}: bias {'missing' if module.bias is None else 'present'} in the "
+                "model but not in the bundle",
+                layer=target,
+                field="bias",
+            )
+        if verify == "signature":
+            problem = _signature_problem(target, module.weight, pack)
+            if problem:
+                raise CheckpointMismatchError(problem, layer=target, field="weight signature")
+        layer = DuQuantLinear.from_pack(
+            pack,
+            act_bits=config.quant.act_bits,
+            act_mode=config.quant.act_mode,
+            weight_storage=weight_storage,
+            dtype=dtype or module.weight.dtype,
+            device=device if device is not None else module.weight.device,
+        )
+        layer.bundle_name = name
+        layer.bundle_fingerprint = header.fingerprint
+        layer.calib_defaults = (config.quant.calib_steps, config.quant.act_percentile)
+        prepared[target] = (module, layer)
+    return prepared
+
+
+def _swap(model: nn.Module, target: str, layer: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer)
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(
+        t.numel() * t.element_size() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    )
+
+
+def load_bundle(
+    model: nn.Module,
+    path: str | Path,
+    expect_config: str | Path | DuQuantConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    weight_storage: str = "int4",
+    verify: str = "signature",
+    act_scales: str | Path | None = None,
+    name_prefix: str = "",
+) -> LoadReport:
+    """Replace the bundle's layers in ``model`` with DuQuantLinear modules, in place.
+
+    Checks, before touching the model: the format version; that the bundle was built
+    for ``expect_config`` (a preset name, TOML path or config; field by field); every
+    layer's presence, type and shape in the model; every dataset's checksum; and, with
+    ``verify="signature"``, each live weight's float64 sum / sum of squares against
+    the source weights the bundle was built from. Any mismatch raises a BundleError
+    subclass naming the layer and field, and leaves the model untouched.
+
+    ``dtype``/``device`` default to each replaced layer's own. ``weight_storage="int4"``
+    keeps packed codes resident (real memory savings); ``"dequant"`` unpacks once at
+    load for speed. ``act_scales`` is a file from :func:`save_act_scales` for static
+    activation layers. ``name_prefix`` maps bundle names onto the model (e.g.
+    ``"model."`` for LeRobot's pi0 port).
+    """
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    start = time.perf_counter()
+    with BundleReader(path) as reader:
+        header = reader.header
+        if expect_config is not None:
+            expected = resolve(expect_config)
+            problems = config_problems(header, expected)
+            if problems:
+                field_name = problems[0].split(":", 1)[0].removeprefix("config ")
+                raise ConfigMismatchError(
+                    f"{header.path} was built for another config than {expected.name!r}: " + "; ".join(problems),
+                    field=field_name,
+                )
+        try:
+            config = from_dict(header.config)
+        except DuQuantError as exc:
+            raise BundleError(f"{header.path}: its stored config is invalid ({exc})", field="config") from None
+        prepared = _prepare(
+            model,
+            reader,
+            config,
+            prefix=name_prefix,
+            device=device,
+            dtype=dtype,
+            weight_storage=weight_storage,
+            verify=verify,
+        )
+    if act_scales is not None:
+        from .calibration import apply_act_scales
+
+        apply_act_scales({t: layer for t, (_, layer) in prepared.items()}, act_scales, header.fingerprint)
+    report = LoadReport(Path(path), header.fingerprint, header.name)
+    for target, (old, layer) in prepared.items():
+        report.bytes_before += _module_bytes(old)
+        report.bytes_after += layer.buffer_bytes()
+        _swap(model, target, layer)
+        report.replaced.append(target)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _headers_in(packdir: Path) -> list[BundleHeader]:
+    headers = []
+    for path in sorted(packdir.rglob("*.h5")):
+        try:
+            with BundleReader(path) as r:
+                headers.append(r.header)
+        except BundleError:
+            continue  # unreadable files are not candidates; a matching one is still found
+    return headers
+
+
+def _describe_mismatch(header: BundleHeader, config: DuQuantConfig) -> str:
+    fields = [p.split(":")[0].removeprefix("config ") for p in config_problems(header, config)]
+    return f"{header.path.name} ({header.name}: differs in {', '.join(fields[:3])})"
+
+
+def resolve_packdir(packdir: str | Path, config: DuQuantConfig) -> list[Path]:
+    """Bundles in ``packdir`` built for ``config`` (newest first); refuses when there are none."""
+    packdir = Path(packdir)
+    if not packdir.is_dir():
+        raise BundleError(f"{PREFIX}PACKDIR={packdir} is not a directory")
+    headers = _headers_in(packdir)
+    matching = [h for h in headers if not config_problems(h, config)]
+    if matching:
+        return [h.path for h in sorted(matching, key=lambda h: h.created_at, reverse=True)]
+    if not headers:
+        raise ConfigMismatchError(
+            f"{PREFIX}PACKDIR={packdir} holds no duquant bundle: build one with "
+            f"`duquant-packs build --config {config.name} --out {packdir}`",
+            field="config",
+        )
+    held = "; ".join(_describe_mismatch(h, config) for h in headers)
+    raise ConfigMismatchError(
+        f"{PREFIX}PACKDIR={packdir} holds no bundle for the effective config {config.name!r} "
+        f"(scope {config.select.scope!r}); it holds: {held}. Build the right one with "
+        f"`duquant-packs build --config <config> --out {packdir}` or point {PREFIX}PACKDIR elsewhere",
+        field="config",
+    )
+
+
+def enable_from_env(model: nn.Module, environ: Mapping[str, str] | None = None, **kwargs: object) -> LoadReport | None:
+    """Drop-in for openpi eval scripts. Returns None when no bundle is configured.
+
+    ``OPENPI_DUQUANT_BUNDLE=path`` loads that bundle (checked against the config given by
+    ``OPENPI_DUQUANT_CONFIG`` and the seed's variables, when any is set). Otherwise
+    ``OPENPI_DUQUANT_PACKDIR=dir`` plus the config variables resolves to the bundle in
+    ``dir`` whose fingerprint matches the effective config — and refuses, listing what
+    the directory holds, when none does. ``OPENPI_DUQUANT_ACT_SCALES`` names an
+    activation-scales file. Extra keyword arguments go to :func:`load_bundle`.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    bundle, packdir = bundle_location_from_env(env)
+    act_scales = env.get(PREFIX + "ACT_SCALES") or None
+    kwargs.setdefault("act_scales", act_scales)
+    if bundle:
+        configured = PREFIX + "CONFIG" in env or bool(overrides_from_env(env))
+        expected = config_from_env(environ=env) if configured else None
+        return load_bundle(model, bundle, expected, **kwargs)  # type: ignore[arg-type]
+    if packdir:
+        config = config_from_env(environ=env)
+        candidates = resolve_packdir(packdir, config)
+        last: CheckpointMismatchError | None = None
+        for path in candidates:  # same config, several checkpoints: the one matching the weights
+            try:
+                return load_bundle(model, path, config, **kwargs)  # type: ignore[arg-type]
+            except CheckpointMismatchError as exc:
+                last = exc
+        assert last is not None
+        raise CheckpointMismatchError(
+            f"{PREFIX}PACKDIR={packdir}: {len(candidates)} bundle(s) match config "
+            f"{config.name!r} but none was built from this model's weights ({last})",
+            layer=last.layer,
+            field=last.field,
+        )
+    return None
