@@ -1,6 +1,7 @@
 """The pack algorithm: DESIGN.md §5, the seed-compatible "svd" method.
 
-All math runs in float64 NumPy. Only B x B factors are ever formed: the left singular
+All math runs in float64 (torch for the batched products, NumPy for the small
+eigendecompositions). Only B x B factors are ever formed: the left singular
 vectors of a block M (B x K) are the eigenvectors of its B x B Gram matrix M Mᵀ, so
 no K x K right-singular matrix is materialized (the seed's full SVD built up to
 16384² per block, which is where its minutes went).
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from duquant_runtime.config import TransformConfig
 
 ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -29,8 +31,8 @@ class Transform:
     w_t: np.ndarray  # float64 [out, in]
 
 
-def smoothed_energy(w: np.ndarray, lam: float) -> np.ndarray:
-    energy = np.mean(w * w, axis=0)
+def smoothed_energy(w: torch.Tensor, lam: float) -> torch.Tensor:
+    energy = (w * w).mean(dim=0)
     return (1.0 - lam) * energy + lam * energy.mean()
 
 
@@ -43,8 +45,8 @@ def zigzag(order: np.ndarray) -> np.ndarray:
     return out
 
 
-def zigzag_permutation(w: np.ndarray, lam: float) -> np.ndarray:
-    energy = smoothed_energy(w, lam)
+def zigzag_permutation(w: torch.Tensor, lam: float) -> np.ndarray:
+    energy = smoothed_energy(w, lam).numpy()
     return zigzag(np.argsort(-energy, kind="stable"))
 
 
@@ -65,46 +67,55 @@ def gram_basis(gram: np.ndarray) -> np.ndarray:
     return fix_signs(vecs[..., ::-1])
 
 
-def block_bases(columns: np.ndarray, block: int) -> np.ndarray:
-    """U per block of ``block`` consecutive columns of ``columns`` [K, n]: U = left SVs of cols_bᵀ.
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x.shape[-1] % multiple
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
-    Returns [ceil(n / block), block, block]; the short last block is identity-padded.
+
+def column_block_bases(w: torch.Tensor, block: int) -> np.ndarray:
+    """U_b = left singular vectors of W[:, block b]ᵀ, i.e. eigenvectors of W_bᵀW_b [nb, B, B].
+
+    Zero-padded columns make the short last block's Gram zero outside its r x r corner;
+    that corner is decomposed alone so the block is a true r x r basis, identity-padded.
     """
-    k, n = columns.shape
-    nb, full = -(-n // block), n // block
+    k, n = w.shape
+    nb, tail = -(-n // block), n % block
+    blocks = _pad_last(w, block).reshape(k, nb, block).permute(1, 2, 0)  # [nb, B, k]
+    gram = torch.bmm(blocks, blocks.transpose(1, 2)).numpy()
     out = np.tile(np.eye(block), (nb, 1, 1))
+    full = nb - (1 if tail else 0)
     if full:
-        body = columns[:, : full * block].reshape(k, full, block)
-        out[:full] = gram_basis(np.einsum("knb,knc->nbc", body, body))
-    tail = n - full * block
+        out[:full] = gram_basis(gram[:full])
     if tail:
-        cols = columns[:, full * block :]
-        out[full, :tail, :tail] = gram_basis(cols.T @ cols)
+        out[full, :tail, :tail] = gram_basis(gram[full, :tail, :tail])
     return out
 
 
-def apply_blocks_right(w: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+def rotate_column_blocks(w: torch.Tensor, blocks: np.ndarray) -> torch.Tensor:
     """w [K, n] · blockdiag(blocks) (blocks identity-padded past n)."""
     k, n = w.shape
     nb, b, _ = blocks.shape
-    padded = np.zeros((k, nb * b))
-    padded[:, :n] = w
-    return np.einsum("knb,nbc->knc", padded.reshape(k, nb, b), blocks).reshape(k, nb * b)[:, :n]
+    wb = _pad_last(w, b).reshape(k, nb, b).transpose(0, 1)  # [nb, K, B]
+    return torch.bmm(wb, torch.from_numpy(blocks)).transpose(0, 1).reshape(k, nb * b)[:, :n]
 
 
-def svd_transform(w: np.ndarray, t: TransformConfig) -> Transform:
+def svd_transform(w_np: np.ndarray, t: TransformConfig) -> Transform:
     """Steps 1-5 of §5 for a weight ``w`` [out, in] (float64)."""
+    w = torch.from_numpy(np.ascontiguousarray(w_np, dtype=np.float64))
     perm = zigzag_permutation(w, t.lambda_smooth) if t.permute else None
-    w_p = w[:, perm] if perm is not None else w
-    r_in = block_bases(w_p, t.block_size)
-    w_t = apply_blocks_right(w_p, r_in)
+    w_p = w.index_select(1, torch.from_numpy(perm)) if perm is not None else w
+    r_in = column_block_bases(w_p, t.block_size)
+    w_t = rotate_column_blocks(w_p, r_in)
     r_out = None
     if t.row_rot == "restore":
-        # Bases of the original rows: U of W[rows, :] = blocks over the columns of Wᵀ.
-        r_out = block_bases(w.T, t.block_out_size)
-        # blockdiag(R_out) · W_t == (W_tᵀ · blockdiag(R_out)ᵀ)ᵀ
-        w_t = apply_blocks_right(w_t.T, np.swapaxes(r_out, 1, 2)).T
-    return Transform(perm, r_in, r_out, np.ascontiguousarray(w_t))
+        # Rows of W are columns of Wᵀ: U_b = left singular vectors of W[rows_b, :].
+        r_out = column_block_bases(w.t(), t.block_out_size)
+        # blockdiag(R_out) · W_t, block by block on contiguous row groups.
+        out_f, bo = w_t.shape[0], t.block_out_size
+        nbo = r_out.shape[0]
+        rows = torch.nn.functional.pad(w_t, (0, 0, 0, nbo * bo - out_f)).reshape(nbo, bo, -1)
+        w_t = torch.bmm(torch.from_numpy(r_out), rows).reshape(nbo * bo, -1)[:out_f]
+    return Transform(perm, r_in, r_out, np.ascontiguousarray(w_t.numpy()))
 
 
 METHODS = {"svd": svd_transform}
@@ -114,7 +125,7 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_rows(w_t: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(w_t_np: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Step 6: per-row scale with the clip ratio alpha searched by least squared error.
 
     The float32-rounded scale is the one searched, stored and used at runtime, so
@@ -122,22 +133,20 @@ def quantize_rows(w_t: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     scales float32).
     """
     q = qmax(bits)
-    codes = np.empty(w_t.shape, dtype=np.int8)
-    scales = np.empty(w_t.shape[0], dtype=np.float32)
+    w_t = torch.from_numpy(np.ascontiguousarray(w_t_np, dtype=np.float64))
+    codes = torch.empty(w_t.shape, dtype=torch.int8)
+    scales = torch.empty(w_t.shape[0], dtype=torch.float32)
     for start in range(0, w_t.shape[0], ROW_CHUNK):
         rows = w_t[start : start + ROW_CHUNK]
-        peak = np.abs(rows).max(axis=1)
-        best_err = np.full(rows.shape[0], np.inf)
-        best_s = np.zeros(rows.shape[0])
-        best_q = np.zeros(rows.shape, dtype=np.int8)
+        peak = rows.abs().amax(dim=1)
+        best_err = torch.full_like(peak, float("inf"))
+        best_s = torch.zeros_like(peak)
         for alpha in ALPHAS:
-            s = np.maximum(peak / q / alpha, SCALE_FLOOR).astype(np.float32).astype(np.float64)
-            cand = np.clip(np.rint(rows / s[:, None]), -q - 1, q)
-            err = np.sum((cand * s[:, None] - rows) ** 2, axis=1)
+            s = (peak / q / alpha).clamp_min(SCALE_FLOOR).float().double()[:, None]
+            err = (rows / s).round_().clamp_(-q - 1, q).mul_(s).sub_(rows).square_().sum(dim=1)
             better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_s = np.where(better, s, best_s)
-            best_q[better] = cand[better]
-        codes[start : start + ROW_CHUNK] = best_q
-        scales[start : start + ROW_CHUNK] = best_s
-    return codes, scales
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s[:, 0], best_s)
+        codes[start : start + ROW_CHUNK] = (rows / best_s[:, None]).round_().clamp_(-q - 1, q).to(torch.int8)
+        scales[start : start + ROW_CHUNK] = best_s.float()
+    return codes.numpy(), scales.numpy()

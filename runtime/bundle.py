@@ -215,6 +215,18 @@ class BundleReader:
                     "it was hashed from; the header was edited or damaged",
                     field="fingerprint",
                 )
+            config = json.loads(self._attr("config_json"))
+            provenance = json.loads(self._attr("provenance_json"))
+            source = fp_doc.get("source") if isinstance(fp_doc, dict) else None
+            if not (
+                isinstance(fp_doc, dict)
+                and isinstance(fp_doc.get("config"), dict)
+                and isinstance(source, list)
+                and all(isinstance(r, list) and len(r) == 4 and isinstance(r[0], str) for r in source)
+                and isinstance(config, dict)
+                and isinstance(provenance, dict)
+            ):
+                raise BundleReadError(f"{self.path}: the header's JSON documents are malformed", field="header")
             if LAYERS not in self._f or not isinstance(self._f[LAYERS], h5py.Group):
                 raise BundleReadError(f"{self.path}: the layers group is missing; the bundle is incomplete")
             return BundleHeader(
@@ -222,25 +234,48 @@ class BundleReader:
                 format_version=version,
                 fingerprint=fp,
                 fingerprint_doc=fp_doc,
-                config=json.loads(self._attr("config_json")),
-                provenance=json.loads(self._attr("provenance_json")),
+                config=config,
+                provenance=provenance,
                 tool_version=tool,
                 created_at=str(self._attr("created_at")),
                 layer_names=tuple(sorted(self._f[LAYERS].keys())),
             )
 
     def read_layer(self, name: str, *, check: bool = True) -> LayerPack:
-        """One layer's pack; ``check`` verifies every dataset's crc32."""
+        """One layer's pack; ``check`` verifies every dataset's crc32.
+
+        Shapes and dtypes are checked against the layer's attributes before any data is
+        read, so a damaged header can never make us allocate a huge array.
+        """
         with _translated(self.path, f"layer {name!r}"):
             if name not in self._f[LAYERS]:
                 raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
             g = self._f[LAYERS][name]
+            a = g.attrs
+            meta = {
+                k: int(a[k]) for k in ("in_features", "out_features", "weight_bits", "block_size", "block_out_size")
+            }
+            storage = _text(a["storage"])
+            expected = _expected_datasets(meta, storage)
             arrays: dict[str, np.ndarray | None] = {}
             for key in DATASETS:
                 if key not in g:
+                    if key in ("r_in", "qweight", "w_scale"):
+                        raise BundleReadError(
+                            f"{self.path}: layer {name!r} has no {key!r} dataset", layer=name, field=key
+                        )
                     arrays[key] = None
                     continue
                 ds = g[key]
+                shape, dtypes = expected[key]
+                if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype not in dtypes:
+                    got = (getattr(ds, "shape", None), str(getattr(ds, "dtype", type(ds).__name__)))
+                    raise BundleReadError(
+                        f"{self.path}: layer {name!r} dataset {key!r} has shape/dtype {got}, "
+                        f"expected {shape}; the bundle is inconsistent",
+                        layer=name,
+                        field=key,
+                    )
                 data = ds[()]
                 if check and int(ds.attrs["crc32"]) != crc32(data):
                     raise BundleReadError(
@@ -250,65 +285,49 @@ class BundleReader:
                         field=key,
                     )
                 arrays[key] = data
-            a = g.attrs
-            storage = a["storage"]
-            storage = storage.decode() if isinstance(storage, bytes) else str(storage)
-            source_dtype = a["source_dtype"]
             pack = LayerPack(
                 name=name,
-                in_features=int(a["in_features"]),
-                out_features=int(a["out_features"]),
-                weight_bits=int(a["weight_bits"]),
                 storage=storage,
-                block_size=int(a["block_size"]),
-                block_out_size=int(a["block_out_size"]),
-                source_dtype=source_dtype.decode() if isinstance(source_dtype, bytes) else str(source_dtype),
+                source_dtype=_text(a["source_dtype"]),
                 source_sum=float(a["source_sum"]),
                 source_sumsq=float(a["source_sumsq"]),
+                **meta,
                 **arrays,  # type: ignore[arg-type]
             )
-        _check_pack_shapes(self.path, pack)
+        _check_pack_values(self.path, pack)
         return pack
 
-    def datasets_nbytes(self) -> int:
-        with _translated(self.path, "dataset sizes"):
-            total = 0
-            for name in self.header.layer_names:
-                g = self._f[LAYERS][name]
-                total += sum(g[k].size * g[k].dtype.itemsize for k in g)
-            return total
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _check_pack_shapes(path: Path, p: LayerPack) -> None:
-    """Shapes must agree with the attributes before any tensor is built from them."""
+def _expected_datasets(meta: dict[str, int], storage: str) -> dict[str, tuple[tuple[int, ...], tuple[np.dtype, ...]]]:
+    """Shape and allowed dtypes of every dataset, from the layer attributes alone."""
+    n_in, n_out, b, bo = meta["in_features"], meta["out_features"], meta["block_size"], meta["block_out_size"]
+    if min(n_in, n_out, b, bo) < 1 or max(n_in, n_out) > 1 << 24 or max(b, bo) > 1 << 12:
+        raise ValueError(f"implausible layer attributes {meta}")
+    if storage not in (INT4, INT8):
+        raise ValueError(f"unknown storage {storage!r}")
+    f32 = (np.dtype(np.float32),)
+    q_shape = (n_out, (n_in + 1) // 2) if storage == INT4 else (n_out, n_in)
+    return {
+        "perm": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
+        "r_in": ((-(-n_in // b), b, b), f32),
+        "r_out": ((-(-n_out // bo), bo, bo), f32),
+        "qweight": (q_shape, (np.dtype(np.uint8) if storage == INT4 else np.dtype(np.int8),)),
+        "w_scale": ((n_out,), f32),
+        "bias": ((n_out,), f32),
+    }
 
-    def bad(field: str, what: str) -> BundleReadError:
-        return BundleReadError(
-            f"{path}: layer {p.name!r} {field} {what}; the bundle is inconsistent", layer=p.name, field=field
+
+def _check_pack_values(path: Path, p: LayerPack) -> None:
+    """Values that shapes cannot vouch for: a permutation must be one, numbers finite."""
+    if p.perm is not None and not np.array_equal(np.sort(p.perm), np.arange(p.in_features)):
+        raise BundleReadError(
+            f"{path}: layer {p.name!r} perm is not a permutation of the input channels", layer=p.name, field="perm"
         )
-
-    n_in, n_out = p.in_features, p.out_features
-    if n_in < 1 or n_out < 1 or p.block_size < 1 or p.block_out_size < 1:
-        raise bad("shape attributes", f"are invalid (in={n_in}, out={n_out})")
-    nb = -(-n_in // p.block_size)
-    if p.r_in is None or p.r_in.shape != (nb, p.block_size, p.block_size):
-        raise bad(
-            "r_in", f"has shape {None if p.r_in is None else p.r_in.shape}, expected {(nb, p.block_size, p.block_size)}"
-        )
-    if p.perm is not None and (p.perm.shape != (n_in,) or not np.array_equal(np.sort(p.perm), np.arange(n_in))):
-        raise bad("perm", "is not a permutation of the input channels")
-    if p.r_out is not None:
-        nbo = -(-n_out // p.block_out_size)
-        if p.r_out.shape != (nbo, p.block_out_size, p.block_out_size):
-            raise bad("r_out", f"has shape {p.r_out.shape}, expected {(nbo, p.block_out_size, p.block_out_size)}")
-    expected_q = (n_out, (n_in + 1) // 2) if p.storage == INT4 else (n_out, n_in)
-    if p.storage not in (INT4, INT8) or p.qweight is None or p.qweight.shape != expected_q:
-        raise bad(
-            "qweight",
-            f"has shape {None if p.qweight is None else p.qweight.shape} and storage "
-            f"{p.storage!r}, expected {expected_q}",
-        )
-    if p.w_scale is None or p.w_scale.shape != (n_out,):
-        raise bad("w_scale", f"has shape {None if p.w_scale is None else p.w_scale.shape}, expected {(n_out,)}")
-    if p.bias is not None and p.bias.shape != (n_out,):
-        raise bad("bias", f"has shape {p.bias.shape}, expected {(n_out,)}")
+    for key in ("r_in", "r_out", "w_scale", "bias"):
+        value = getattr(p, key)
+        if value is not None and not np.isfinite(value).all():
+            raise BundleReadError(f"{path}: layer {p.name!r} {key} holds NaN/Inf", layer=p.name, field=key)
