@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -117,8 +119,38 @@ def _run_jobs(
     if backend == "dask":
         import distributed  # noqa: F401  (registers joblib's dask backend)
     with parallel_config(backend=backend, n_jobs=jobs, inner_max_num_threads=1 if backend != "dask" else None):
+        if backend in ("loky", "multiprocessing"):
+            _spawn_workers_deaf_to_ctrl_c(jobs)
         runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
         yield from runner(delayed(_pack_job)(str(ckpt.path), layer, transform) for layer in order)
+
+
+def _worker_pid() -> int:
+    return os.getpid()
+
+
+def _spawn_workers_deaf_to_ctrl_c(jobs: int) -> None:
+    """Start the pool's (reusable) workers with SIGINT ignored.
+
+    A terminal's Ctrl-C signals the whole foreground process group; workers that got it
+    would each die with a traceback. An ignored disposition survives exec, and Python
+    keeps it at startup, so Ctrl-C reaches only this process, whose KeyboardInterrupt
+    makes joblib terminate the workers and the build remove its temp file. (A blocked
+    mask would not do: loky clears it when it spawns.) This process's own handler is
+    restored as soon as the workers are forked.
+    """
+    from joblib import Parallel, delayed
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # loky forks and execs the workers synchronously while dispatching the first tasks,
+        # so the parent ignores Ctrl-C only for those milliseconds, not while they import.
+        pids = Parallel(n_jobs=jobs, return_as="generator")(delayed(_worker_pid)() for _ in range(jobs))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    list(pids)
 
 
 def _pid_alive(pid: int) -> bool:
