@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from duquant_runtime import __version__
 from duquant_runtime.bundle import LayerPack, write_header, write_layer
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import BundleError
-from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
+from duquant_runtime.fingerprint import SHORT_LEN, digest, fingerprint_document
 from duquant_runtime.packing import pack_codes, storage_for_bits
 
 from .algorithm import METHODS, quantize_rows
 from .checkpoint import Checkpoint, CheckpointError
-from .select import SelectedLayer, select_layers
+from .select import SelectedLayer, select_layers, source_tensors
 from .verify import verify_bundle
 
 BACKENDS = ("loky", "multiprocessing", "threading", "sequential", "dask")
@@ -47,16 +46,6 @@ class BuildResult:
 
 def bundle_path(out_dir: Path, config: DuQuantConfig, fingerprint: str) -> Path:
     return out_dir / config.name / f"{config.name}-{fingerprint[:SHORT_LEN]}.h5"
-
-
-def source_tensors(ckpt: Checkpoint, layers: list[SelectedLayer], jobs: int = 1) -> list[SourceTensor]:
-    """sha256 of every selected tensor's raw bytes (hashlib releases the GIL: threads suffice)."""
-    names = [n for layer in layers for n in layer.tensor_names]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        hashes = list(pool.map(ckpt.sha256, names))
-    return [
-        SourceTensor(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape, h) for n, h in zip(names, hashes, strict=True)
-    ]
 
 
 def pack_layer(

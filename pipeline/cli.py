@@ -157,7 +157,7 @@ def build(
                 mininterval=0.5 if sys.stderr.isatty() else 5.0,
             )
         bar.update(done - bar.n)
-        bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights")
+        bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights", refresh=False)
 
     try:
         result = build_bundle(cfg, checkpoint, out_dir, jobs=jobs, backend=backend, force=force, progress=progress)

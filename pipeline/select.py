@@ -13,10 +13,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import ConfigError
+from duquant_runtime.fingerprint import SourceTensor
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 
@@ -129,3 +131,13 @@ def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
         info = ckpt.tensors[weight]
         out.append(SelectedLayer(n, weight, bias, info.shape[0], info.shape[1], info.dtype, q.bits_for(n)))
     return out
+
+
+def source_tensors(ckpt: Checkpoint, layers: list[SelectedLayer], jobs: int = 1) -> list[SourceTensor]:
+    """sha256 of every selected tensor's raw bytes (hashlib releases the GIL: threads suffice)."""
+    names = [n for layer in layers for n in layer.tensor_names]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        hashes = list(pool.map(ckpt.sha256, names))
+    return [
+        SourceTensor(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape, h) for n, h in zip(names, hashes, strict=True)
+    ]

@@ -11,6 +11,7 @@ from duquant_runtime.errors import BundleError
 from duquant_runtime.fingerprint import SourceTensor, diff_sources
 
 from .checkpoint import Checkpoint
+from .select import select_layers, source_tensors
 
 
 def verify_bundle(
@@ -21,9 +22,6 @@ def verify_bundle(
     sources: list[SourceTensor] | None = None,
 ) -> list[str]:
     """Problems found, one line each (empty list: the bundle is intact and matches)."""
-    from .build import source_tensors  # build imports verify; resolve lazily
-    from .select import select_layers
-
     try:
         with BundleReader(path) as reader:
             problems = integrity_problems(reader)
