@@ -1,4 +1,4 @@
-"""Demo model, end to end: each component's output error against fp, and resident memory.
+"""Demo model, end to end: each component's output error against fp, (memory: bench/memory.py).
 
 Cases, on the same layers (the bundle's): the bundle with per-token dynamic activations,
 the bundle with calibrated static activations, and a plain round-to-nearest W4A8 baseline
@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
-import os
-import resource
 from pathlib import Path
 
 import torch
@@ -26,11 +23,6 @@ from duquant_pipeline.demo_model import component_inputs, load_demo_model
 from duquant_runtime import calibrate, load_bundle
 from duquant_runtime.config import resolve
 from torch import nn
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class RTNLinear(nn.Module):
@@ -103,46 +95,15 @@ def main() -> None:
         parent, _, child = name.rpartition(".")
         setattr(rtn.get_submodule(parent), child, RTNLinear(rtn.get_submodule(name)))
     results["RTN W4A8 baseline"] = errors(rtn, inputs, reference)
-    del rtn, base
-    gc.collect()
-
-    # Memory: a bf16 demo model, before and after swapping in the int4 layers.
-    rss0 = rss_mib()
-    model = load_demo_model(args.checkpoint, torch.bfloat16)
-    gc.collect()
-    rss_model = rss_mib()
-    mem_report = load_bundle(model, bundles["dynamic"], cfg)
-    gc.collect()
-    rss_loaded = rss_mib()
-    memory = {
-        "replaced_layers": len(mem_report.replaced),
-        "linear_bytes_before_MiB": mem_report.bytes_before / 2**20,
-        "buffer_bytes_after_MiB": mem_report.bytes_after / 2**20,
-        "buffer_ratio": mem_report.ratio,
-        "rss_model_MiB": rss_model - rss0,
-        "rss_after_load_MiB": rss_loaded - rss0,
-        "rss_saved_MiB": rss_model - rss_loaded,
-        "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
 
     comps = list(inputs)
     print(f"{args.config} on {args.checkpoint}: relative L2 output error vs fp32, per component")
     print(f"{'case':<26}" + "".join(f"{c:>10}" for c in comps))
     for case, errs in results.items():
         print(f"{case:<26}" + "".join(f"{errs[c]:>10.4f}" for c in comps))
-    print(
-        f"memory (bf16 model): {len(mem_report.replaced)} layers {memory['linear_bytes_before_MiB']:.1f} MiB -> "
-        f"{memory['buffer_bytes_after_MiB']:.1f} MiB of buffers ({memory['buffer_ratio']:.3f}x); RSS of the model "
-        f"{memory['rss_model_MiB']:.1f} MiB -> {memory['rss_after_load_MiB']:.1f} MiB after load_bundle "
-        f"(saved {memory['rss_saved_MiB']:.1f} MiB)"
-    )
     out = Path(args.out) / "bench" / "component_error.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"config": args.config, "checkpoint": args.checkpoint, "errors": results, "memory": memory}, indent=2
-        )
-    )
+    out.write_text(json.dumps({"config": args.config, "checkpoint": args.checkpoint, "errors": results}, indent=2))
     print(f"wrote {out}")
 
 

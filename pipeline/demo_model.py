@@ -188,8 +188,10 @@ def load_demo_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32) 
     ckpt = Checkpoint.open(checkpoint)
     with torch.device("meta"):
         model = DemoPi05(demo_dims(ckpt))
-    state = load_file(str(ckpt.files[0]))
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    # Parameters get storage of their own (as in openpi, which copies the checkpoint into
+    # the model): views into the file's buffer would keep it alive after a layer is swapped.
+    model = model.to_empty(device="cpu").to(dtype)
+    model.load_state_dict(load_file(str(ckpt.files[0])), strict=True)
     return model.eval()
 
 

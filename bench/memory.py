@@ -1,0 +1,84 @@
+"""Resident memory of a model before and after load_bundle (int4 storage), in a fresh process.
+
+    python bench/memory.py --checkpoint artifacts/demo-full --bundle artifacts/llm_w4a8/llm_w4a8-<fp12>.h5
+
+Loads the demo tree in bf16, measures RSS, swaps the bundle's layers in, frees the
+old weights (gc + malloc_trim, so freed pages really go back to the OS), measures
+again. Prints a table and writes artifacts/bench/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from duquant_pipeline.cli import component_of
+from duquant_pipeline.demo_model import load_demo_model
+from duquant_runtime import load_bundle
+
+
+def rss_mib() -> float:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--weight-storage", default="int4", choices=["int4", "dequant"])
+    ap.add_argument("--out", default="artifacts/bench/memory.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rss_start = rss_mib()
+    model = load_demo_model(args.checkpoint, torch.bfloat16)
+    rss_model = rss_mib()
+    start = time.perf_counter()
+    report = load_bundle(model, args.bundle, weight_storage=args.weight_storage)
+    load_s = time.perf_counter() - start
+    rss_loaded = rss_mib()
+    per: dict[str, dict[str, float]] = {}
+    for name in report.replaced:
+        layer = model.get_submodule(name)
+        comp = per.setdefault(component_of(name), {"layers": 0, "bf16_MiB": 0.0, "held_MiB": 0.0})
+        comp["layers"] += 1
+        comp["bf16_MiB"] += 2 * layer.in_features * layer.out_features / 2**20
+        comp["held_MiB"] += layer.buffer_bytes() / 2**20
+    result = {
+        "checkpoint": args.checkpoint,
+        "bundle": args.bundle,
+        "weight_storage": args.weight_storage,
+        "load_seconds": load_s,
+        "rss_model_MiB": rss_model - rss_start,
+        "rss_after_load_MiB": rss_loaded - rss_start,
+        "rss_saved_MiB": rss_model - rss_loaded,
+        "replaced_bf16_MiB": report.bytes_before / 2**20,
+        "replaced_held_MiB": report.bytes_after / 2**20,
+        "components": per,
+    }
+    print(f"{Path(args.bundle).name} on {args.checkpoint} (bf16 model, {args.weight_storage} storage)")
+    print(f"{'component':<10}{'layers':>8}{'bf16 MiB':>12}{'held MiB':>12}{'ratio':>8}")
+    for comp, c in sorted(per.items()):
+        ratio = c["held_MiB"] / c["bf16_MiB"]
+        print(f"{comp:<10}{c['layers']:>8}{c['bf16_MiB']:>12.1f}{c['held_MiB']:>12.1f}{ratio:>8.3f}")
+    print(
+        f"RSS of the model: {result['rss_model_MiB']:.0f} MiB -> {result['rss_after_load_MiB']:.0f} MiB after "
+        f"load_bundle (saved {result['rss_saved_MiB']:.0f} MiB; the replaced weights were "
+        f"{result['replaced_bf16_MiB']:.0f} MiB, their int4 buffers {result['replaced_held_MiB']:.0f} MiB); "
+        f"load_bundle took {load_s:.2f} s"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
