@@ -71,6 +71,20 @@ def _scope_prefixes(names: list[str]) -> Counter[str]:
     return counts
 
 
+def _scope_hint(cfg: DuQuantConfig, scope: str, modules: list[str]) -> str:
+    """'scope' (N layers this config would select there, e.g. one of them)."""
+    include, exclude = re.compile(cfg.select.include), re.compile(cfg.select.exclude) if cfg.select.exclude else None
+    inside = [m for m in modules if m.startswith(scope)]
+    chosen = [
+        m
+        for m in inside
+        if include.search(m) and not (exclude and exclude.search(m)) and not NEVER_UNLESS_LISTED.search(m)
+    ]
+    if chosen:
+        return f"{scope!r} ({len(chosen)} layers this config would select, e.g. {chosen[0]})"
+    return f"{scope!r} ({len(inside)} Linear layers, none matching include/exclude)"
+
+
 def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
     s = cfg.select
     in_scope = [m for m in modules if m.startswith(s.scope)]
@@ -81,9 +95,7 @@ def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
         near = difflib.get_close_matches(s.scope, list(prefixes), n=3, cutoff=0.5)
         if not near:
             near = [p for p, _ in prefixes.most_common(3)]
-        hints = "; ".join(
-            f"{p!r} ({prefixes[p]} Linear layers, e.g. {next(m for m in modules if m.startswith(p))})" for p in near
-        )
+        hints = "; ".join(_scope_hint(cfg, p, modules) for p in near)
         return (
             f"config {cfg.name!r} selects 0 layers: no Linear layer name starts with scope {s.scope!r}. "
             f"Nearest scopes in this checkpoint: {hints}"
