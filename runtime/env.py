@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .config import DuQuantConfig, resolve
@@ -107,7 +108,21 @@ def config_from_env(base: str | DuQuantConfig | None = None, environ: Mapping[st
     return apply_env(resolve(chosen), env)
 
 
-def bundle_location_from_env(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
-    """(``OPENPI_DUQUANT_BUNDLE``, ``OPENPI_DUQUANT_PACKDIR``), either may be None."""
+@dataclass(frozen=True)
+class EnvRequest:
+    """What the environment asks the runtime to load."""
+
+    bundle: str | None  # OPENPI_DUQUANT_BUNDLE
+    packdir: str | None  # OPENPI_DUQUANT_PACKDIR
+    act_scales: str | None  # OPENPI_DUQUANT_ACT_SCALES
+    config_given: bool  # OPENPI_DUQUANT_CONFIG or any field override is set
+
+
+def request_from_env(environ: Mapping[str, str] | None = None) -> EnvRequest:
     env = os.environ if environ is None else environ
-    return env.get(PREFIX + "BUNDLE") or None, env.get(PREFIX + "PACKDIR") or None
+    return EnvRequest(
+        bundle=env.get(PREFIX + "BUNDLE") or None,
+        packdir=env.get(PREFIX + "PACKDIR") or None,
+        act_scales=env.get(PREFIX + "ACT_SCALES") or None,
+        config_given=PREFIX + "CONFIG" in env or any(PREFIX + suffix in env for suffix in _FIELDS),
+    )

@@ -18,7 +18,7 @@ from torch import nn
 from .bundle import BundleHeader, BundleReader, LayerPack
 from .checks import config_problems, expected_layers
 from .config import DuQuantConfig, from_dict, resolve
-from .env import PREFIX, bundle_location_from_env, config_from_env, overrides_from_env
+from .env import PREFIX, config_from_env, request_from_env
 from .errors import (
     BundleError,
     CheckpointMismatchError,
@@ -290,18 +290,14 @@ def enable_from_env(model: nn.Module, environ: Mapping[str, str] | None = None, 
     the directory holds, when none does. ``OPENPI_DUQUANT_ACT_SCALES`` names an
     activation-scales file. Extra keyword arguments go to :func:`load_bundle`.
     """
-    import os
-
-    env = os.environ if environ is None else environ
-    bundle, packdir = bundle_location_from_env(env)
-    act_scales = env.get(PREFIX + "ACT_SCALES") or None
-    kwargs.setdefault("act_scales", act_scales)
-    if bundle:
-        configured = PREFIX + "CONFIG" in env or bool(overrides_from_env(env))
-        expected = config_from_env(environ=env) if configured else None
-        return load_bundle(model, bundle, expected, **kwargs)  # type: ignore[arg-type]
+    request = request_from_env(environ)
+    kwargs.setdefault("act_scales", request.act_scales)
+    if request.bundle:
+        expected = config_from_env(environ=environ) if request.config_given else None
+        return load_bundle(model, request.bundle, expected, **kwargs)  # type: ignore[arg-type]
+    packdir = request.packdir
     if packdir:
-        config = config_from_env(environ=env)
+        config = config_from_env(environ=environ)
         candidates = resolve_packdir(packdir, config)
         last: CheckpointMismatchError | None = None
         for path in candidates:  # same config, several checkpoints: the one matching the weights

@@ -26,12 +26,3 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if nibbles.shape[1] % 2:
         nibbles = np.pad(nibbles, ((0, 0), (0, 1)), constant_values=8)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-
-
-def unpack_codes_np(stored: np.ndarray, in_features: int) -> np.ndarray:
-    """NumPy twin of :func:`unpack_codes`, for checks and references outside torch."""
-    if stored.dtype == np.int8:
-        return stored
-    low = (stored & 0x0F).astype(np.int8) - 8
-    high = (stored >> 4).astype(np.int8) - 8
-    return np.stack((low, high), axis=-1).reshape(stored.shape[0], -1)[:, :in_features]

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +50,29 @@ def demo_bundles(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return {
         name: build_bundle(resolve(name), demo_ckpt, out, jobs=2).path for name in ("llm_w4a8", "dit_w4a8", "full_w4a8")
     }
+
+
+def start_build_and_wait_for_temp(config: str, ckpt: Path, out: Path, jobs: int) -> subprocess.Popen:
+    """Start `duquant-packs build` in its own process group; return once it writes its temp file."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "duquant_pipeline.cli",
+        "build",
+        "-c",
+        config,
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--jobs",
+        str(jobs),
+        "-q",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / config).glob(".*.tmp")):
+        time.sleep(0.05)
+    assert list((out / config).glob(".*.tmp")), "the build never started writing"
+    time.sleep(0.3)
+    return proc

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -14,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import outlier_weight, write_checkpoint
+from conftest import outlier_weight, start_build_and_wait_for_temp, write_checkpoint
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.cli import main
 from duquant_runtime.bundle import BundleReader
@@ -177,28 +174,8 @@ def test_cli_build_prints_path_last_and_verifies(tiny_ckpt, tmp_path):
 
 def test_sigkill_mid_build_leaves_no_bundle(demo_ckpt, tmp_path):
     """SIGKILL during a build: no bundle appears; the next build cleans up and succeeds."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "duquant_pipeline.cli",
-        "build",
-        "-c",
-        "full_w4a8",
-        "--ckpt",
-        str(demo_ckpt),
-        "--out",
-        str(tmp_path),
-        "--jobs",
-        "1",
-        "-q",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_build_and_wait_for_temp("full_w4a8", demo_ckpt, tmp_path, jobs=1)
     target = tmp_path / "full_w4a8"
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(target.glob(".*.tmp")):
-        time.sleep(0.05)
-    assert list(target.glob(".*.tmp")), "the build never started writing"
-    time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list(target.glob("*.h5")), "a killed build must not leave a bundle"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import outlier_weight, write_checkpoint
+from conftest import outlier_weight, start_build_and_wait_for_temp, write_checkpoint
 from duquant_pipeline.checkpoint import Checkpoint
 from duquant_pipeline.cli import main
 from duquant_runtime import (
@@ -341,33 +341,8 @@ def test_two_concurrent_builds_end_with_one_valid_bundle(demo_ckpt, tmp_path):
 
 
 def test_ctrl_c_stops_workers_and_cleans_up(demo_ckpt, tmp_path):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "duquant_pipeline.cli",
-            "build",
-            "-c",
-            "full_w4a8",
-            "--ckpt",
-            str(demo_ckpt),
-            "--out",
-            str(tmp_path),
-            "--jobs",
-            "2",
-            "-q",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_build_and_wait_for_temp("full_w4a8", demo_ckpt, tmp_path, jobs=2)
     target = tmp_path / "full_w4a8"
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(target.glob(".*.tmp")):
-        time.sleep(0.05)
-    assert list(target.glob(".*.tmp")), "the build never started writing"
-    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
