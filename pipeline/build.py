@@ -22,7 +22,7 @@ import numpy as np
 from duquant_runtime import __version__
 from duquant_runtime.bundle import LayerPack, write_header, write_layer
 from duquant_runtime.config import DuQuantConfig, TransformConfig
-from duquant_runtime.errors import BundleError
+from duquant_runtime.errors import BundleError, DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN, digest, fingerprint_document
 from duquant_runtime.packing import pack_codes, storage_for_bits
 
@@ -31,7 +31,9 @@ from .checkpoint import Checkpoint, CheckpointError
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import verify_bundle
 
-BACKENDS = ("loky", "multiprocessing", "threading", "sequential", "dask")
+# loky: processes (default); threading: one process; dask: a dask.distributed cluster.
+# (joblib's "multiprocessing" backend cannot stream results as they finish.)
+BACKENDS = ("loky", "threading", "sequential", "dask")
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,19 @@ def pack_layer(
     )
 
 
-def _pack_job(ckpt_path: str, layer: SelectedLayer, transform: TransformConfig) -> LayerPack:
+def _pack_job(
+    ckpt_path: str, layer: SelectedLayer, transform: TransformConfig, threads: int | None = None
+) -> LayerPack:
     """Runs in a worker: open the checkpoint here, so only names cross the process boundary.
 
     Worker BLAS threads are capped at one by ``inner_max_num_threads`` (loky sets the
     OMP/OpenBLAS variables before the worker imports numpy): 2 workers x 2 threads would
-    oversubscribe 2 cores.
+    oversubscribe 2 cores. Other multi-worker backends pass ``threads=1`` for torch.
     """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     ckpt = Checkpoint.open(ckpt_path)
     weight = ckpt.read(layer.weight)
     if not np.isfinite(weight).all():
@@ -106,12 +114,21 @@ def _run_jobs(
     from joblib import Parallel, delayed, parallel_config
 
     if backend == "dask":
-        import distributed  # noqa: F401  (registers joblib's dask backend)
-    with parallel_config(backend=backend, n_jobs=jobs, inner_max_num_threads=1 if backend != "dask" else None):
-        if backend in ("loky", "multiprocessing"):
+        try:
+            import distributed  # noqa: F401  (registers joblib's dask backend)
+        except ImportError:
+            raise DuQuantError(
+                "--backend dask needs dask.distributed: pip install 'duquant-packs[dask]' and start "
+                "a dask.distributed Client (or use the default loky backend)"
+            ) from None
+    # Only loky accepts a per-worker thread cap; the others get torch pinned in the job.
+    cap = {"inner_max_num_threads": 1} if backend == "loky" else {}
+    threads = None if backend == "loky" else 1
+    with parallel_config(backend=backend, n_jobs=jobs, **cap):
+        if backend == "loky":
             _spawn_workers_deaf_to_ctrl_c(jobs)
         runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
-        yield from runner(delayed(_pack_job)(str(ckpt.path), layer, transform) for layer in order)
+        yield from runner(delayed(_pack_job)(str(ckpt.path), layer, transform, threads) for layer in order)
 
 
 def _worker_pid() -> int:

@@ -119,7 +119,7 @@ def main() -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["loky", "multiprocessing", "threading", "sequential", "dask"]),
+    type=click.Choice(["loky", "threading", "sequential", "dask"]),
     default="loky",
     show_default=True,
     help="joblib backend; 'dask' uses an active dask.distributed Client.",

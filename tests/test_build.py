@@ -149,6 +149,19 @@ def test_env_override_changes_fingerprint(tiny_ckpt, tmp_path, monkeypatch):
         assert r.header.config["transform"]["block_size"] == 32
 
 
+@pytest.mark.parametrize("backend", ["threading", "sequential"])
+def test_backends_build_identical_packs(tiny_ckpt, tmp_path, backend):
+    path, _ = tiny_ckpt
+    loky = build_bundle(tiny_config(), path, tmp_path / "loky", jobs=2)
+    other = build_bundle(tiny_config(), path, tmp_path / backend, jobs=2, backend=backend)
+    assert other.fingerprint == loky.fingerprint
+    with BundleReader(loky.path) as a, BundleReader(other.path) as b:
+        for name in a.header.layer_names:
+            pa, pb = a.read_layer(name), b.read_layer(name)
+            for key, value in pa.arrays().items():
+                np.testing.assert_array_equal(value, pb.arrays()[key])
+
+
 def test_second_build_is_a_noop(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     first = build_bundle(tiny_config(), path, tmp_path, jobs=2)
