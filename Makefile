@@ -54,6 +54,23 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Benchmarks print tables and write artifacts/bench/*.json; ratios are measured side by side.
+bench: $(STAMP)
+	@set -euo pipefail; \
+	ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); \
+	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint "$$ckpt" --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/component_error.py --config full_w4a8 --checkpoint $(DEMO_DIR) --out $(OUT); \
+	$(BIN)/python bench/load.py --checkpoint $(DEMO_DIR) --bundle "$$bundle"; \
+	$(BIN)/python bench/memory.py --checkpoint $(DEMO_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_demo.json; \
+	$(BIN)/python bench/forward.py --quick --repeats 3
+
+bench-full: full-checkpoint
+	@set -euo pipefail; \
+	bundle=$$($(BIN)/duquant-packs build --config llm_w4a8 --checkpoint $(FULL_DIR) --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/load.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --repeats 1 --out $(OUT)/bench/load_full.json; \
+	$(BIN)/python bench/memory.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_full.json; \
+	$(BIN)/python bench/forward.py --repeats 3 --out $(OUT)/bench/forward_full.json
+
 full-checkpoint: $(STAMP)
 	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)
 
