@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from duquant_runtime.config import TransformConfig
+from duquant_runtime.packing import qmax
 
 ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
 # Scale floor: an all-zero row gets this scale and all-zero codes, never a division by 0.
@@ -119,10 +120,6 @@ def svd_transform(w_np: np.ndarray, t: TransformConfig) -> Transform:
 
 
 METHODS = {"svd": svd_transform}
-
-
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
 
 
 def quantize_rows(w_t_np: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from torch import nn
 from .bundle import crc32
 from .errors import ActScalesError, DuQuantError
 from .layer import DuQuantLinear
+from .packing import qmax
 
 SCALES_FORMAT = "duquant-packs-act-scales"
 SCALES_VERSION = 1
@@ -87,8 +88,7 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
                 "run inputs that reach every quantized layer"
             )
         for name, layer in layers.items():
-            qmax = 2 ** (layer.act_bits - 1) - 1
-            layer.set_act_scale(observers[name].result() / qmax)  # type: ignore[operator]
+            layer.set_act_scale(observers[name].result() / qmax(layer.act_bits))  # type: ignore[operator]
     finally:
         for name, layer in layers.items():
             observers[name].handle.remove()

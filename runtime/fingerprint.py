@@ -55,11 +55,6 @@ def digest(document: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(document).encode()).hexdigest()
 
 
-def config_digest(config: DuQuantConfig) -> str:
-    """The config part alone: what ``expect_config`` and PACKDIR resolution compare."""
-    return digest({"config": config.fingerprint_fields()})
-
-
 def diff(bundle: Any, expected: Any, path: str = "") -> list[str]:
     """Field-by-field differences between two JSON-like values, as readable lines."""
     if isinstance(bundle, Mapping) and isinstance(expected, Mapping):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .bundle import LayerPack
 from .errors import NotCalibratedError
+from .packing import qmax
 
 WEIGHT_STORAGES = ("int4", "dequant")
 ACT_EPS = 1e-8
@@ -50,7 +51,7 @@ def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric fake quantization with a straight-through gradient (identity backward)."""
-    q = 2 ** (bits - 1) - 1
+    q = qmax(bits)
     xf = x.float()
     quantized = torch.clamp(torch.round(xf / scale), -q - 1, q) * scale
     return x + (quantized.to(x.dtype) - x).detach()
@@ -182,7 +183,6 @@ class DuQuantLinear(nn.Module):
     def quantize_activations(self, x_t: torch.Tensor) -> torch.Tensor:
         if self.act_bits <= 0:
             return x_t
-        qmax = 2 ** (self.act_bits - 1) - 1
         if self.act_scale is not None and not self.calibrating:
             if not self.act_calibrated:
                 raise NotCalibratedError(
@@ -191,7 +191,7 @@ class DuQuantLinear(nn.Module):
                 )
             return fake_quant(x_t, self.act_scale, self.act_bits)
         # per-token dynamic (also used while calibrating, so later layers see quantized inputs)
-        scale = (x_t.detach().float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(ACT_EPS)
+        scale = (x_t.detach().float().abs().amax(dim=-1, keepdim=True) / qmax(self.act_bits)).clamp_min(ACT_EPS)
         return fake_quant(x_t, scale, self.act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ INT4 = "int4x2"
 INT8 = "int8"
 
 
+def qmax(bits: int) -> int:
+    """Largest code of a signed symmetric ``bits``-bit grid; codes clamp to [-qmax-1, qmax]."""
+    return 2 ** (bits - 1) - 1
+
+
 def storage_for_bits(bits: int) -> str:
     return INT4 if bits <= 4 else INT8
 
