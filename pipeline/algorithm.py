@@ -1,10 +1,16 @@
-"""The pack algorithm: DESIGN.md §5, the seed-compatible "svd" method.
+"""The pack transforms: DESIGN.md §5's seed-compatible "svd" method, "hadamard" and "duquant".
 
-All math runs in float64 (torch for the batched products, NumPy for the small
-eigendecompositions). Only B x B factors are ever formed: the left singular
-vectors of a block M (B x K) are the eigenvectors of its B x B Gram matrix M Mᵀ, so
-no K x K right-singular matrix is materialized (the seed's full SVD built up to
-16384² per block, which is where its minutes went).
+A transform is x -> x[perm] · blockdiag(r_in) [· perm2 · blockdiag(r_in2)], and for svd
+optionally y -> blockdiag(r_out) · y on the output rows. All math runs in float64.
+
+svd: only B x B factors are ever formed: the left singular vectors of a block M (B x K)
+are the eigenvectors of its B x B Gram matrix M Mᵀ, so no K x K right-singular matrix is
+materialized (the seed's full SVD built up to 16384² per block, which is where its minutes
+went).
+
+Calibration statistics (optional) make the transforms activation-aware: SmoothQuant
+smoothing x/s, W·s (folded into r_in's rows, so r_in is then not orthogonal), and
+activation rows as peaks for the duquant greedy rotation.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from duquant_runtime.config import TransformConfig
-from duquant_runtime.packing import qmax
+from duquant_runtime.stats import LayerStats
 
-ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
-# Scale floor: an all-zero row gets this scale and all-zero codes, never a division by 0.
-SCALE_FLOOR = 1e-10
-ROW_CHUNK = 1024  # rows per step of the scale search: bounds temporaries to ~5 x chunk x in
+from .rotations import balanced_zigzag, greedy_rotation, hadamard_blocks
+from .weightquant import quantize_weight
+
+PEAK_ROWS = 1024  # weight rows (evenly spaced) the greedy rotation looks at: bounds its cost
 
 
 @dataclass
@@ -30,6 +36,19 @@ class Transform:
     r_in: np.ndarray  # float64 [n_blocks, B, B], last block identity-padded
     r_out: np.ndarray | None  # float64 [n_out_blocks, Bo, Bo]
     w_t: np.ndarray  # float64 [out, in]
+    perm2: np.ndarray | None = None  # int64 [in], duquant's zigzag between its two rotations
+    r_in2: np.ndarray | None = None  # float64 [n_blocks, B, B]
+
+    def apply_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] (float64) in the transformed basis, exactly as the runtime computes it."""
+        if self.perm is not None:
+            x = x.index_select(1, torch.from_numpy(self.perm))
+        x = rotate_column_blocks(x, self.r_in)
+        if self.perm2 is not None:
+            x = x.index_select(1, torch.from_numpy(self.perm2))
+        if self.r_in2 is not None:
+            x = rotate_column_blocks(x, self.r_in2)
+        return x
 
 
 def smoothed_energy(w: torch.Tensor, lam: float) -> torch.Tensor:
@@ -100,8 +119,8 @@ def rotate_column_blocks(w: torch.Tensor, blocks: np.ndarray) -> torch.Tensor:
     return torch.bmm(wb, torch.from_numpy(blocks)).transpose(0, 1).reshape(k, nb * b)[:, :n]
 
 
-def svd_transform(w_np: np.ndarray, t: TransformConfig) -> Transform:
-    """Steps 1-5 of §5 for a weight ``w`` [out, in] (float64)."""
+def svd_transform(w_np: np.ndarray, t: TransformConfig, stats: LayerStats | None = None) -> Transform:
+    """Steps 1-5 of §5 for a weight ``w`` [out, in] (float64). Weight-only: ``stats`` unused."""
     w = torch.from_numpy(np.ascontiguousarray(w_np, dtype=np.float64))
     perm = zigzag_permutation(w, t.lambda_smooth) if t.permute else None
     w_p = w.index_select(1, torch.from_numpy(perm)) if perm is not None else w
@@ -119,31 +138,88 @@ def svd_transform(w_np: np.ndarray, t: TransformConfig) -> Transform:
     return Transform(perm, r_in, r_out, np.ascontiguousarray(w_t.numpy()))
 
 
-METHODS = {"svd": svd_transform}
+def hadamard_transform(w_np: np.ndarray, t: TransformConfig, stats: LayerStats | None = None) -> Transform:
+    """Block Hadamard (optionally with seeded random signs); the seed's zigzag first if permute."""
+    w = torch.from_numpy(np.ascontiguousarray(w_np, dtype=np.float64))
+    perm = zigzag_permutation(w, t.lambda_smooth) if t.permute else None
+    w_p = w.index_select(1, torch.from_numpy(perm)) if perm is not None else w
+    r_in = hadamard_blocks(w.shape[1], t.block_size, signs=t.hadamard_signs, seed=t.seed)
+    return Transform(perm, r_in, None, np.ascontiguousarray(rotate_column_blocks(w_p, r_in).numpy()))
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit RMS: per-row (per-token) quantization cares about max / RMS."""
+    rms = x.square().mean(dim=1, keepdim=True).sqrt()
+    return x / torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def peak_rows(w: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    """The rows whose block maxima the greedy rotation flattens: evenly spaced weight rows,
+    plus the calibration sample's activation rows when given, each at unit RMS."""
+    step = max(1, w.shape[0] // PEAK_ROWS)
+    rows = [_unit_rows(w[::step])]
+    if stats is not None and stats.sample.shape[0]:
+        rows.append(_unit_rows(torch.from_numpy(stats.sample).double()))
+    return torch.cat(rows)
+
+
+def duquant_transform(w_np: np.ndarray, t: TransformConfig, stats: LayerStats | None = None) -> Transform:
+    """DuQuant: greedy rotation, zigzag permutation balancing block maxima, greedy rotation."""
+    w = torch.from_numpy(np.ascontiguousarray(w_np, dtype=np.float64))
+    peaks = peak_rows(w, stats)
+    r1 = greedy_rotation(peaks, t.block_size, t.max_rotation_step, t.seed)
+    rotated = rotate_column_blocks(peaks, r1)
+    perm2 = None
+    if t.permute:
+        perm2 = balanced_zigzag(rotated.abs().amax(dim=0).numpy(), t.block_size)
+        rotated = rotated.index_select(1, torch.from_numpy(perm2))
+    r2 = greedy_rotation(rotated, t.block_size, t.max_rotation_step, t.seed + 1)
+    tr = Transform(None, r1, None, np.empty(0), perm2=perm2, r_in2=r2)
+    tr.w_t = np.ascontiguousarray(tr.apply_input(w).numpy())
+    return tr
+
+
+METHODS = {"svd": svd_transform, "hadamard": hadamard_transform, "duquant": duquant_transform}
+
+
+def smoothing_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant: s_j = max|x_j|^α / max|W_:,j|^(1-α); x/s and W·s leave x·Wᵀ unchanged."""
+    a = np.maximum(act_absmax.astype(np.float64), 1e-5)
+    wmax = np.maximum(np.abs(w).max(axis=0), 1e-5)
+    s = a**alpha / wmax ** (1.0 - alpha)
+    return np.clip(s / np.exp(np.mean(np.log(s))), 1e-4, 1e4)  # geometric mean 1: no scale drift
+
+
+def fold_smoothing(tr: Transform, s: np.ndarray) -> None:
+    """x/s before the first stage = scaling r_in's rows by 1/s (in permuted order)."""
+    inv = 1.0 / (s if tr.perm is None else s[tr.perm])
+    nb, b, _ = tr.r_in.shape
+    padded = np.ones(nb * b)
+    padded[: inv.shape[0]] = inv
+    tr.r_in = tr.r_in * padded.reshape(nb, b, 1)
+
+
+def compute_transform(w: np.ndarray, t: TransformConfig, stats: LayerStats | None = None) -> Transform:
+    """The layer's transform and its weight in the transformed basis (float64)."""
+    s = None
+    if t.smooth_alpha > 0:
+        if stats is None:
+            raise ValueError("transform.smooth_alpha needs calibration statistics (--calib)")
+        s = smoothing_factors(stats.absmax, w, t.smooth_alpha)
+        w = w * s[None, :]
+        stats = stats.scaled(1.0 / s)
+    tr = METHODS[t.method](w, t, stats)
+    if s is not None:
+        fold_smoothing(tr, s)
+    return tr
+
+
+def transformed_hessian(tr: Transform, hessian: np.ndarray) -> torch.Tensor:
+    """Tᵀ H T for the input transform T (smoothing included, since r_in carries it)."""
+    h = torch.from_numpy(np.asarray(hessian, dtype=np.float64))
+    return tr.apply_input(tr.apply_input(h).t().contiguous())
 
 
 def quantize_rows(w_t_np: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Step 6: per-row scale with the clip ratio alpha searched by least squared error.
-
-    The float32-rounded scale is the one searched, stored and used at runtime, so
-    codes and scale agree exactly. Ties keep the earlier alpha. Returns (codes int8,
-    scales float32).
-    """
-    q = qmax(bits)
-    w_t = torch.from_numpy(np.ascontiguousarray(w_t_np, dtype=np.float64))
-    codes = torch.empty(w_t.shape, dtype=torch.int8)
-    scales = torch.empty(w_t.shape[0], dtype=torch.float32)
-    for start in range(0, w_t.shape[0], ROW_CHUNK):
-        rows = w_t[start : start + ROW_CHUNK]
-        peak = rows.abs().amax(dim=1)
-        best_err = torch.full_like(peak, float("inf"))
-        best_s = torch.zeros_like(peak)
-        for alpha in ALPHAS:
-            s = (peak / q / alpha).clamp_min(SCALE_FLOOR).float().double()[:, None]
-            err = (rows / s).round_().clamp_(-q - 1, q).mul_(s).sub_(rows).square_().sum(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s[:, 0], best_s)
-        codes[start : start + ROW_CHUNK] = (rows / best_s[:, None]).round_().clamp_(-q - 1, q).to(torch.int8)
-        scales[start : start + ROW_CHUNK] = best_s.float()
-    return codes.numpy(), scales.numpy()
+    """Step 6 of §5, the seed's scale search: 5 clip ratios alpha, least squared error."""
+    return quantize_weight(torch.from_numpy(np.ascontiguousarray(w_t_np, dtype=np.float64)), bits)

@@ -19,21 +19,28 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from duquant_runtime import __version__
 from duquant_runtime.bundle import LayerPack, write_header, write_layer
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import BundleError, DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN, digest, fingerprint_document
 from duquant_runtime.packing import pack_codes, storage_for_bits
+from duquant_runtime.stats import LayerStats, StatsError, StatsReader, signature_matches
 
-from .algorithm import METHODS, quantize_rows
+from .algorithm import compute_transform, transformed_hessian
 from .checkpoint import Checkpoint, CheckpointError
+from .quality import simulate, sqnr_db, static_scales, weight_sqnr_db
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import verify_bundle
+from .weightquant import quantize_weight
 
 # loky: processes (default); threading: one process; dask: a dask.distributed cluster.
 # (joblib's "multiprocessing" backend cannot stream results as they finish.)
 BACKENDS = ("loky", "threading", "sequential", "dask")
+# Statistics may be captured on a model holding a rounded copy (bf16/fp16) of the
+# checkpoint's weights; another checkpoint's weights differ far more than this.
+STATS_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -51,33 +58,82 @@ def bundle_path(out_dir: Path, config: DuQuantConfig, fingerprint: str) -> Path:
 
 
 def pack_layer(
-    weight: np.ndarray, bias: np.ndarray | None, layer: SelectedLayer, source_dtype: str, transform: TransformConfig
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    layer: SelectedLayer,
+    source_dtype: str,
+    config: DuQuantConfig | TransformConfig,
+    stats: LayerStats | None = None,
 ) -> LayerPack:
-    """One layer's pack from its float64 weight (DESIGN.md §5)."""
-    t = METHODS[transform.method](weight, transform)
-    codes, scales = quantize_rows(t.w_t, layer.bits)
+    """One layer's pack from its float64 weight: transform, weight quantization, static
+    activation scales (static act_mode with statistics) and the quality report."""
+    if isinstance(config, TransformConfig):  # transform-only callers: the seed's quantization
+        config = DuQuantConfig(name="layer", transform=config)
+    t, q = config.transform, config.quant
+    tr = compute_transform(weight, t, stats)
+    hessian = None if stats is None else transformed_hessian(tr, stats.hessian())
+    codes, scales = quantize_weight(
+        torch.from_numpy(tr.w_t), layer.bits, search=q.weight_search, hessian=hessian, gptq=q.gptq, damp=q.gptq_damp
+    )
+    act_scale = None
+    if stats is not None and q.act_mode == "per_channel_static" and q.act_bits > 0:
+        act_scale = static_scales(tr, stats.sample, q.act_bits, q.act_percentile)
+    report = {"weight_sqnr_db": weight_sqnr_db(tr.w_t, codes, scales)}
+    if stats is not None and stats.sample.shape[0]:
+        x = torch.from_numpy(stats.sample).double()
+        y = x @ torch.from_numpy(weight).t()
+        report["output_sqnr_db"] = sqnr_db(y, simulate(tr, codes, scales, x, q.act_bits, act_scale))
     return LayerPack(
         name=layer.name,
         in_features=layer.in_features,
         out_features=layer.out_features,
         weight_bits=layer.bits,
         storage=storage_for_bits(layer.bits),
-        block_size=transform.block_size,
-        block_out_size=transform.block_out_size,
-        perm=None if t.perm is None else t.perm.astype(np.int32),
-        r_in=t.r_in.astype(np.float32),
-        r_out=None if t.r_out is None else t.r_out.astype(np.float32),
+        block_size=t.block_size,
+        block_out_size=t.block_out_size,
+        perm=None if tr.perm is None else tr.perm.astype(np.int32),
+        r_in=tr.r_in.astype(np.float32),
+        r_out=None if tr.r_out is None else tr.r_out.astype(np.float32),
         qweight=pack_codes(codes, layer.bits),
         w_scale=scales,
         bias=None if bias is None else bias.astype(np.float32),
         source_dtype=source_dtype,
         source_sum=float(weight.sum()),
         source_sumsq=float(np.square(weight).sum()),
+        perm2=None if tr.perm2 is None else tr.perm2.astype(np.int32),
+        r_in2=None if tr.r_in2 is None else tr.r_in2.astype(np.float32),
+        act_scale=act_scale,
+        quality={k: round(v, 3) if np.isfinite(v) else 999.0 for k, v in report.items()},
     )
 
 
+def _layer_stats(stats_path: str, layer: SelectedLayer, weight: np.ndarray) -> LayerStats:
+    """The layer's statistics, refused when they were captured on other weights."""
+    reader = StatsReader(stats_path)
+    meta = reader.meta.get(layer.name)
+    if meta is None:
+        raise StatsError(f"{stats_path} has no statistics for {layer.name}; capture them with the same config")
+    if not signature_matches(
+        float(weight.sum()),
+        float(np.square(weight).sum()),
+        meta["weight_sum"],
+        meta["weight_sumsq"],
+        weight.size,
+        STATS_RTOL,
+    ):
+        raise StatsError(
+            f"{stats_path} was captured on another checkpoint: the weight of {layer.name} differs from the one "
+            "the statistics were recorded with; capture statistics on this checkpoint's model"
+        )
+    return reader.layer(layer.name)
+
+
 def _pack_job(
-    ckpt_path: str, layer: SelectedLayer, transform: TransformConfig, threads: int | None = None
+    ckpt_path: str,
+    layer: SelectedLayer,
+    config: DuQuantConfig,
+    stats_path: str | None = None,
+    threads: int | None = None,
 ) -> LayerPack:
     """Runs in a worker: open the checkpoint here, so only names cross the process boundary.
 
@@ -86,8 +142,6 @@ def _pack_job(
     oversubscribe 2 cores. Other multi-worker backends pass ``threads=1`` for torch.
     """
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     ckpt = Checkpoint.open(ckpt_path)
     weight = ckpt.read(layer.weight)
@@ -99,17 +153,23 @@ def _pack_job(
     bias = ckpt.read(layer.bias) if layer.bias else None
     if bias is not None and not np.isfinite(bias).all():
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
-    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, transform)
+    stats = None if stats_path is None else _layer_stats(stats_path, layer, weight)
+    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, config, stats)
 
 
 def _run_jobs(
-    ckpt: Checkpoint, layers: list[SelectedLayer], transform: TransformConfig, jobs: int, backend: str
+    ckpt: Checkpoint,
+    layers: list[SelectedLayer],
+    config: DuQuantConfig,
+    stats_path: str | None,
+    jobs: int,
+    backend: str,
 ) -> Iterator[LayerPack]:
     """Yield packs as workers finish them (unordered), largest layers first for balance."""
     order = sorted(layers, key=lambda la: -la.out_features * la.in_features)
     if backend == "sequential" or jobs == 1:
         for layer in order:
-            yield _pack_job(str(ckpt.path), layer, transform)
+            yield _pack_job(str(ckpt.path), layer, config, stats_path)
         return
     from joblib import Parallel, delayed, parallel_config
 
@@ -128,7 +188,7 @@ def _run_jobs(
         if backend == "loky":
             _spawn_workers_deaf_to_ctrl_c(jobs)
         runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
-        yield from runner(delayed(_pack_job)(str(ckpt.path), layer, transform, threads) for layer in order)
+        yield from runner(delayed(_pack_job)(str(ckpt.path), layer, config, stats_path, threads) for layer in order)
 
 
 def _worker_pid() -> int:
@@ -177,6 +237,37 @@ def _remove_stale_temps(directory: Path) -> None:
                 tmp.unlink()
 
 
+def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str | Path | None) -> str | None:
+    """Refuse, before any work, a config that needs statistics without them, or statistics
+    that do not cover the selection; returns the statistics digest for the fingerprint."""
+    needs = [
+        k
+        for k, on in (("quant.gptq", config.quant.gptq), ("transform.smooth_alpha", config.transform.smooth_alpha > 0))
+        if on
+    ]
+    if calib is None:
+        if needs:
+            raise StatsError(
+                f"config {config.name!r} sets {' and '.join(needs)}, which need calibration statistics: "
+                "pass --calib stats.h5 (record them with duquant_runtime.capture_stats)"
+            )
+        return None
+    reader = StatsReader(calib)
+    missing = [la.name for la in layers if la.name not in reader.meta]
+    if missing:
+        raise StatsError(
+            f"{calib} has no statistics for {len(missing)} of the {len(layers)} selected layers (e.g. {missing[0]}): "
+            "capture them with the same config on this checkpoint's model"
+        )
+    wrong = [la.name for la in layers if int(reader.meta[la.name]["in_features"]) != la.in_features]
+    if wrong:
+        raise StatsError(
+            f"{calib} was captured on another checkpoint: {wrong[0]} has in_features "
+            f"{reader.meta[wrong[0]]['in_features']} there"
+        )
+    return reader.digest
+
+
 def build_bundle(
     config: DuQuantConfig,
     checkpoint: str | Path,
@@ -186,10 +277,13 @@ def build_bundle(
     backend: str = "loky",
     force: bool = False,
     progress: Callable[[int, int, int, int], None] | None = None,
+    calib: str | Path | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle of ``config`` for ``checkpoint``; returns where it is.
 
-    ``progress(layers_done, layers_total, bytes_done, bytes_total)`` is called as layers finish.
+    ``calib`` is a statistics file from ``duquant_runtime.capture_stats``; its digest enters
+    the fingerprint. ``progress(layers_done, layers_total, bytes_done, bytes_total)`` is
+    called as layers finish.
     """
     start = time.perf_counter()
     jobs = jobs or os.cpu_count() or 1
@@ -197,8 +291,9 @@ def build_bundle(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     ckpt = Checkpoint.open(checkpoint)
     layers = select_layers(config, ckpt)
+    stats_digest = _check_calib(config, layers, calib)
     sources = source_tensors(ckpt, layers, jobs)
-    doc = fingerprint_document(config, sources)
+    doc = fingerprint_document(config, sources, stats_digest)
     fp = digest(doc)
     final = bundle_path(Path(out_dir), config, fp)
     total_bytes = sum(la.weight_bytes for la in layers)
@@ -221,7 +316,9 @@ def build_bundle(
             )
             done_bytes = 0
             by_name = {la.name: la for la in layers}
-            for done_layers, pack in enumerate(_run_jobs(ckpt, layers, config.transform, jobs, backend), 1):
+            for done_layers, pack in enumerate(
+                _run_jobs(ckpt, layers, config, None if calib is None else str(calib), jobs, backend), 1
+            ):
                 write_layer(f, pack)
                 done_bytes += by_name[pack.name].weight_bytes
                 if progress:

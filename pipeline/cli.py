@@ -125,11 +125,28 @@ def main() -> None:
     help="joblib backend; 'dask' uses an active dask.distributed Client.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when a verified bundle already exists.")
+@click.option(
+    "--calib",
+    default=None,
+    metavar="STATS.h5",
+    type=click.Path(dir_okay=False),
+    help="Calibration statistics from duquant_runtime.capture_stats: activation-aware rotations, "
+    "smoothing (transform.smooth_alpha), GPTQ (quant.gptq), static activation scales stored in the bundle "
+    "(quant.act_mode = per_channel_static) and each layer's estimated output SQNR. Enters the fingerprint.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @env_option
 @friendly
 def build(
-    config: str, checkpoint: str, out_dir: str, jobs: int | None, backend: str, force: bool, quiet: bool, use_env: bool
+    config: str,
+    checkpoint: str,
+    out_dir: str,
+    jobs: int | None,
+    backend: str,
+    force: bool,
+    calib: str | None,
+    quiet: bool,
+    use_env: bool,
 ) -> None:
     """Compute every selected layer's pack and write one bundle atomically.
 
@@ -160,7 +177,9 @@ def build(
         bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights", refresh=False)
 
     try:
-        result = build_bundle(cfg, checkpoint, out_dir, jobs=jobs, backend=backend, force=force, progress=progress)
+        result = build_bundle(
+            cfg, checkpoint, out_dir, jobs=jobs, backend=backend, force=force, progress=progress, calib=calib
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -234,14 +253,28 @@ def component_of(layer: str) -> str:
 @main.command()
 @click.argument("bundle", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--quality",
+    "worst",
+    type=int,
+    default=None,
+    is_flag=False,
+    flag_value=10,
+    metavar="[N]",
+    help="List the N (default 10) worst layers by SQNR recorded at build (output SQNR when built with --calib, "
+    "else weight SQNR): candidates for quant.per_layer_weight_bits or exclusion.",
+)
 @friendly
-def inspect(bundle: str, as_json: bool) -> None:
+def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
     """Config, fingerprint, layers, bytes per component (bf16 weights vs bundle) and provenance."""
+    quality: dict[str, dict[str, float]] = {}
     with BundleReader(bundle) as reader:
         h = reader.header
         per: dict[str, dict[str, int]] = {}
         for name in h.layer_names:
             pack = reader.read_layer(name, check=False)
+            if pack.quality:
+                quality[name] = pack.quality
             comp = per.setdefault(component_of(name), {"layers": 0, "bf16_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1
             comp["bf16_bytes"] += 2 * pack.in_features * pack.out_features
@@ -258,7 +291,10 @@ def inspect(bundle: str, as_json: bool) -> None:
         "components": per,
         "config": h.config,
         "provenance": h.provenance,
+        "calib": h.fingerprint_doc.get("calib"),
     }
+    if worst is not None:
+        info["quality"] = _worst_layers(quality, worst)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -272,8 +308,11 @@ def inspect(bundle: str, as_json: bool) -> None:
     q = h.config["quant"]
     click.echo(
         f"method       {t['method']}  block {t['block_size']}/{t['block_out_size']}  permute {t['permute']}  "
-        f"row_rot {t['row_rot']}  w{q['weight_bits']}a{q['act_bits']} ({q['act_mode']})"
+        f"row_rot {t['row_rot']}  w{q['weight_bits']}a{q['act_bits']} ({q['act_mode']})  "
+        f"weights {q.get('weight_search', 'alpha')}{' + gptq' if q.get('gptq') else ''}"
     )
+    if info["calib"]:
+        click.echo(f"calibration  statistics {str(info['calib'])[:12]}")
     click.echo(f"scope        {h.config['select']['scope']!r}")
     click.echo("component    layers   bf16 weights   bundle     ratio")
     for comp, c in sorted(per.items()):
@@ -282,6 +321,27 @@ def inspect(bundle: str, as_json: bool) -> None:
             f"{comp:<12} {c['layers']:>6}   {_human(c['bf16_bytes']):>12}   {_human(c['bundle_bytes']):>9}"
             f"   {ratio:.3f}x"
         )
+    if worst is not None:
+        _print_quality(info["quality"], len(quality))
+
+
+def _worst_layers(quality: dict[str, dict[str, float]], n: int) -> list[dict[str, Any]]:
+    key = "output_sqnr_db" if any("output_sqnr_db" in q for q in quality.values()) else "weight_sqnr_db"
+    rows = [{"layer": name, **q} for name, q in quality.items() if key in q]
+    return sorted(rows, key=lambda r: r[key])[: max(0, n)]
+
+
+def _print_quality(rows: list[dict[str, Any]], recorded: int) -> None:
+    if not rows:
+        click.echo("quality      not recorded (bundle built before quality reports existed): rebuild to get them")
+        return
+    has_out = "output_sqnr_db" in rows[0]
+    click.echo(f"worst {len(rows)} of {recorded} layers by {'output' if has_out else 'weight'} SQNR (dB):")
+    click.echo(f"  {'weight':>7} {'output':>7}  layer")
+    for r in rows:
+        out = f"{r['output_sqnr_db']:7.2f}" if has_out else f"{'-':>7}"
+        click.echo(f"  {r['weight_sqnr_db']:7.2f} {out}  {r['layer']}")
+    click.echo('  raise their bits with [quant] per_layer_weight_bits = { "<layer>" = 8 }, or exclude them')
 
 
 @main.command()

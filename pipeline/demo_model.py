@@ -203,12 +203,17 @@ def component_inputs(
     dtype: torch.dtype = torch.float32,
     tokens: tuple[int, int, int] = (256, 200, 50),
 ) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Deterministic inputs per component, with a few heavy activation channels (as in pi0.5)."""
+    """Deterministic inputs per component, with a few heavy activation channels (as in pi0.5).
+
+    The heavy channels depend on the width only, not on ``seed``: like a real model's
+    outlier channels they are the same in every batch, so statistics captured on some
+    seeds describe the others.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def acts(t: int, width: int) -> torch.Tensor:
         x = torch.randn(batch, t, width, generator=g)
-        heavy = torch.randperm(width, generator=g)[: max(1, width // 50)]
+        heavy = torch.randperm(width, generator=torch.Generator().manual_seed(width))[: max(1, width // 50)]
         x[..., heavy] *= 10.0
         return x.to(dtype)
 

@@ -16,13 +16,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from duquant_runtime.config import DuQuantConfig
+from duquant_runtime.config import NEVER_UNLESS_LISTED, DuQuantConfig, matches
 from duquant_runtime.errors import ConfigError
 from duquant_runtime.fingerprint import SourceTensor
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint
-
-NEVER_UNLESS_LISTED = re.compile(r"(?:^|\.)action_out_proj$")
 
 
 @dataclass(frozen=True)
@@ -121,15 +119,7 @@ def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
             )
         names = sorted(set(s.layers))
     else:
-        include, exclude = re.compile(s.include), re.compile(s.exclude) if s.exclude else None
-        names = sorted(
-            m
-            for m in modules
-            if m.startswith(s.scope)
-            and include.search(m)
-            and not (exclude and exclude.search(m))
-            and not NEVER_UNLESS_LISTED.search(m)
-        )
+        names = matches(s, modules)
     if not names:
         raise SelectionError(explain_empty(cfg, sorted(modules)))
     stray = [n for n, _ in q.per_layer_weight_bits if n not in names]

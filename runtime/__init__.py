@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "calibrate": "calibration",
     "save_act_scales": "calibration",
+    "capture_stats": "stats",
     "DuQuantConfig": "config",
     "DuQuantLinear": "layer",
     "LoadReport": "loader",
@@ -37,6 +38,7 @@ _EXPORTS = {
             "DuQuantError",
             "ModelMismatchError",
             "NotCalibratedError",
+            "StatsError",
         )
     },
 }

@@ -9,12 +9,17 @@ Layout (format_version 1)::
                                source_sum, source_sumsq (float64 signature of the weight),
                                crc32 {dataset: crc32 of its bytes}
         perm      int32  [in]               (absent when permute is off)
-        r_in      float32 [n_in_blocks, B, B]   (last block identity-padded)
+        r_in      float32 [n_in_blocks, B, B]   (last block identity-padded; rows carry
+                                             the smoothing 1/s when built with smooth_alpha)
+        perm2     int32  [in]               (duquant: zigzag between its two rotations)
+        r_in2     float32 [n_in_blocks, B, B]   (duquant: the second rotation)
         r_out     float32 [n_out_blocks, Bo, Bo] (absent when row_rot is off)
         qweight   uint8 [out, ceil(in/2)] (int4x2) or int8 [out, in]
         w_scale   float32 [out]
         bias      float32 [out]          (absent when the layer has none)
-    every dataset's crc32 is checked on read.
+        act_scale float32 [in]           (static activation scales, from build --calib)
+    every dataset's crc32 is checked on read. meta may also hold ``quality``
+    (weight_sqnr_db, and output_sqnr_db when built with calibration statistics).
 
 Every h5py failure is translated into :class:`BundleReadError`; nothing else escapes.
 """
@@ -38,7 +43,7 @@ from .packing import INT4, INT8
 
 FORMAT_NAME = "duquant-packs-bundle"
 LAYERS = "layers"
-DATASETS = ("perm", "r_in", "r_out", "qweight", "w_scale", "bias")
+DATASETS = ("perm", "r_in", "perm2", "r_in2", "r_out", "qweight", "w_scale", "bias", "act_scale")
 # Which tool release first wrote each format version (for "built by X" messages).
 FORMAT_WRITERS = {1: "0.1"}
 
@@ -63,6 +68,10 @@ class LayerPack:
     source_dtype: str
     source_sum: float
     source_sumsq: float
+    perm2: np.ndarray | None = None
+    r_in2: np.ndarray | None = None
+    act_scale: np.ndarray | None = None
+    quality: dict[str, float] | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in DATASETS if getattr(self, k) is not None}
@@ -133,6 +142,8 @@ def write_layer(f: h5py.File, pack: LayerPack) -> None:
         source_sumsq=float(pack.source_sumsq),
         crc32={k: crc32(a) for k, a in arrays.items()},
     )
+    if pack.quality:
+        meta["quality"] = pack.quality
     g.attrs["meta"] = json.dumps(meta, sort_keys=True)
     for key, array in arrays.items():
         g.create_dataset(key, data=np.ascontiguousarray(array))
@@ -195,13 +206,11 @@ class BundleReader:
             raise BundleReadError(
                 f"{self.path}: header attribute {key!r} is missing; the file is not a complete duquant bundle"
             )
-        value = self._f.attrs[key]
-        return value.decode() if isinstance(value, bytes) else value
+        return _read_attr(self._f, key)
 
     def _read_header(self) -> BundleHeader:
         with _translated(self.path, "the header"):
-            fmt = self._f.attrs.get("format")
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            fmt = _read_attr(self._f, "format") if "format" in self._f.attrs else None
             if fmt != FORMAT_NAME:
                 raise BundleReadError(
                     f"{self.path} is an HDF5 file but not a duquant bundle (format attribute {fmt!r})"
@@ -260,7 +269,7 @@ class BundleReader:
             g = self._f[LAYERS].get(name)
             if not isinstance(g, h5py.Group):
                 raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
-            meta = json.loads(_text(g.attrs["meta"]))
+            meta = json.loads(_text(_read_attr(g, "meta")))
             ints = {k: int(meta[k]) for k in INT_FIELDS}
             storage = str(meta["storage"])
             crcs = meta["crc32"]
@@ -300,11 +309,34 @@ class BundleReader:
                 source_dtype=str(meta["source_dtype"]),
                 source_sum=float(meta["source_sum"]),
                 source_sumsq=float(meta["source_sumsq"]),
+                quality=_quality(meta.get("quality")),
                 **ints,
                 **arrays,  # type: ignore[arg-type]
             )
         _check_pack_values(self.path, pack)
         return pack
+
+
+# No legitimate attribute comes near this; a damaged header can claim gigabytes, which
+# HDF5 would try to allocate and read before we could look at the value.
+MAX_ATTR_BYTES = 64 << 20
+
+
+def _read_attr(obj: h5py.Group, key: str) -> Any:
+    aid = h5py.h5a.open(obj.id, key.encode())
+    size = aid.get_storage_size()
+    if size > MAX_ATTR_BYTES or (aid.shape is not None and int(np.prod(aid.shape)) > MAX_ATTR_BYTES):
+        raise ValueError(f"attribute {key!r} claims {size} bytes")
+    value = obj.attrs[key]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _quality(value: Any) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, int | float) for v in value.values()):
+        raise ValueError("malformed quality report")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def _text(value: Any) -> str:
@@ -323,6 +355,9 @@ def _expected_datasets(meta: dict[str, int], storage: str) -> dict[str, tuple[tu
     return {
         "perm": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
         "r_in": ((-(-n_in // b), b, b), f32),
+        "perm2": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
+        "r_in2": ((-(-n_in // b), b, b), f32),
+        "act_scale": ((n_in,), f32),
         "r_out": ((-(-n_out // bo), bo, bo), f32),
         "qweight": (q_shape, (np.dtype(np.uint8) if storage == INT4 else np.dtype(np.int8),)),
         "w_scale": ((n_out,), f32),
@@ -332,11 +367,13 @@ def _expected_datasets(meta: dict[str, int], storage: str) -> dict[str, tuple[tu
 
 def _check_pack_values(path: Path, p: LayerPack) -> None:
     """Values that shapes cannot vouch for: a permutation must be one, numbers finite."""
-    if p.perm is not None and not np.array_equal(np.sort(p.perm), np.arange(p.in_features)):
-        raise BundleReadError(
-            f"{path}: layer {p.name!r} perm is not a permutation of the input channels", layer=p.name, field="perm"
-        )
-    for key in ("r_in", "r_out", "w_scale", "bias"):
+    for key in ("perm", "perm2"):
+        perm = getattr(p, key)
+        if perm is not None and not np.array_equal(np.sort(perm), np.arange(p.in_features)):
+            raise BundleReadError(
+                f"{path}: layer {p.name!r} {key} is not a permutation of the input channels", layer=p.name, field=key
+            )
+    for key in ("r_in", "r_in2", "r_out", "w_scale", "bias", "act_scale"):
         value = getattr(p, key)
         if value is not None and not np.isfinite(value).all():
             raise BundleReadError(f"{path}: layer {p.name!r} {key} holds NaN/Inf", layer=p.name, field=key)

@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from .errors import ConfigError
 
 ROW_ROT_MODES = ("0", "restore")
 ACT_MODES = ("per_token_dynamic", "per_channel_static")
-METHODS = ("svd",)
+METHODS = ("svd", "hadamard", "duquant")
+WEIGHT_SEARCHES = ("alpha", "mse")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class QuantConfig:
     act_mode: str = "per_token_dynamic"
     act_percentile: float = 99.9
     calib_steps: int = 32
+    # "alpha": the seed's 5 clip ratios; "mse": 20 clip ratios, activation-weighted with --calib
+    weight_search: str = "alpha"
+    gptq: bool = False  # GPTQ error compensation (needs --calib statistics)
+    gptq_damp: float = 0.01
     # Sorted (layer name, bits) pairs: a tuple keeps the dataclass hashable and canonical.
     per_layer_weight_bits: tuple[tuple[str, int], ...] = ()
 
@@ -56,6 +61,18 @@ class TransformConfig:
     row_rot: str = "restore"
     lambda_smooth: float = 0.15
     method: str = "svd"
+    hadamard_signs: bool = False  # hadamard: a seeded random +-1 diagonal before H
+    max_rotation_step: int = 16  # duquant: greedy steps per rotation
+    seed: int = 0  # hadamard signs and duquant's random inner rotations
+    smooth_alpha: float = 0.0  # SmoothQuant migration strength with --calib; 0 = off
+
+
+# Fields added after the first release: they enter the fingerprint only when set to a
+# non-default value, so bundles built before they existed keep their fingerprints.
+LATER_FIELDS = {
+    "quant": {"weight_search": "alpha", "gptq": False, "gptq_damp": 0.01},
+    "transform": {"hadamard_signs": False, "max_rotation_step": 16, "seed": 0, "smooth_alpha": 0.0},
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,10 @@ class DuQuantConfig:
         """Every field that changes the packs or the runtime numerics: all but the name."""
         d = self.to_dict()
         del d["name"]
+        for section, defaults in LATER_FIELDS.items():
+            for key, default in defaults.items():
+                if d[section][key] == default:
+                    del d[section][key]
         return d
 
     def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
@@ -130,6 +151,40 @@ def validate(cfg: DuQuantConfig) -> None:
     _check(t.row_rot in ROW_ROT_MODES, f"transform.row_rot must be '0' or 'restore', got {t.row_rot!r}")
     _check(0.0 <= t.lambda_smooth <= 1.0, f"transform.lambda_smooth must be in [0, 1], got {t.lambda_smooth}")
     _check(t.method in METHODS, f"transform.method must be one of {', '.join(METHODS)}, got {t.method!r}")
+    _check(
+        t.method != "hadamard" or t.block_size & (t.block_size - 1) == 0,
+        f"transform.block_size must be a power of two for method 'hadamard' (16, 32, 64, 128), got {t.block_size}",
+    )
+    _check(
+        0 <= t.max_rotation_step <= 4096,
+        f"transform.max_rotation_step must be in [0, 4096], got {t.max_rotation_step}",
+    )
+    _check(0.0 <= t.smooth_alpha <= 1.0, f"transform.smooth_alpha must be in [0, 1], got {t.smooth_alpha}")
+    _check(
+        q.weight_search in WEIGHT_SEARCHES,
+        f"quant.weight_search must be one of {', '.join(WEIGHT_SEARCHES)}, got {q.weight_search!r}",
+    )
+    _check(0.0 < q.gptq_damp <= 1.0, f"quant.gptq_damp must be in (0, 1], got {q.gptq_damp}")
+
+
+# The policy's last layer is quantized only when named in select.layers.
+NEVER_UNLESS_LISTED = re.compile(r"(?:^|\.)action_out_proj$")
+
+
+def matches(select: SelectConfig, names: Iterable[str]) -> list[str]:
+    """The names a selection picks, sorted: the whitelist if given, else scope/include/exclude."""
+    if select.layers:
+        wanted = set(select.layers)
+        return sorted(n for n in names if n in wanted)
+    include, exclude = re.compile(select.include), re.compile(select.exclude) if select.exclude else None
+    return sorted(
+        n
+        for n in names
+        if n.startswith(select.scope)
+        and include.search(n)
+        and not (exclude and exclude.search(n))
+        and not NEVER_UNLESS_LISTED.search(n)
+    )
 
 
 def _typed(section: str, key: str, value: Any, default: Any) -> Any:

@@ -46,3 +46,7 @@ class ActScalesError(BundleError):
 
 class NotCalibratedError(DuQuantError, RuntimeError):
     """A static-activation layer was run before its scales were calibrated or loaded."""
+
+
+class StatsError(DuQuantError, ValueError):
+    """A calibration statistics file is missing, damaged, or does not fit the checkpoint."""

@@ -16,7 +16,7 @@ from .config import DuQuantConfig
 
 FORMAT_VERSION = 1
 # Bump when the pack algorithm's numbers change for the same config and weights.
-ALGORITHM_VERSIONS = {"svd": 1}
+ALGORITHM_VERSIONS = {"svd": 1, "hadamard": 1, "duquant": 1}
 SHORT_LEN = 12
 
 

@@ -4,14 +4,17 @@ Forward (DESIGN.md §5), purely functional (no attribute assignment, no in-place
 of inputs), so it works under no_grad, autograd and ``torch.compile(fullgraph=True)``::
 
     x -> x[..., perm] -> blockwise x·R_in (one bmm over the stacked blocks)
+      [-> x[..., perm2] -> blockwise x·R_in2]   (duquant's second rotation)
       -> activation fake-quant -> linear with the dequantized transformed weight
       -> blockwise y·R_out (one bmm) -> + bias
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +83,8 @@ class DuQuantLinear(nn.Module):
         permute: bool,
         row_rot: bool,
         bias: bool,
+        second_stage: bool = False,
+        second_perm: bool = False,
         weight_storage: str = "int4",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -99,6 +104,10 @@ class DuQuantLinear(nn.Module):
         # int32 indices: half the bytes of int64, and index_select accepts them
         self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int32, device=device) if permute else None)
         self.register_buffer("r_in", torch.zeros(nb, block_size, block_size, **fkw))
+        self.register_buffer(
+            "perm2", torch.zeros(in_features, dtype=torch.int32, device=device) if second_perm else None
+        )
+        self.register_buffer("r_in2", torch.zeros(nb, block_size, block_size, **fkw) if second_stage else None)
         self.register_buffer("r_out", torch.zeros(nbo, block_out_size, block_out_size, **fkw) if row_rot else None)
         if weight_storage == "int4":
             cols = in_features if weight_bits > 4 else (in_features + 1) // 2
@@ -128,7 +137,11 @@ class DuQuantLinear(nn.Module):
         weight_storage: str = "int4",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        shared: dict[tuple[Any, ...], tuple[np.ndarray, torch.Tensor]] | None = None,
     ) -> DuQuantLinear:
+        """``shared`` (a dict kept across one load) makes layers whose rotation or
+        permutation arrays are identical (every hadamard layer of one width) hold one
+        tensor instead of a copy each."""
         layer = cls(
             pack.in_features,
             pack.out_features,
@@ -140,15 +153,32 @@ class DuQuantLinear(nn.Module):
             permute=pack.perm is not None,
             row_rot=pack.r_out is not None,
             bias=pack.bias is not None,
+            second_stage=pack.r_in2 is not None,
+            second_perm=pack.perm2 is not None,
             weight_storage=weight_storage,
             dtype=dtype,
             device="meta",
         )
         # Buffers are replaced (not copied into) so nothing is allocated twice.
         fdev = {"device": device}
+        cache = shared if shared is not None else {}
+
+        def tensor(array: np.ndarray, to: torch.dtype) -> torch.Tensor:
+            key = (array.shape, str(array.dtype), zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")), to)
+            hit = cache.get(key)
+            if hit is not None and np.array_equal(hit[0], array):
+                return hit[1]
+            out = torch.from_numpy(array).to(dtype=to, **fdev)
+            cache[key] = (array, out)
+            return out
+
         if pack.perm is not None:
-            layer.perm = torch.from_numpy(pack.perm.astype("int32")).to(**fdev)
-        layer.r_in = torch.from_numpy(pack.r_in).to(dtype=dtype, **fdev)
+            layer.perm = tensor(pack.perm.astype("int32"), torch.int32)
+        layer.r_in = tensor(pack.r_in, dtype)
+        if pack.perm2 is not None:
+            layer.perm2 = tensor(pack.perm2.astype("int32"), torch.int32)
+        if pack.r_in2 is not None:
+            layer.r_in2 = tensor(pack.r_in2, dtype)
         if pack.r_out is not None:
             layer.r_out = torch.from_numpy(pack.r_out).to(dtype=dtype, **fdev)
         qweight = torch.from_numpy(pack.qweight)
@@ -163,6 +193,8 @@ class DuQuantLinear(nn.Module):
             layer.bias = torch.from_numpy(pack.bias).to(dtype=dtype, **fdev)
         if layer.act_scale is not None:
             layer.act_scale = torch.ones(pack.in_features, dtype=torch.float32, **fdev)
+            if pack.act_scale is not None:  # built with --calib: no runtime calibration needed
+                layer.set_act_scale(torch.from_numpy(pack.act_scale))
         return layer
 
     # ------------------------------------------------------------ forward pieces
@@ -171,7 +203,12 @@ class DuQuantLinear(nn.Module):
         """x in the transformed basis: permute channels, then rotate each block."""
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        return block_rotate(x, self.r_in.to(x.dtype))
+        x = block_rotate(x, self.r_in.to(x.dtype))
+        if self.perm2 is not None:
+            x = x.index_select(-1, self.perm2)
+        if self.r_in2 is not None:
+            x = block_rotate(x, self.r_in2.to(x.dtype))
+        return x
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The transformed-basis weight [out, in] in ``dtype``."""
@@ -215,6 +252,12 @@ class DuQuantLinear(nn.Module):
         with torch.no_grad():
             dtype = self.r_in.dtype
             w = self.dequantized_weight(dtype)
+            # W_eff = W_t · Tᵀ for the input transform T = P·A1[·P2·A2] (A1 need not be
+            # orthogonal: it carries the smoothing), applied right to left.
+            if self.r_in2 is not None:
+                w = block_rotate(w, self.r_in2.transpose(1, 2))
+            if self.perm2 is not None:
+                w = torch.empty_like(w).index_copy_(1, self.perm2.long(), w)
             w = block_rotate(w, self.r_in.transpose(1, 2))  # W_t · blockdiag(R_in)ᵀ
             if self.perm is not None:
                 w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)  # undo the permutation
@@ -227,6 +270,7 @@ class DuQuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"w{self.weight_bits}a{self.act_bits} ({self.act_mode}), storage={self.weight_storage}, "
             f"block={self.r_in.shape[1]}, permute={self.perm is not None}, row_rot={self.r_out is not None}"
+            + (", two-stage" if self.r_in2 is not None else "")
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -245,4 +289,5 @@ class DuQuantLinear(nn.Module):
         self.act_calibrated = True
 
     def buffer_bytes(self) -> int:
+        """Bytes of this layer's buffers (a buffer shared with other layers counts in full)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())

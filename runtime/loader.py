@@ -115,6 +115,7 @@ def _prepare(
             field="presence",
         )
     prepared: dict[str, tuple[nn.Linear, DuQuantLinear]] = {}
+    shared: dict = {}
     for name in header.layer_names:
         target = prefix + name
         module = modules.get(target)
@@ -155,6 +156,7 @@ def _prepare(
             weight_storage=weight_storage,
             dtype=dtype or module.weight.dtype,
             device=device if device is not None else module.weight.device,
+            shared=shared,
         )
         layer.bundle_name = name
         layer.bundle_fingerprint = header.fingerprint
@@ -237,9 +239,14 @@ def load_bundle(
 
         apply_act_scales({t: layer for t, (_, layer) in prepared.items()}, act_scales, header.fingerprint)
     report = LoadReport(Path(path), header.fingerprint, header.name)
+    seen: set[tuple[int, int]] = set()
     for target, (old, layer) in prepared.items():
         report.bytes_before += _module_bytes(old)
-        report.bytes_after += layer.buffer_bytes()
+        for buf in layer.buffers():  # shared rotation buffers count once
+            key = (buf.untyped_storage().data_ptr(), buf.numel())
+            if key not in seen:
+                seen.add(key)
+                report.bytes_after += buf.numel() * buf.element_size()
         _swap(model, target, layer)
         report.replaced.append(target)
     report.seconds = time.perf_counter() - start

@@ -1,0 +1,152 @@
+"""Weight quantization of the transformed weight: per-row scales, then codes.
+
+Three steps, each optional beyond the first:
+
+* scale search: ``"alpha"`` is the seed's (5 clip ratios, weight MSE);
+  ``"mse"`` searches a finer grid of clip ratios and, given calibration statistics,
+  weights each input channel's error by its mean squared activation — the output error
+  of that row under the captured inputs, not the weight's own error;
+* codes: round-to-nearest, or GPTQ (``gptq=True``): columns are quantized in order and
+  each one's rounding error is pushed onto the not-yet-quantized columns through the
+  inverse of the input second-moment matrix H = XᵀX (in the transformed basis), so the
+  output error x·ΔWᵀ, not the weight error, is minimized. With H = I it is RTN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from duquant_runtime.packing import qmax
+
+SEED_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
+# "mse": clip ratios 1.0 .. 0.6 in steps of 0.1, then +-0.025 and +-0.05 around the best:
+# the same answer as a 0.025 grid on these unimodal curves at 9 passes instead of 17.
+MSE_COARSE = (1.0, 0.9, 0.8, 0.7, 0.6)
+MSE_REFINE = (-0.05, -0.025, 0.025, 0.05)
+# Scale floor: an all-zero row gets this scale and all-zero codes, never a division by 0.
+SCALE_FLOOR = 1e-10
+ROW_CHUNK = 256  # rows per step of a search: temporaries stay cache-sized
+
+
+def _row_error(rows: torch.Tensor, s: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
+    err = (rows / s[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows).square_()
+    return (err * cw if cw is not None else err).sum(dim=1)
+
+
+def _seed_alpha_scales(rows: torch.Tensor, q: int) -> torch.Tensor:
+    """The seed's search, bit for bit: float64, scale = peak / q / alpha rounded to float32."""
+    peak = rows.abs().amax(dim=1)
+    best_err = torch.full_like(peak, float("inf"))
+    best_s = torch.zeros_like(peak)
+    for alpha in SEED_ALPHAS:
+        s = (peak / q / alpha).clamp_min(SCALE_FLOOR).float().double()
+        err = _row_error(rows, s, q, None)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+    return best_s
+
+
+def _mse_scales(rows: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
+    """Clip ratio per row minimizing the (channel-weighted) squared error, in float32."""
+    rows = rows.float()
+    cw = None if cw is None else cw.float()
+    peak = rows.abs().amax(dim=1)
+    best_err = torch.full_like(peak, float("inf"))
+    best_clip = torch.ones_like(peak)
+
+    def consider(clip: torch.Tensor) -> None:
+        nonlocal best_err, best_clip
+        err = _row_error(rows, (peak * clip / q).clamp_min(SCALE_FLOOR), q, cw)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_clip = torch.where(better, clip, best_clip)
+
+    for clip in MSE_COARSE:
+        consider(torch.full_like(peak, clip))
+    center = best_clip.clone()
+    for delta in MSE_REFINE:
+        consider((center + delta).clamp(0.05, 1.0))
+    return (peak * best_clip / q).clamp_min(SCALE_FLOOR).double()
+
+
+def search_scales(
+    w_t: torch.Tensor, bits: int, search: str = "alpha", channel_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row scales (float32 values, float64 tensor) minimizing Σ_j c_j (w_j - s·round(w_j/s))²,
+    c = ``channel_weight`` (1 when None). Ties keep the earlier candidate. ``w_t`` float64 [out, in]."""
+    q = qmax(bits)
+    scales = torch.empty(w_t.shape[0], dtype=torch.float64)
+    cw = None if channel_weight is None else channel_weight.double()[None, :]
+    for start in range(0, w_t.shape[0], ROW_CHUNK):
+        rows = w_t[start : start + ROW_CHUNK]
+        if search == "alpha":
+            scales[start : start + ROW_CHUNK] = _seed_alpha_scales(rows, q)
+        else:
+            scales[start : start + ROW_CHUNK] = _mse_scales(rows, q, cw)
+    return scales.float().double()
+
+
+def rtn_codes(w_t: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    q = qmax(bits)
+    return (w_t / scales[:, None]).round().clamp(-q - 1, q).to(torch.int8)
+
+
+def gptq_codes(
+    w_t: torch.Tensor, scales: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float, group: int = 128
+) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2022) with fixed per-row scales. ``hessian`` [in, in] float64.
+
+    Columns with no signal (zero diagonal) are quantized plainly; ``damp`` adds that
+    fraction of the mean diagonal, which keeps the Cholesky factor well conditioned.
+    """
+    q = qmax(bits)
+    w = w_t.clone()
+    n = w.shape[1]
+    h = hessian.clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h += torch.eye(n, dtype=h.dtype) * (damp * torch.diagonal(h).mean())
+    # Upper Cholesky factor of H⁻¹: row i holds the update weights for columns > i.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    s = scales[:, None]
+    for i1 in range(0, n, group):
+        i2 = min(i1 + group, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i : i + 1]
+            c = (col / s).round().clamp(-q - 1, q)
+            codes[:, i1 + i] = c[:, 0].to(torch.int8)
+            err = (col - c * s) / hinv1[i, i]
+            w1[:, i:] -= err @ hinv1[i : i + 1, i:]
+            err1[:, i : i + 1] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
+
+
+def quantize_weight(
+    w_t: torch.Tensor,
+    bits: int,
+    *,
+    search: str = "alpha",
+    hessian: torch.Tensor | None = None,
+    gptq: bool = False,
+    damp: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int8 [out, in], scales float32 [out]) for the transformed weight ``w_t``.
+
+    ``hessian`` (transformed-basis XᵀX) makes the search activation-aware via its diagonal
+    and is what GPTQ compensates with.
+    """
+    cw = None if hessian is None else torch.diagonal(hessian).clamp_min(0)
+    scales = search_scales(w_t, bits, search, cw)
+    if gptq:
+        if hessian is None:
+            raise ValueError("GPTQ needs the input second-moment matrix (calibration statistics)")
+        codes = gptq_codes(w_t, scales, bits, hessian, damp)
+    else:
+        codes = rtn_codes(w_t, scales, bits)
+    return codes.numpy(), scales.float().numpy()

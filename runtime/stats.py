@@ -1,0 +1,269 @@
+"""Calibration statistics: captured on the float model, consumed by ``duquant-packs build --calib``.
+
+For every selected Linear's input, over all batches run inside ``capture_stats``:
+
+* ``absmax``     per-channel max |x|;
+* ``percentile`` per-channel ``act_percentile`` of |x|, averaged over batches (the seed's
+  static-scale statistic);
+* ``gram``       the mean second-moment matrix XᵀX / tokens, kept as diagonal blocks of
+  ``gram_block`` channels (full when in_features <= gram_block): memory is bounded by
+  in_features x gram_block per layer, not in_features²;
+* ``sample``     a uniform reservoir of at most ``sample_rows`` token rows (seeded), from
+  which build derives static activation scales in the transformed basis and estimates
+  each layer's output SQNR.
+
+The file (HDF5) records each layer's weight signature (float64 sum and sum of squares),
+so a build refuses statistics captured on another checkpoint, and a content digest,
+which enters the bundle's fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import crc32
+from .calibration import percentile_per_channel
+from .config import DuQuantConfig, matches, resolve
+from .errors import StatsError
+from .loader import weight_signature
+
+STATS_FORMAT = "duquant-packs-stats"
+STATS_VERSION = 1
+DATASETS = ("absmax", "percentile", "gram", "sample")
+
+
+@dataclass
+class LayerStats:
+    absmax: np.ndarray  # float32 [in]
+    percentile: np.ndarray  # float32 [in]
+    gram: np.ndarray  # float32 [n_gram_blocks, G, G], mean xᵀx per diagonal block
+    sample: np.ndarray  # float32 [rows, in]
+    tokens: int
+
+    @property
+    def in_features(self) -> int:
+        return int(self.absmax.shape[0])
+
+    def hessian(self) -> np.ndarray:
+        """The mean XᵀX as a dense float64 [in, in] (zero outside the captured blocks)."""
+        n = self.in_features
+        nblk, g, _ = self.gram.shape
+        h = np.zeros((n, n))
+        for b in range(nblk):
+            lo, hi = b * g, min((b + 1) * g, n)
+            h[lo:hi, lo:hi] = self.gram[b, : hi - lo, : hi - lo]
+        return h
+
+    def scaled(self, factor: np.ndarray) -> LayerStats:
+        """The statistics of x · diag(factor) (for smoothing)."""
+        f = factor.astype(np.float64)
+        nblk, g, _ = self.gram.shape
+        fp = np.ones(nblk * g)
+        fp[: f.shape[0]] = f
+        fb = fp.reshape(nblk, g)
+        return LayerStats(
+            absmax=(self.absmax * f).astype(np.float32),
+            percentile=(self.percentile * f).astype(np.float32),
+            gram=(self.gram * fb[:, :, None] * fb[:, None, :]).astype(np.float32),
+            sample=(self.sample * f).astype(np.float32),
+            tokens=self.tokens,
+        )
+
+
+class _LayerObserver:
+    """Accumulates one layer's statistics from its forward inputs."""
+
+    def __init__(self, module: nn.Linear, pct: float, gram_block: int, sample_rows: int, seed: int) -> None:
+        n = module.in_features
+        self.n, self.pct, self.g = n, pct, min(gram_block, n)
+        self.sample_rows = sample_rows
+        self.tokens = 0
+        self.batches = 0
+        nblk = -(-n // self.g)
+        dev = module.weight.device
+        self.absmax = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.pct_sum = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.gram = torch.zeros(nblk, self.g, self.g, dtype=torch.float64, device=dev)
+        self.sample = torch.zeros(0, n, dtype=torch.float32)
+        self.sample_keys = torch.zeros(0, dtype=torch.float64)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.weight_sum, self.weight_sumsq = weight_signature(module.weight)
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        with torch.no_grad():
+            x = args[0].detach().reshape(-1, self.n)
+            xf = x.float()
+            self.absmax = torch.maximum(self.absmax, xf.abs().amax(dim=0))
+            self.pct_sum += percentile_per_channel(xf.abs(), self.pct).double()
+            xd = torch.nn.functional.pad(x.double(), (0, self.gram.shape[0] * self.g - self.n))
+            blocks = xd.reshape(-1, self.gram.shape[0], self.g).transpose(0, 1)  # [nblk, tokens, G]
+            self.gram += torch.bmm(blocks.transpose(1, 2), blocks)
+            self._reservoir(xf.cpu())
+            self.tokens += x.shape[0]
+            self.batches += 1
+
+    def _reservoir(self, rows: torch.Tensor) -> None:
+        """Keep the sample_rows rows with the smallest random keys: a uniform sample of all rows."""
+        keys = torch.rand(rows.shape[0], generator=self.gen, dtype=torch.float64)
+        keys_all = torch.cat((self.sample_keys, keys))
+        rows_all = torch.cat((self.sample, rows))
+        keep = keys_all.argsort()[: self.sample_rows]
+        self.sample_keys, self.sample = keys_all[keep], rows_all[keep]
+
+    def result(self) -> LayerStats:
+        if not self.tokens:
+            raise StatsError("no batch reached this layer inside capture_stats")
+        return LayerStats(
+            absmax=self.absmax.cpu().numpy(),
+            percentile=(self.pct_sum / self.batches).float().cpu().numpy(),
+            gram=(self.gram / self.tokens).float().cpu().numpy(),
+            sample=self.sample.numpy(),
+            tokens=self.tokens,
+        )
+
+
+class StatsCapture:
+    """What ``capture_stats`` yields: run batches, then ``save(path)``."""
+
+    def __init__(self, observers: dict[str, _LayerObserver], config: DuQuantConfig) -> None:
+        self._observers = observers
+        self.config = config
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted(self._observers)
+
+    def layer(self, name: str) -> LayerStats:
+        return self._observers[name].result()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics file (temp file + rename); returns its path."""
+        silent = [n for n, o in self._observers.items() if not o.tokens]
+        if silent:
+            raise StatsError(
+                f"{len(silent)} selected layer(s) saw no input inside capture_stats (e.g. {silent[0]}): run "
+                "batches that go through every selected layer before saving"
+            )
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = STATS_FORMAT
+                f.attrs["format_version"] = STATS_VERSION
+                index = {}
+                for name, obs in sorted(self._observers.items()):
+                    stats = obs.result()
+                    g = f.create_group(f"layers/{name}")
+                    arrays = {k: getattr(stats, k) for k in DATASETS}
+                    meta = {
+                        "in_features": stats.in_features,
+                        "tokens": stats.tokens,
+                        "weight_sum": obs.weight_sum,
+                        "weight_sumsq": obs.weight_sumsq,
+                        "percentile": obs.pct,
+                        "crc32": {k: crc32(a) for k, a in arrays.items()},
+                    }
+                    g.attrs["meta"] = json.dumps(meta, sort_keys=True)
+                    for key, array in arrays.items():
+                        g.create_dataset(key, data=np.ascontiguousarray(array))
+                    index[name] = meta
+                f.attrs["digest"] = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+
+@contextlib.contextmanager
+def capture_stats(
+    model: nn.Module,
+    config: str | Path | DuQuantConfig,
+    *,
+    name_prefix: str = "",
+    gram_block: int = 1024,
+    sample_rows: int = 512,
+    seed: int = 0,
+) -> Iterator[StatsCapture]:
+    """Record input statistics of the Linear layers ``config`` selects, for ``build --calib``::
+
+        with capture_stats(model, "full_w4a8") as stats:
+            for batch in batches:
+                model(batch)
+        stats.save("artifacts/stats/full_w4a8.h5")
+
+    Run it on the float model (before ``load_bundle``). ``name_prefix`` is prepended to
+    module names to get checkpoint names, as in ``load_bundle``.
+    """
+    cfg = resolve(config)
+    linears = {name_prefix + n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = matches(cfg.select, linears)
+    if not names:
+        raise StatsError(
+            f"config {cfg.name!r} selects none of this model's {len(linears)} nn.Linear modules "
+            f"(e.g. {next(iter(linears), 'none')}); check name_prefix and the config's scope"
+        )
+    pct = cfg.quant.act_percentile
+    observers = {n: _LayerObserver(linears[n], pct, gram_block, sample_rows, seed) for n in names}
+    try:
+        yield StatsCapture(observers, cfg)
+    finally:
+        for obs in observers.values():
+            obs.handle.remove()
+
+
+class StatsReader:
+    """Read a statistics file; every failure is one :class:`StatsError` sentence."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StatsError(f"statistics file not found: {self.path}")
+        try:
+            with h5py.File(self.path, "r") as f:
+                fmt = f.attrs.get("format")
+                fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+                if fmt != STATS_FORMAT:
+                    raise StatsError(f"{self.path} is not a duquant statistics file (format {fmt!r})")
+                if int(f.attrs["format_version"]) != STATS_VERSION:
+                    raise StatsError(
+                        f"{self.path} has statistics format {int(f.attrs['format_version'])}; this tool reads "
+                        f"format {STATS_VERSION}: capture the statistics again"
+                    )
+                self.digest = str(f.attrs["digest"])
+                self.meta = {name: json.loads(g.attrs["meta"]) for name, g in f["layers"].items()}
+        except StatsError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise StatsError(f"{self.path}: cannot read the statistics file ({exc}); capture it again") from None
+
+    def layer(self, name: str) -> LayerStats:
+        try:
+            with h5py.File(self.path, "r") as f:
+                g = f["layers"][name]
+                arrays = {k: g[k][()] for k in DATASETS}
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise StatsError(f"{self.path}: cannot read the statistics of {name} ({exc}); capture again") from None
+        meta = self.meta[name]
+        for key, array in arrays.items():
+            if crc32(array) != int(meta["crc32"][key]):
+                raise StatsError(f"{self.path}: {name}/{key} fails its checksum; the file is corrupted")
+        return LayerStats(tokens=int(meta["tokens"]), **arrays)
+
+
+def signature_matches(a_sum: float, a_sumsq: float, b_sum: float, b_sumsq: float, n: int, rtol: float) -> bool:
+    """Two float64 (sum, sumsq) signatures of n-element weights agree within rtol."""
+    scale = float(np.sqrt(n * max(b_sumsq, 1e-300)))
+    return abs(a_sum - b_sum) <= rtol * scale + 1e-30 and abs(a_sumsq - b_sumsq) <= rtol * b_sumsq + 1e-30

@@ -1,0 +1,265 @@
+"""Issue 7: methods by name, calibration statistics, smoothing, GPTQ, quality reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import outlier_weight, write_checkpoint
+from duquant_pipeline.algorithm import compute_transform
+from duquant_pipeline.build import build_bundle, pack_layer
+from duquant_pipeline.cli import main
+from duquant_pipeline.rotations import balanced_zigzag, greedy_rotation, hadamard_blocks
+from duquant_pipeline.select import SelectedLayer
+from duquant_pipeline.weightquant import gptq_codes, rtn_codes, search_scales
+from duquant_runtime import DuQuantLinear, StatsError, capture_stats, load_bundle
+from duquant_runtime.bundle import BundleReader
+from duquant_runtime.config import DuQuantConfig, QuantConfig, TransformConfig, from_dict
+from duquant_runtime.fingerprint import digest, fingerprint_document
+from duquant_runtime.stats import LayerStats
+from torch import nn
+
+METHODS = {
+    "svd": {"method": "svd"},
+    "hadamard": {"method": "hadamard", "row_rot": "0", "permute": False},
+    "hadamard_signs_zigzag": {"method": "hadamard", "row_rot": "0", "hadamard_signs": True},
+    "duquant": {"method": "duquant", "row_rot": "0"},
+    "duquant_no_perm": {"method": "duquant", "row_rot": "0", "permute": False, "max_rotation_step": 3},
+}
+
+
+def _stats(x: np.ndarray, gram_block: int | None = None) -> LayerStats:
+    """Statistics computed here, independently of capture_stats: mean xᵀx, max |x|, all rows."""
+    n = x.shape[1]
+    g = gram_block or n
+    full = x.astype(np.float64).T @ x.astype(np.float64) / x.shape[0]
+    nblk = -(-n // g)
+    gram = np.zeros((nblk, g, g), dtype=np.float32)
+    for b in range(nblk):
+        lo, hi = b * g, min(n, (b + 1) * g)
+        gram[b, : hi - lo, : hi - lo] = full[lo:hi, lo:hi]
+    absmax = np.abs(x).max(axis=0).astype(np.float32)
+    return LayerStats(absmax, absmax * 0.9, gram, x.astype(np.float32), x.shape[0])
+
+
+def _correlated_inputs(rng: np.random.Generator, tokens: int, n: int) -> np.ndarray:
+    x = rng.standard_normal((tokens, n)) + 2.0 * rng.standard_normal((tokens, 4)) @ rng.standard_normal((4, n))
+    x[:, rng.choice(n, 2, replace=False)] *= 20.0  # outlier channels
+    return x
+
+
+@pytest.mark.parametrize("shape", [(40, 37), (24, 64), (33, 16)])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("smooth", [0.0, 0.5])
+def test_every_method_preserves_output_with_quantization_off(method, shape, smooth):
+    """x·T·W_tᵀ (runtime layer, stored float32 factors, no quantization) equals x·Wᵀ."""
+    rng = np.random.default_rng(1)
+    out, inp = shape
+    w = outlier_weight(rng, out, inp)
+    x = _correlated_inputs(rng, 64, inp)
+    t = TransformConfig(block_size=16, block_out_size=16, smooth_alpha=smooth, **METHODS[method])
+    stats = _stats(x) if smooth else None
+    tr = compute_transform(w, t, stats)
+    layer = SelectedLayer("l", "l.weight", None, out, inp, "F32", 4)
+    pack = pack_layer(w, None, layer, "F32", DuQuantConfig(name="x", transform=t), stats)
+    runtime = DuQuantLinear.from_pack(pack, act_bits=0, act_mode="per_token_dynamic", weight_storage="dequant")
+    runtime.w_t = torch.from_numpy(tr.w_t).float()  # unquantized transformed weight
+    xt = torch.from_numpy(x).float()
+    with torch.no_grad():
+        got = runtime(xt).double().numpy()
+        eff = runtime.weight.double().numpy()
+    want = x @ w.T
+    assert np.linalg.norm(got - want) <= 2e-5 * np.linalg.norm(want)
+    assert np.abs(eff - w).max() <= 2e-5 * np.abs(w).max()  # .weight: back in the original basis
+
+
+@pytest.mark.parametrize("n,block", [(64, 16), (37, 16), (130, 64), (5, 8)])
+def test_hadamard_blocks_are_orthogonal_and_spread_outliers(n, block):
+    for signs in (False, True):
+        h = hadamard_blocks(n, block, signs=signs, seed=3)
+        for b in h:
+            np.testing.assert_allclose(b @ b.T, np.eye(block), atol=1e-12)
+        full = h[0]
+        if n >= block:  # a one-hot channel is spread evenly over the block
+            assert np.allclose(np.abs(full[0]), 1 / np.sqrt(block))
+
+
+def test_greedy_rotation_is_orthogonal_and_never_worse_than_identity():
+    rng = np.random.default_rng(0)
+    peaks = torch.from_numpy(outlier_weight(rng, 50, 40))
+    rot = greedy_rotation(peaks, 16, steps=8, seed=0)
+    for b in rot:
+        np.testing.assert_allclose(b @ b.T, np.eye(16), atol=1e-12)
+    padded = np.pad(peaks.numpy(), ((0, 0), (0, 8)))  # 40 channels: blocks 16, 16 and a tail of 8
+    before = np.abs(padded).reshape(50, 3, 16).max(axis=(0, 2))
+    after = np.stack([np.abs(padded[:, 16 * b : 16 * b + 16] @ rot[b]).max() for b in range(3)])
+    assert (after <= before + 1e-12).all()  # the kept step is never worse than the identity
+    assert (after < before).any()  # and it does flatten the outlier columns
+    np.testing.assert_array_equal(rot[2, 8:, 8:], np.eye(8))  # the tail block is identity-padded
+
+
+def test_balanced_zigzag_is_a_permutation_that_balances_block_maxima():
+    peak = np.array([100.0, 90, 80, 70, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    perm = balanced_zigzag(peak, 4)
+    assert sorted(perm.tolist()) == list(range(20))
+    block_max = peak[perm].reshape(5, 4).max(axis=1)
+    assert sorted(block_max.tolist(), reverse=True)[:4] == [100.0, 90.0, 80.0, 70.0]  # one per block
+    tail = balanced_zigzag(np.arange(10.0), 4)  # short last block takes only its 2 channels
+    assert sorted(tail.tolist()) == list(range(10))
+
+
+def test_mse_search_is_no_worse_than_the_seed_alpha_search():
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(outlier_weight(rng, 64, 128))
+    for cw in (None, torch.from_numpy(rng.uniform(0.1, 10, 128))):
+        errs = {}
+        for search in ("alpha", "mse"):
+            s = search_scales(w, 4, search, cw)
+            deq = rtn_codes(w, s, 4).double() * s[:, None]
+            e = (deq - w).square() * (1 if cw is None else cw)
+            errs[search] = float(e.sum())
+        assert errs["mse"] <= errs["alpha"] * 1.0001
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(outlier_weight(rng, 32, 70))
+    s = search_scales(w, 4, "mse")
+    assert torch.equal(gptq_codes(w, s, 4, torch.eye(70, dtype=torch.float64), damp=0.01, group=16), rtn_codes(w, s, 4))
+
+
+def test_gptq_lowers_output_error_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    n = 96
+    w = outlier_weight(rng, 48, n)
+    x = _correlated_inputs(rng, 2048, n)
+    h = torch.from_numpy(x.T @ x / x.shape[0])
+    wt = torch.from_numpy(w)
+    s = search_scales(wt, 4, "mse")
+    errors = {}
+    for label, codes in (("rtn", rtn_codes(wt, s, 4)), ("gptq", gptq_codes(wt, s, 4, h, damp=0.01, group=32))):
+        w_hat = codes.double().numpy() * s.numpy()[:, None]
+        errors[label] = np.linalg.norm(x @ (w - w_hat).T)  # output error, computed here
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_fingerprint_changes_with_method_and_with_stats():
+    base = DuQuantConfig(name="x")
+    docs = {
+        m: digest(fingerprint_document(base.replace("transform", method=m, row_rot="0"), []))
+        for m in ("svd", "hadamard")
+    }
+    assert docs["svd"] != docs["hadamard"]
+    a = digest(fingerprint_document(base, [], "a" * 64))
+    assert a != digest(fingerprint_document(base, [], "b" * 64)) and a != digest(fingerprint_document(base, []))
+    # fields added after the first release stay out of the fingerprint at their defaults
+    assert "gptq" not in base.fingerprint_fields()["quant"]
+    assert base.replace("quant", gptq=True).fingerprint_fields()["quant"]["gptq"] is True
+
+
+class Tiny(nn.Module):
+    def __init__(self, w1: np.ndarray, w2: np.ndarray) -> None:
+        super().__init__()
+        self.net = nn.Module()
+        self.net.up_proj = nn.Linear(w1.shape[1], w1.shape[0], bias=False)
+        self.net.down_proj = nn.Linear(w2.shape[1], w2.shape[0], bias=False)
+        with torch.no_grad():
+            self.net.up_proj.weight.copy_(torch.from_numpy(w1))
+            self.net.down_proj.weight.copy_(torch.from_numpy(w2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.down_proj(torch.relu(self.net.up_proj(x)))
+
+
+def _calib_config(**quant) -> DuQuantConfig:
+    return from_dict(
+        {
+            "name": "tiny_calib",
+            "select": {"scope": "net."},
+            "quant": {"weight_search": "mse", **quant},
+            "transform": {"method": "hadamard", "block_size": 16, "row_rot": "0", "permute": False},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model_ckpt(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    w1, w2 = outlier_weight(rng, 64, 48), outlier_weight(rng, 40, 64)
+    w1, w2 = (torch.from_numpy(w).to(torch.bfloat16).double().numpy() for w in (w1, w2))  # exact in the bf16 file
+    path = write_checkpoint(
+        tmp_path_factory.mktemp("tinym") / "m.safetensors",
+        {"net.up_proj.weight": w1, "net.down_proj.weight": w2},
+        torch.bfloat16,
+    )
+    model = Tiny(w1, w2).float()
+    batches = [torch.from_numpy(_correlated_inputs(np.random.default_rng(s), 64, 48)).float() for s in range(4)]
+    return path, model, batches
+
+
+def _capture(model, batches, path, cfg):
+    with torch.no_grad(), capture_stats(model, cfg, gram_block=32, sample_rows=100) as cap:
+        for b in batches:
+            model(b)
+    return cap.save(path)
+
+
+def test_capture_stats_records_what_the_layers_saw(tiny_model_ckpt, tmp_path):
+    from duquant_runtime.stats import StatsReader
+
+    _, model, batches = tiny_model_ckpt
+    stats_path = _capture(model, batches, tmp_path / "s.h5", _calib_config())
+    x = torch.cat(batches).double().numpy()
+    got = StatsReader(stats_path).layer("net.up_proj")
+    np.testing.assert_allclose(got.absmax, np.abs(x).max(axis=0), rtol=1e-6)
+    full = x.T @ x / x.shape[0]
+    h = got.hessian()
+    np.testing.assert_allclose(h[:32, :32], full[:32, :32], rtol=1e-5, atol=1e-4)
+    assert not h[:32, 32:].any()  # bounded: only diagonal blocks of gram_block channels
+    assert got.sample.shape == (100, 48) and got.tokens == 256
+    rows = {tuple(r) for r in x.astype(np.float32)}
+    assert all(tuple(r) in rows for r in got.sample)  # the sample holds real input rows
+
+
+def test_calibrated_build_gptq_static_scales_and_quality(tiny_model_ckpt, tmp_path):
+    ckpt, model, batches = tiny_model_ckpt
+    cfg = _calib_config(gptq=True, act_mode="per_channel_static")
+    stats_path = _capture(model, batches, tmp_path / "s.h5", cfg)
+    with pytest.raises(StatsError, match="--calib"):
+        build_bundle(cfg, ckpt, tmp_path / "nocalib", jobs=1)
+    result = build_bundle(cfg, ckpt, tmp_path, jobs=1, calib=stats_path)
+    plain = build_bundle(_calib_config(act_mode="per_channel_static"), ckpt, tmp_path, jobs=1)
+    assert result.fingerprint != plain.fingerprint
+    with BundleReader(result.path) as r:
+        pack = r.read_layer("net.up_proj")
+        assert pack.act_scale is not None and pack.quality and "output_sqnr_db" in pack.quality
+    # static scales come with the bundle: no calibrate() needed
+    m = Tiny(model.net.up_proj.weight.detach().double().numpy(), model.net.down_proj.weight.detach().double().numpy())
+    load_bundle(m, result.path, cfg)
+    x = torch.from_numpy(_correlated_inputs(np.random.default_rng(9), 64, 48)).float()
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()
+    r = CliRunner().invoke(main, ["inspect", str(result.path), "--quality", "1"])
+    assert r.exit_code == 0 and "worst 1 of 2 layers by output SQNR" in r.stdout
+
+
+def test_stats_from_another_checkpoint_are_refused(tiny_model_ckpt, tmp_path):
+    ckpt, model, batches = tiny_model_ckpt
+    cfg = _calib_config(gptq=True)
+    other = Tiny(
+        model.net.up_proj.weight.detach().double().numpy() * 1.01, model.net.down_proj.weight.detach().double().numpy()
+    )
+    stats_path = _capture(other, batches, tmp_path / "other.h5", cfg)
+    with pytest.raises(StatsError, match="captured on another checkpoint"):
+        build_bundle(cfg, ckpt, tmp_path, jobs=1, calib=stats_path)
+    assert not list(tmp_path.glob("**/*.h5.*.tmp")) and not list((tmp_path / "tiny_calib").glob("*.h5"))
+    code = CliRunner().invoke(main, ["build", "-c", "full_w4a8", "--ckpt", str(ckpt), "--calib", str(stats_path)])
+    assert code.exit_code == 2
+
+
+def test_quant_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", block_size=24))
+    with pytest.raises(ValueError, match="weight_search"):
+        DuQuantConfig(name="x", quant=QuantConfig(weight_search="grid"))
