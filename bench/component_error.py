@@ -1,13 +1,16 @@
-"""Demo model, end to end: each component's output error against fp, (memory: bench/memory.py).
+"""Demo model, end to end: each component's output error against fp32, per method.
 
-Cases, on the same layers (the bundle's): the bundle with per-token dynamic activations,
-the bundle with calibrated static activations, and a plain round-to-nearest W4A8 baseline
-(per-row absmax int4 weights, per-token int8 activations, no rotation or permutation).
+Cases, all on the layers ``--config`` selects (default full_w4a8):
+  * RTN W4A8 baseline (per-row absmax int4 weights, per-token int8 activations, no transform);
+  * the seed's svd method (``*_seed`` settings), the default (block Hadamard), duquant;
+  * the default with calibrated static activations (runtime ``calibrate``);
+  * ``--calib`` builds from statistics captured with ``capture_stats`` (smoothing + GPTQ,
+    per-token and with the bundle's own static scales).
 
-    python bench/component_error.py --config full_w4a8 [--checkpoint artifacts/demo]
+    python bench/component_error.py [--config full_w4a8] [--checkpoint artifacts/demo]
 
-Prints a table and writes artifacts/bench/component_error.json. Calibration uses
-batches drawn like the evaluation inputs but from other seeds.
+Prints a table and writes artifacts/bench/component_error.json. Calibration and
+statistics use batches drawn like the evaluation inputs but from other seeds.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path
 import torch
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.demo_model import component_inputs, load_demo_model
-from duquant_runtime import calibrate, load_bundle
-from duquant_runtime.config import resolve
+from duquant_runtime import calibrate, capture_stats, load_bundle
+from duquant_runtime.config import DuQuantConfig, resolve
 from torch import nn
 
 
@@ -57,6 +60,13 @@ def run_components(model: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
         return {c: getattr(model, c)(*args) for c, args in inputs.items()}
 
 
+def capture(base: nn.Module, cfg: DuQuantConfig, batches: int, path: Path) -> Path:
+    with torch.no_grad(), capture_stats(base, cfg) as stats:
+        for seed in range(1, batches + 1):
+            run_components(base, component_inputs(base.dims, seed=seed))
+    return stats.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="full_w4a8")
@@ -67,40 +77,47 @@ def main() -> None:
     torch.set_num_threads(2)
 
     cfg = resolve(args.config)
-    static_cfg = cfg.replace("quant", act_mode="per_channel_static", calib_steps=args.calib_batches)
-    bundles = {
-        mode: build_bundle(c, args.checkpoint, args.out).path for mode, c in (("dynamic", cfg), ("static", static_cfg))
+    seed_t = resolve("full_w4a8_seed").transform
+    cases: dict[str, tuple[DuQuantConfig, bool]] = {  # label -> (config, built with --calib)
+        "svd (seed method)": (cfg.replace(transform=seed_t).replace("quant", weight_search="alpha"), False),
+        "default (hadamard 64)": (cfg, False),
+        "duquant 16": (cfg.replace("transform", method="duquant", block_size=16), False),
+        "default, calibrated static": (cfg.replace("quant", act_mode="per_channel_static"), False),
+        "calib: smooth + gptq": (cfg.replace("quant", gptq=True).replace("transform", smooth_alpha=0.5), True),
+        "calib: smooth + gptq, static": (
+            cfg.replace("quant", gptq=True, act_mode="per_channel_static").replace("transform", smooth_alpha=0.5),
+            True,
+        ),
     }
-
     base = load_demo_model(args.checkpoint, torch.float32)
+    stats_path = capture(base, cfg, args.calib_batches, Path(args.out) / "bench" / f"stats-{args.config}.h5")
     inputs = component_inputs(base.dims, seed=0)
     reference = run_components(base, inputs)
     results: dict[str, dict[str, float]] = {}
-
-    dynamic = copy.deepcopy(base)
-    report = load_bundle(dynamic, bundles["dynamic"], cfg)
-    results["svd, per-token dynamic"] = errors(dynamic, inputs, reference)
-    del dynamic
-
-    static = copy.deepcopy(base)
-    load_bundle(static, bundles["static"], static_cfg)
-    with torch.no_grad(), calibrate(static):
-        for seed in range(1, args.calib_batches + 1):
-            run_components(static, component_inputs(base.dims, seed=seed))
-    results["svd, calibrated static"] = errors(static, inputs, reference)
-    del static
+    replaced: list[str] = []
+    for label, (c, calib) in cases.items():
+        c = c.replace(name=f"{args.config}_bench_{len(results)}")
+        bundle = build_bundle(c, args.checkpoint, Path(args.out) / "bench", calib=stats_path if calib else None)
+        model = copy.deepcopy(base)
+        replaced = load_bundle(model, bundle.path, c).replaced
+        if c.quant.act_mode == "per_channel_static" and not calib:
+            with torch.no_grad(), calibrate(model):
+                for seed in range(1, args.calib_batches + 1):
+                    run_components(model, component_inputs(base.dims, seed=seed))
+        results[label] = errors(model, inputs, reference)
+        del model
 
     rtn = copy.deepcopy(base)
-    for name in report.replaced:
+    for name in replaced:
         parent, _, child = name.rpartition(".")
         setattr(rtn.get_submodule(parent), child, RTNLinear(rtn.get_submodule(name)))
-    results["RTN W4A8 baseline"] = errors(rtn, inputs, reference)
+    results = {"RTN W4A8 baseline": errors(rtn, inputs, reference), **results}
 
     comps = list(inputs)
-    print(f"{args.config} on {args.checkpoint}: relative L2 output error vs fp32, per component")
-    print(f"{'case':<26}" + "".join(f"{c:>10}" for c in comps))
+    print(f"{args.config} on {args.checkpoint}: relative L2 output error vs fp32, per component (lower is better)")
+    print(f"{'case':<32}" + "".join(f"{c:>10}" for c in comps))
     for case, errs in results.items():
-        print(f"{case:<26}" + "".join(f"{errs[c]:>10.4f}" for c in comps))
+        print(f"{case:<32}" + "".join(f"{errs[c]:>10.4f}" for c in comps))
     out = Path(args.out) / "bench" / "component_error.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "checkpoint": args.checkpoint, "errors": results}, indent=2))

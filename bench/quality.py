@@ -112,7 +112,7 @@ def pack_case(layer: SyntheticLayer, case: Case, stats: LayerStats) -> tuple[Tra
         scales = np.maximum(np.abs(tr.w_t).max(axis=1) / q, 1e-10).astype(np.float32)
         codes = np.clip(np.round(tr.w_t / scales[:, None].astype(np.float64)), -q - 1, q).astype(np.int8)
         return tr, codes, scales
-    codes, scales = quantize_weight(torch.from_numpy(tr.w_t), 4, search=case.search, hessian=hessian, gptq=case.gptq)
+    codes, scales, _ = quantize_weight(torch.from_numpy(tr.w_t), 4, search=case.search, hessian=hessian, gptq=case.gptq)
     return tr, codes, scales
 
 

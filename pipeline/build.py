@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +22,17 @@ import h5py
 import numpy as np
 import torch
 from duquant_runtime import __version__
-from duquant_runtime.bundle import LayerPack, write_header, write_layer
+from duquant_runtime.bundle import LAYERS, LayerPack, write_header, write_layer
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import BundleError, DuQuantError
-from duquant_runtime.fingerprint import SHORT_LEN, digest, fingerprint_document
+from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
+from duquant_runtime.loader import weight_signature
 from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader, signature_matches
 
 from .algorithm import compute_transform, transformed_hessian
 from .checkpoint import Checkpoint, CheckpointError
-from .quality import simulate, sqnr_db, static_scales, weight_sqnr_db
+from .quality import simulate, sqnr_db, static_scales
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import verify_bundle
 from .weightquant import quantize_weight
@@ -70,18 +72,19 @@ def pack_layer(
     if isinstance(config, TransformConfig):  # transform-only callers: the seed's quantization
         config = DuQuantConfig(name="layer", transform=config)
     t, q = config.transform, config.quant
+    signature = weight_signature(torch.from_numpy(weight))
     tr = compute_transform(weight, t, stats)
     hessian = None if stats is None else transformed_hessian(tr, stats.hessian())
-    codes, scales = quantize_weight(
+    codes, scales, w_sqnr = quantize_weight(
         torch.from_numpy(tr.w_t), layer.bits, search=q.weight_search, hessian=hessian, gptq=q.gptq, damp=q.gptq_damp
     )
     act_scale = None
     if stats is not None and q.act_mode == "per_channel_static" and q.act_bits > 0:
         act_scale = static_scales(tr, stats.sample, q.act_bits, q.act_percentile)
-    report = {"weight_sqnr_db": weight_sqnr_db(tr.w_t, codes, scales)}
+    report = {"weight_sqnr_db": w_sqnr}
     if stats is not None and stats.sample.shape[0]:
         x = torch.from_numpy(stats.sample).double()
-        y = x @ torch.from_numpy(weight).t()
+        y = x @ torch.from_numpy(weight).double().t()
         report["output_sqnr_db"] = sqnr_db(y, simulate(tr, codes, scales, x, q.act_bits, act_scale))
     return LayerPack(
         name=layer.name,
@@ -98,8 +101,8 @@ def pack_layer(
         w_scale=scales,
         bias=None if bias is None else bias.astype(np.float32),
         source_dtype=source_dtype,
-        source_sum=float(weight.sum()),
-        source_sumsq=float(np.square(weight).sum()),
+        source_sum=signature[0],
+        source_sumsq=signature[1],
         perm2=None if tr.perm2 is None else tr.perm2.astype(np.int32),
         r_in2=None if tr.r_in2 is None else tr.r_in2.astype(np.float32),
         act_scale=act_scale,
@@ -144,7 +147,10 @@ def _pack_job(
     if threads is not None:
         torch.set_num_threads(threads)
     ckpt = Checkpoint.open(ckpt_path)
-    weight = ckpt.read(layer.weight)
+    # The seed's svd reproduces its float64 numbers; the other methods work in float32,
+    # which holds bf16/fp16/fp32 sources exactly.
+    exact64 = config.transform.method == "svd" or layer.dtype == "F64"
+    weight = ckpt.read(layer.weight, np.float64 if exact64 else np.float32)
     if not np.isfinite(weight).all():
         bad = int((~np.isfinite(weight)).sum())
         raise CheckpointError(
@@ -292,20 +298,39 @@ def build_bundle(
     ckpt = Checkpoint.open(checkpoint)
     layers = select_layers(config, ckpt)
     stats_digest = _check_calib(config, layers, calib)
-    sources = source_tensors(ckpt, layers, jobs)
-    doc = fingerprint_document(config, sources, stats_digest)
-    fp = digest(doc)
-    final = bundle_path(Path(out_dir), config, fp)
     total_bytes = sum(la.weight_bytes for la in layers)
-    if final.exists() and not force:
-        problems = verify_bundle(final, config=config, sources=sources)
-        if not problems:
+    out_cfg = Path(out_dir) / config.name
+    hashing: Future[list[SourceTensor]] | None = None
+    pool = ThreadPoolExecutor(max_workers=1)
+    if not force and any(out_cfg.glob(f"{config.name}-*.h5")):
+        # A bundle of this config exists: the fingerprint decides whether it can be reused.
+        sources = source_tensors(ckpt, layers, jobs)
+        fp = digest(fingerprint_document(config, sources, stats_digest))
+        final = bundle_path(Path(out_dir), config, fp)
+        if final.exists() and not verify_bundle(final, config=config, sources=sources):
             return BuildResult(final, fp, len(layers), True, time.perf_counter() - start, total_bytes)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final.parent)
-    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    else:
+        # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
+        hashing = pool.submit(source_tensors, ckpt, layers, 1)
+    out_cfg.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_cfg)
+    tmp = out_cfg / f".{config.name}.h5.{os.getpid()}.tmp"
     try:
         with h5py.File(tmp, "w") as f:
+            f.require_group(LAYERS)
+            done_bytes = 0
+            by_name = {la.name: la for la in layers}
+            stats_path = None if calib is None else str(calib)
+            for done_layers, pack in enumerate(_run_jobs(ckpt, layers, config, stats_path, jobs, backend), 1):
+                write_layer(f, pack)
+                done_bytes += by_name[pack.name].weight_bytes
+                if progress:
+                    progress(done_layers, len(layers), done_bytes, total_bytes)
+            if hashing is not None:
+                sources = hashing.result()
+            doc = fingerprint_document(config, sources, stats_digest)
+            fp = digest(doc)
+            final = bundle_path(Path(out_dir), config, fp)
             write_header(
                 f,
                 fingerprint_doc=doc,
@@ -314,21 +339,14 @@ def build_bundle(
                 tool_version=__version__,
                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             )
-            done_bytes = 0
-            by_name = {la.name: la for la in layers}
-            for done_layers, pack in enumerate(
-                _run_jobs(ckpt, layers, config, None if calib is None else str(calib), jobs, backend), 1
-            ):
-                write_layer(f, pack)
-                done_bytes += by_name[pack.name].weight_bytes
-                if progress:
-                    progress(done_layers, len(layers), done_bytes, total_bytes)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)  # atomic: readers see the old bundle or the whole new one
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return BuildResult(final, fp, len(layers), False, time.perf_counter() - start, total_bytes)
 
 

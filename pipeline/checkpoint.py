@@ -170,7 +170,7 @@ class Checkpoint:
             values = raw.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[info.dtype])
         else:
             raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}; only floating tensors can be packed")
-        return values.reshape(info.shape).astype(dtype)
+        return values.reshape(info.shape).astype(dtype, copy=False)
 
     def sha256(self, name: str) -> str:
         return hashlib.sha256(memoryview(self.raw(name))).hexdigest()

@@ -62,9 +62,3 @@ def simulate(
     w_hat = torch.from_numpy(codes).double() * torch.from_numpy(scales).double()[:, None]
     y = x_t @ w_hat.t()
     return y if tr.r_out is None else rotate_column_blocks(y, tr.r_out)
-
-
-def weight_sqnr_db(w_t: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> float:
-    """SQNR of the transformed weight's quantization (the basis the codes live in)."""
-    w_hat = torch.from_numpy(codes).double() * torch.from_numpy(scales).double()[:, None]
-    return sqnr_db(torch.from_numpy(w_t), w_hat)

@@ -14,6 +14,8 @@ Three steps, each optional beyond the first:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from duquant_runtime.packing import qmax
@@ -31,6 +33,15 @@ ROW_CHUNK = 256  # rows per step of a search: temporaries stay cache-sized
 def _row_error(rows: torch.Tensor, s: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
     err = (rows / s[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows).square_()
     return (err * cw if cw is not None else err).sum(dim=1)
+
+
+def _row_error_fast(rows: torch.Tensor, s: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
+    """_row_error with a multiply by 1/s (a division costs several multiplies); the codes it
+    implies can differ from rows/s only on exact .5 ties, so it only ranks candidates."""
+    diff = torch.mul(rows, (1.0 / s)[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows)
+    if cw is None:
+        return torch.linalg.vector_norm(diff, dim=1).square_()
+    return diff.square_().mul_(cw).sum(dim=1)
 
 
 def _seed_alpha_scales(rows: torch.Tensor, q: int) -> torch.Tensor:
@@ -57,7 +68,7 @@ def _mse_scales(rows: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Te
 
     def consider(clip: torch.Tensor) -> None:
         nonlocal best_err, best_clip
-        err = _row_error(rows, (peak * clip / q).clamp_min(SCALE_FLOOR), q, cw)
+        err = _row_error_fast(rows, (peak * clip / q).clamp_min(SCALE_FLOOR), q, cw)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_clip = torch.where(better, clip, best_clip)
@@ -70,21 +81,36 @@ def _mse_scales(rows: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Te
     return (peak * best_clip / q).clamp_min(SCALE_FLOOR).double()
 
 
-def search_scales(
-    w_t: torch.Tensor, bits: int, search: str = "alpha", channel_weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-row scales (float32 values, float64 tensor) minimizing Σ_j c_j (w_j - s·round(w_j/s))²,
-    c = ``channel_weight`` (1 when None). Ties keep the earlier candidate. ``w_t`` float64 [out, in]."""
+def _search(
+    w_t: torch.Tensor, bits: int, search: str, channel_weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Scales, RTN codes and the unweighted squared weight error, chunk by chunk: each
+    chunk's codes are computed while its rows are still in cache."""
     q = qmax(bits)
     scales = torch.empty(w_t.shape[0], dtype=torch.float64)
+    codes = torch.empty(w_t.shape, dtype=torch.int8)
+    sq_err = 0.0
     cw = None if channel_weight is None else channel_weight.double()[None, :]
     for start in range(0, w_t.shape[0], ROW_CHUNK):
         rows = w_t[start : start + ROW_CHUNK]
         if search == "alpha":
-            scales[start : start + ROW_CHUNK] = _seed_alpha_scales(rows, q)
+            s = _seed_alpha_scales(rows.double(), q)  # bit for bit the seed's, in float64
         else:
-            scales[start : start + ROW_CHUNK] = _mse_scales(rows, q, cw)
-    return scales.float().double()
+            s = _mse_scales(rows, q, cw).float().double()
+        s_rows = s.to(rows.dtype)[:, None]
+        c = (rows / s_rows).round_().clamp_(-q - 1, q)
+        sq_err += float(c.mul(s_rows).sub_(rows).square_().sum())
+        codes[start : start + ROW_CHUNK] = c.to(torch.int8)
+        scales[start : start + ROW_CHUNK] = s
+    return scales, codes, sq_err
+
+
+def search_scales(
+    w_t: torch.Tensor, bits: int, search: str = "alpha", channel_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row scales (float32 values, float64 tensor) minimizing Σ_j c_j (w_j - s·round(w_j/s))²,
+    c = ``channel_weight`` (1 when None). Ties keep the earlier candidate."""
+    return _search(w_t, bits, search, channel_weight)[0]
 
 
 def rtn_codes(w_t: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -135,18 +161,21 @@ def quantize_weight(
     hessian: torch.Tensor | None = None,
     gptq: bool = False,
     damp: float = 0.01,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int8 [out, in], scales float32 [out]) for the transformed weight ``w_t``.
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(codes int8 [out, in], scales float32 [out], weight SQNR dB) for the transformed
+    weight ``w_t`` (float64 for the seed's bit-exact search, float32 is enough otherwise).
 
     ``hessian`` (transformed-basis XᵀX) makes the search activation-aware via its diagonal
     and is what GPTQ compensates with.
     """
     cw = None if hessian is None else torch.diagonal(hessian).clamp_min(0)
-    scales = search_scales(w_t, bits, search, cw)
+    scales, codes, sq_err = _search(w_t, bits, search, cw)
     if gptq:
         if hessian is None:
             raise ValueError("GPTQ needs the input second-moment matrix (calibration statistics)")
-        codes = gptq_codes(w_t, scales, bits, hessian, damp)
-    else:
-        codes = rtn_codes(w_t, scales, bits)
-    return codes.numpy(), scales.float().numpy()
+        codes = gptq_codes(w_t.double(), scales, bits, hessian, damp)
+        sq_err = float((codes.double() * scales[:, None] - w_t.double()).square().sum())
+    flat = w_t.reshape(-1)
+    signal = float(torch.dot(flat, flat)) if w_t.numel() else 0.0
+    sqnr = 10.0 * math.log10(max(signal, 1e-300) / sq_err) if sq_err > 0 else math.inf
+    return codes.numpy(), scales.float().numpy(), sqnr
