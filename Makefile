@@ -55,10 +55,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 # Benchmarks print tables and write artifacts/bench/*.json; ratios are measured side by side.
+# bench: demo size (~10 min on 2 cores); bench-full: full pi0.5 size (~25 min, 6.7 GB checkpoint).
 bench: $(STAMP)
 	@set -euo pipefail; \
 	ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); \
 	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint "$$ckpt" --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/quality.py --out $(OUT)/bench/quality.json; \
 	$(BIN)/python bench/component_error.py --config full_w4a8 --checkpoint $(DEMO_DIR) --out $(OUT); \
 	$(BIN)/python bench/load.py --checkpoint $(DEMO_DIR) --bundle "$$bundle"; \
 	$(BIN)/python bench/memory.py --checkpoint $(DEMO_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_demo.json; \
@@ -66,7 +68,8 @@ bench: $(STAMP)
 
 bench-full: full-checkpoint
 	@set -euo pipefail; \
-	bundle=$$($(BIN)/duquant-packs build --config llm_w4a8 --checkpoint $(FULL_DIR) --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/build.py --checkpoint $(FULL_DIR) --configs full_w4a8,llm_w4a8 --out $(OUT)/bench/build_full.json; \
+	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint $(FULL_DIR) --out $(OUT) -q | tail -n 1); \
 	$(BIN)/python bench/load.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --repeats 1 --out $(OUT)/bench/load_full.json; \
 	$(BIN)/python bench/memory.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_full.json; \
 	$(BIN)/python bench/forward.py --repeats 3 --out $(OUT)/bench/forward_full.json

@@ -6,6 +6,9 @@ Variants are timed side by side in one run (interleaved, median of repeats), so 
 ratios hold even when absolute times drift. Timing does not depend on the values of a
 pack, so layers get random orthogonal blocks and random codes of the real shapes.
 Token counts: LLM 816 (3 images x 256 + text), expert 50 (action chunk), SigLIP 768.
+``int4``/``dequant`` use the default presets' layout (one 64x64 input rotation, no
+permutation, no output rotation); the naive loop is the seed's layout and code (16x16
+blocks, permutation, output rotation), as is ``seed-layout`` (our layer, seed layout).
 Writes artifacts/bench/forward.json.
 """
 
@@ -43,7 +46,13 @@ QUICK = {("llm", "q_proj"), ("llm", "gate_proj"), ("expert", "gate_proj"), ("vis
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def random_pack(out: int, inp: int, block: int = 16, bits: int = 4, seed: int = 0) -> LayerPack:
+def random_pack(
+    out: int, inp: int, block: int = 16, bits: int = 4, seed: int = 0, seed_layout: bool = True
+) -> LayerPack:
+    """Random values of a real layout: the seed's (perm, 16x16 blocks, output rotation) or
+    the default presets' (one 64x64 input rotation)."""
+    if not seed_layout:
+        block = 64
     rng = np.random.default_rng(seed)
     nb, nbo = -(-inp // block), -(-out // block)
     r_in = np.linalg.qr(rng.standard_normal((nb, block, block)))[0].astype(np.float32)
@@ -57,9 +66,9 @@ def random_pack(out: int, inp: int, block: int = 16, bits: int = 4, seed: int = 
         storage=storage_for_bits(bits),
         block_size=block,
         block_out_size=block,
-        perm=rng.permutation(inp).astype(np.int32),
+        perm=rng.permutation(inp).astype(np.int32) if seed_layout else None,
         r_in=r_in,
-        r_out=r_out,
+        r_out=r_out if seed_layout else None,
         qweight=pack_codes(codes, bits),
         w_scale=(rng.random(out) * 0.01 + 1e-3).astype(np.float32),
         bias=None,
@@ -132,15 +141,16 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     header = (
-        f"{'shape':<26}{'dtype':>6}{'linear ms':>11}{'int4 ms':>10}{'dequant ms':>11}{'naive ms':>10}"
-        f"{'int4/lin':>10}{'deq/lin':>9}{'naive/deq':>10}"
+        f"{'shape':<26}{'dtype':>6}{'linear ms':>11}{'int4 ms':>10}{'dequant ms':>11}{'seed-lay ms':>12}"
+        f"{'naive ms':>10}{'int4/lin':>10}{'deq/lin':>9}{'naive/deq':>10}"
     )
     print(f"forward on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
     print(header)
     for comp, layer, out, inp, tokens in SHAPES:
         if args.quick and (comp, layer) not in QUICK:
             continue
-        pack = random_pack(out, inp)
+        pack = random_pack(out, inp, seed_layout=False)
+        seed_pack = random_pack(out, inp)
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
             linear = nn.Linear(inp, out, bias=False).to(device=device, dtype=dtype)
@@ -152,9 +162,17 @@ def main() -> None:
                 "dequant": DuQuantLinear.from_pack(
                     pack, act_bits=8, act_mode="per_token_dynamic", weight_storage="dequant", dtype=dtype, device=device
                 ),
+                "seed-layout": DuQuantLinear.from_pack(
+                    seed_pack,
+                    act_bits=8,
+                    act_mode="per_token_dynamic",
+                    weight_storage="dequant",
+                    dtype=dtype,
+                    device=device,
+                ),
             }
             if not args.no_naive:
-                variants["naive"] = NaiveBlockLoop(pack, dtype)
+                variants["naive"] = NaiveBlockLoop(seed_pack, dtype)
             x = torch.randn(1, tokens, inp, dtype=dtype, device=device)
             t = time_variants(variants, x, args.repeats, sync)
             row = {
@@ -170,7 +188,8 @@ def main() -> None:
             naive = t.get("naive", float("nan"))
             print(
                 f"{comp + '.' + layer + f' {out}x{inp}':<26}{dname:>6}{t['linear'] * 1e3:>11.2f}"
-                f"{t['int4'] * 1e3:>10.2f}{t['dequant'] * 1e3:>11.2f}{naive * 1e3:>10.2f}"
+                f"{t['int4'] * 1e3:>10.2f}{t['dequant'] * 1e3:>11.2f}"
+                f"{t['seed-layout'] * 1e3:>12.2f}{naive * 1e3:>10.2f}"
                 f"{t['int4'] / t['linear']:>10.2f}{t['dequant'] / t['linear']:>9.2f}{naive / t['dequant']:>10.2f}"
             )
     out_path = Path(args.out)
