@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from duquant_pipeline.rotations import hadamard_blocks
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear, unpack_codes
 from duquant_runtime.packing import pack_codes, storage_for_bits
@@ -55,7 +56,10 @@ def random_pack(
         block = 64
     rng = np.random.default_rng(seed)
     nb, nbo = -(-inp // block), -(-out // block)
-    r_in = np.linalg.qr(rng.standard_normal((nb, block, block)))[0].astype(np.float32)
+    if seed_layout:
+        r_in = np.linalg.qr(rng.standard_normal((nb, block, block)))[0].astype(np.float32)
+    else:  # the default: block Hadamard, the same matrix in every block
+        r_in = hadamard_blocks(inp, block, signs=False, seed=0).astype(np.float32)
     r_out = np.linalg.qr(rng.standard_normal((nbo, block, block)))[0].astype(np.float32)
     codes = rng.integers(-8, 8, size=(out, inp))
     return LayerPack(

@@ -152,6 +152,11 @@ def validate(cfg: DuQuantConfig) -> None:
     _check(0.0 <= t.lambda_smooth <= 1.0, f"transform.lambda_smooth must be in [0, 1], got {t.lambda_smooth}")
     _check(t.method in METHODS, f"transform.method must be one of {', '.join(METHODS)}, got {t.method!r}")
     _check(
+        t.method == "svd" or t.row_rot == "0",
+        f"transform.row_rot = {t.row_rot!r} is only defined for method 'svd' (its output-row rotation); "
+        f"set row_rot = '0' for method {t.method!r}, or method = 'svd'",
+    )
+    _check(
         t.method != "hadamard" or t.block_size & (t.block_size - 1) == 0,
         f"transform.block_size must be a power of two for method 'hadamard' (16, 32, 64, 128), got {t.block_size}",
     )

@@ -52,6 +52,12 @@ def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return y[..., :n] if pad else y
 
 
+def same_block_rotate(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """x · blockdiag(block, ..., block) for a width that is a multiple of B: one GEMM over
+    [tokens·nb, B] rows, no transposed copies (every hadamard layer without signs)."""
+    return (x.reshape(-1, block.shape[0]) @ block).view(x.shape)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric fake quantization with a straight-through gradient (identity backward)."""
     q = qmax(bits)
@@ -98,6 +104,8 @@ class DuQuantLinear(nn.Module):
         # Python flags, set by calibrate()/load_bundle outside forward (never inside it):
         # torch.compile guards on them instead of tracing a mutation.
         self.act_calibrated = False
+        # Set by from_pack when every r_in block is the same matrix and tiles the width exactly.
+        self.uniform_r_in = False
         self.calibrating = False
         nb, nbo = -(-in_features // block_size), -(-out_features // block_out_size)
         fkw: dict[str, Any] = {"dtype": dtype, "device": device}
@@ -175,6 +183,7 @@ class DuQuantLinear(nn.Module):
         if pack.perm is not None:
             layer.perm = tensor(pack.perm.astype("int32"), torch.int32)
         layer.r_in = tensor(pack.r_in, dtype)
+        layer.uniform_r_in = pack.in_features % pack.block_size == 0 and bool((pack.r_in == pack.r_in[:1]).all())
         if pack.perm2 is not None:
             layer.perm2 = tensor(pack.perm2.astype("int32"), torch.int32)
         if pack.r_in2 is not None:
@@ -203,7 +212,10 @@ class DuQuantLinear(nn.Module):
         """x in the transformed basis: permute channels, then rotate each block."""
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        x = block_rotate(x, self.r_in.to(x.dtype))
+        if self.uniform_r_in:
+            x = same_block_rotate(x, self.r_in[0].to(x.dtype))
+        else:
+            x = block_rotate(x, self.r_in.to(x.dtype))
         if self.perm2 is not None:
             x = x.index_select(-1, self.perm2)
         if self.r_in2 is not None:
@@ -274,10 +286,11 @@ class DuQuantLinear(nn.Module):
         )
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"act_calibrated": self.act_calibrated}
+        return {"act_calibrated": self.act_calibrated, "uniform_r_in": self.uniform_r_in}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.act_calibrated = bool(state.get("act_calibrated", False))
+        self.uniform_r_in = bool(state.get("uniform_r_in", False))
 
     def set_act_scale(self, scale: torch.Tensor) -> None:
         """Freeze static activation scales (called outside forward by calibrate/load)."""

@@ -260,6 +260,41 @@ def test_stats_from_another_checkpoint_are_refused(tiny_model_ckpt, tmp_path):
 
 def test_quant_config_validation():
     with pytest.raises(ValueError, match="power of two"):
-        DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", block_size=24))
+        DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", block_size=24, row_rot="0"))
     with pytest.raises(ValueError, match="weight_search"):
         DuQuantConfig(name="x", quant=QuantConfig(weight_search="grid"))
+    with pytest.raises(ValueError, match="only defined for method 'svd'"):
+        DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", row_rot="restore"))
+
+
+def test_presets_default_to_the_measured_method_and_keep_the_seed_reproducible():
+    from duquant_runtime.config import resolve
+
+    full = resolve("full_w4a8")
+    assert (full.transform.method, full.transform.block_size, full.quant.weight_search) == ("hadamard", 64, "mse")
+    seed = resolve("full_w4a8_seed")
+    assert (seed.transform.method, seed.transform.row_rot, seed.quant.weight_search) == ("svd", "restore", "alpha")
+    # the seed preset's fingerprint fields are exactly the first release's (no later fields)
+    assert set(seed.fingerprint_fields()["quant"]) == {
+        "weight_bits",
+        "act_bits",
+        "act_mode",
+        "act_percentile",
+        "calib_steps",
+        "per_layer_weight_bits",
+    }
+
+
+def test_uniform_hadamard_fast_path_matches_the_block_path():
+    rng = np.random.default_rng(2)
+    w = outlier_weight(rng, 24, 64)
+    t = TransformConfig(block_size=16, **METHODS["hadamard"])
+    pack = pack_layer(w, None, SelectedLayer("l", "l.weight", None, 24, 64, "F32", 4), "F32", t)
+    layer = DuQuantLinear.from_pack(pack, act_bits=8, act_mode="per_token_dynamic")
+    assert layer.uniform_r_in
+    x = torch.from_numpy(_correlated_inputs(rng, 32, 64)).float()
+    with torch.no_grad():
+        fast = layer(x)
+        layer.uniform_r_in = False
+        slow = layer(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -305,7 +305,7 @@ def test_bad_env_values_get_one_sentence(demo_ckpt, monkeypatch):
     monkeypatch.setenv("OPENPI_DUQUANT_ROW_ROT", "propagate")
     code, _, err = cli("list-layers", "-c", "llm_w4a8", "--ckpt", demo_ckpt)
     assert_one_sentence(code, err, "'propagate' is refused")
-    monkeypatch.setenv("OPENPI_DUQUANT_ROW_ROT", "restore")
+    monkeypatch.setenv("OPENPI_DUQUANT_ROW_ROT", "0")
     monkeypatch.setenv("OPENPI_DUQUANT_BLOCK", "sixteen")
     code, _, err = cli("list-layers", "-c", "llm_w4a8", "--ckpt", demo_ckpt)
     assert_one_sentence(code, err, "OPENPI_DUQUANT_BLOCK='sixteen' cannot be read as an integer")
