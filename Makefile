@@ -60,19 +60,20 @@ bench: $(STAMP)
 	@set -euo pipefail; \
 	ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); \
 	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint "$$ckpt" --out $(OUT) -q | tail -n 1); \
-	$(BIN)/python bench/quality.py --out $(OUT)/bench/quality.json; \
+	$(BIN)/python bench/quality.py --rows 128 --out $(OUT)/bench/quality.json; \
 	$(BIN)/python bench/component_error.py --config full_w4a8 --checkpoint $(DEMO_DIR) --out $(OUT); \
 	$(BIN)/python bench/load.py --checkpoint $(DEMO_DIR) --bundle "$$bundle"; \
 	$(BIN)/python bench/memory.py --checkpoint $(DEMO_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_demo.json; \
-	$(BIN)/python bench/forward.py --quick --repeats 3
+	$(BIN)/python bench/forward.py --quick --repeats 3 --dtypes fp32
 
 bench-full: full-checkpoint
 	@set -euo pipefail; \
-	$(BIN)/python bench/build.py --checkpoint $(FULL_DIR) --configs full_w4a8,llm_w4a8 --out $(OUT)/bench/build_full.json; \
+	$(BIN)/python bench/build.py --checkpoint $(FULL_DIR) --configs full_w4a8,llm_w4a8 --bundles $(OUT) --out $(OUT)/bench/build_full.json; \
 	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint $(FULL_DIR) --out $(OUT) -q | tail -n 1); \
 	$(BIN)/python bench/load.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --repeats 1 --out $(OUT)/bench/load_full.json; \
 	$(BIN)/python bench/memory.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_full.json; \
-	$(BIN)/python bench/forward.py --repeats 3 --out $(OUT)/bench/forward_full.json
+	$(BIN)/python bench/forward.py --repeats 3 --out $(OUT)/bench/forward_full.json; \
+	$(BIN)/python bench/quality.py --seeds 2 --rows 128 --out $(OUT)/bench/quality_seeds2.json
 
 full-checkpoint: $(STAMP)
 	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)

@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--configs", default="full_w4a8,llm_w4a8")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="N for the --jobs N runs")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--bundles", default=None, help="where the builds write (default: a temp dir, removed)")
     ap.add_argument("--out", default="artifacts/bench/build.json")
     args = ap.parse_args()
 
@@ -119,7 +120,8 @@ def main() -> None:
     results: dict = {"checkpoint": args.checkpoint, "builds": {}, "reference": []}
     print(f"whole builds of {args.checkpoint} ({os.cpu_count()} cores)")
     print(f"{'config':<14}{'jobs':>5}{'layers':>8}{'GB':>7}{'wall s':>9}{'layers/s':>10}{'GB/s':>7}{'peak RSS GB':>13}")
-    with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
+        tmp = args.bundles or scratch
         for config in args.configs.split(","):
             layers = select_layers(resolve(config), ckpt)
             gb = sum(la.weight_bytes for la in layers) / 1e9

@@ -46,12 +46,17 @@ def main() -> None:
     load_s = time.perf_counter() - start
     rss_loaded = rss_mib()
     per: dict[str, dict[str, float]] = {}
+    seen: set[tuple[int, int]] = set()  # a rotation shared by layers of one width counts once
     for name in report.replaced:
         layer = model.get_submodule(name)
         comp = per.setdefault(component_of(name), {"layers": 0, "bf16_MiB": 0.0, "held_MiB": 0.0})
         comp["layers"] += 1
         comp["bf16_MiB"] += 2 * layer.in_features * layer.out_features / 2**20
-        comp["held_MiB"] += layer.buffer_bytes() / 2**20
+        for buf in layer.buffers():
+            key = (buf.untyped_storage().data_ptr(), buf.numel())
+            if key not in seen:
+                seen.add(key)
+                comp["held_MiB"] += buf.numel() * buf.element_size() / 2**20
     result = {
         "checkpoint": args.checkpoint,
         "bundle": args.bundle,
@@ -65,10 +70,12 @@ def main() -> None:
         "components": per,
     }
     print(f"{Path(args.bundle).name} on {args.checkpoint} (bf16 model, {args.weight_storage} storage)")
-    print(f"{'component':<10}{'layers':>8}{'bf16 MiB':>12}{'held MiB':>12}{'ratio':>8}")
+    print(f"{'component':<10}{'layers':>8}{'bf16 MiB':>12}{'held MiB':>12}{'ratio':>8}   (shared buffers once)")
     for comp, c in sorted(per.items()):
         ratio = c["held_MiB"] / c["bf16_MiB"]
         print(f"{comp:<10}{c['layers']:>8}{c['bf16_MiB']:>12.1f}{c['held_MiB']:>12.1f}{ratio:>8.3f}")
+    total = sum(c["held_MiB"] for c in per.values()) / sum(c["bf16_MiB"] for c in per.values())
+    print(f"{'all':<10}{len(report.replaced):>8}{'':>12}{'':>12}{total:>8.3f}")
     print(
         f"RSS of the model: {result['rss_model_MiB']:.0f} MiB -> {result['rss_after_load_MiB']:.0f} MiB after "
         f"load_bundle (saved {result['rss_saved_MiB']:.0f} MiB; the replaced weights were "
