@@ -352,7 +352,9 @@ def configs() -> None:
         t = cfg.transform
         click.echo(
             f"{name:<16} scope={cfg.select.scope!r:<58} w{cfg.quant.weight_bits}a{cfg.quant.act_bits} "
-            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} method={t.method}"
+            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} method={t.method} "
+            f"weights={cfg.quant.weight_search}{'+gptq' if cfg.quant.gptq else ''}"
+            f"{f' smooth={t.smooth_alpha}' if t.smooth_alpha else ''}"
         )
 
 
