@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import torch
 from duquant_runtime import __version__
-from duquant_runtime.bundle import LAYERS, LayerPack, write_header, write_layer
+from duquant_runtime.bundle import HDF5_LIBVER, LAYERS, LayerPack, write_header, write_layer
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import BundleError, DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
@@ -338,7 +338,7 @@ def build_bundle(
     _remove_stale_temps(out_cfg)
     tmp = out_cfg / f".{config.name}.h5.{os.getpid()}.tmp"
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
             f.require_group(LAYERS)
             done_bytes = 0
             by_name = {la.name: la for la in layers}

@@ -42,6 +42,10 @@ from .fingerprint import FORMAT_VERSION, digest
 from .packing import INT4, INT8
 
 FORMAT_NAME = "duquant-packs-bundle"
+# HDF5's v110 file format checksums every metadata block (superblock, object headers,
+# attribute heaps), so a damaged header is reported as an error instead of being parsed
+# (a fuzzed v0 file could segfault libhdf5). Readable by HDF5 >= 1.10 (h5py >= 2.8).
+HDF5_LIBVER = ("v110", "latest")
 LAYERS = "layers"
 DATASETS = ("perm", "r_in", "perm2", "r_in2", "r_out", "qweight", "w_scale", "bias", "act_scale")
 # Which tool release first wrote each format version (for "built by X" messages).

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import crc32
+from .bundle import HDF5_LIBVER, crc32
 from .errors import ActScalesError, DuQuantError
 from .layer import DuQuantLinear
 from .packing import qmax
@@ -112,7 +112,7 @@ def save_act_scales(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
             f.attrs["format"] = SCALES_FORMAT
             f.attrs["format_version"] = SCALES_VERSION
             f.attrs["bundle_fingerprint"] = fingerprints.pop()

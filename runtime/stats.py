@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import crc32
+from .bundle import HDF5_LIBVER, crc32
 from .calibration import percentile_per_channel
 from .config import DuQuantConfig, matches, resolve
 from .errors import StatsError
@@ -159,7 +159,7 @@ class StatsCapture:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
                 f.attrs["format"] = STATS_FORMAT
                 f.attrs["format_version"] = STATS_VERSION
                 index = {}
