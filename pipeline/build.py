@@ -28,9 +28,9 @@ from duquant_runtime.bundle import HDF5_LIBVER, LAYERS, LayerPack, write_header,
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import BundleError, DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
-from duquant_runtime.loader import weight_signature
+from duquant_runtime.loader import signature_matches, weight_signature
 from duquant_runtime.packing import pack_codes, storage_for_bits
-from duquant_runtime.stats import LayerStats, StatsError, StatsReader, signature_matches
+from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
 from .algorithm import compute_transform, transformed_hessian
 from .checkpoint import Checkpoint, CheckpointError
@@ -68,13 +68,14 @@ def pack_layer(
     source_dtype: str,
     config: DuQuantConfig | TransformConfig,
     stats: LayerStats | None = None,
+    signature: tuple[float, float] | None = None,
 ) -> LayerPack:
     """One layer's pack from its float64 weight: transform, weight quantization, static
     activation scales (static act_mode with statistics) and the quality report."""
     if isinstance(config, TransformConfig):  # transform-only callers: the seed's quantization
         config = DuQuantConfig(name="layer", transform=config)
     t, q = config.transform, config.quant
-    signature = weight_signature(torch.from_numpy(weight))
+    signature = signature or weight_signature(torch.from_numpy(weight))
     tr = compute_transform(weight, t, stats)
     hessian = None if stats is None else transformed_hessian(tr, stats.hessian())
     codes, scales, w_sqnr = quantize_weight(
@@ -112,20 +113,25 @@ def pack_layer(
     )
 
 
-def _layer_stats(stats_path: str, layer: SelectedLayer, weight: np.ndarray) -> LayerStats:
+@functools.lru_cache(maxsize=4)
+def _cached_reader(stats_path: str, mtime_ns: int, size: int) -> StatsReader:
+    return StatsReader(stats_path)
+
+
+def _stats_reader(stats_path: str) -> StatsReader:
+    """One reader (header and index parsed once) per worker process, not one per layer;
+    keyed on the file's mtime and size, so a rewritten file is read again."""
+    st = os.stat(stats_path)
+    return _cached_reader(stats_path, st.st_mtime_ns, st.st_size)
+
+
+def _layer_stats(stats_path: str, layer: SelectedLayer, signature: tuple[float, float], size: int) -> LayerStats:
     """The layer's statistics, refused when they were captured on other weights."""
-    reader = StatsReader(stats_path)
+    reader = _stats_reader(stats_path)
     meta = reader.meta.get(layer.name)
     if meta is None:
         raise StatsError(f"{stats_path} has no statistics for {layer.name}; capture them with the same config")
-    if not signature_matches(
-        float(weight.sum()),
-        float(np.square(weight).sum()),
-        meta["weight_sum"],
-        meta["weight_sumsq"],
-        weight.size,
-        STATS_RTOL,
-    ):
+    if not signature_matches(*signature, meta["weight_sum"], meta["weight_sumsq"], size, STATS_RTOL):
         raise StatsError(
             f"{stats_path} was captured on another checkpoint: the weight of {layer.name} differs from the one "
             "the statistics were recorded with; capture statistics on this checkpoint's model"
@@ -181,8 +187,9 @@ def _pack_job(
     bias = ckpt.read(layer.bias) if layer.bias else None
     if bias is not None and not np.isfinite(bias).all():
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
-    stats = None if stats_path is None else _layer_stats(stats_path, layer, weight)
-    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, config, stats)
+    signature = weight_signature(torch.from_numpy(weight))
+    stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
+    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, config, stats, signature)
 
 
 def _run_jobs(

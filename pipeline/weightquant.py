@@ -30,9 +30,8 @@ SCALE_FLOOR = 1e-10
 ROW_CHUNK = 256  # rows per step of a search: temporaries stay cache-sized
 
 
-def _row_error(rows: torch.Tensor, s: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
-    err = (rows / s[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows).square_()
-    return (err * cw if cw is not None else err).sum(dim=1)
+def _row_error(rows: torch.Tensor, s: torch.Tensor, q: int) -> torch.Tensor:
+    return (rows / s[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows).square_().sum(dim=1)
 
 
 def _row_error_fast(rows: torch.Tensor, s: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
@@ -51,7 +50,7 @@ def _seed_alpha_scales(rows: torch.Tensor, q: int) -> torch.Tensor:
     best_s = torch.zeros_like(peak)
     for alpha in SEED_ALPHAS:
         s = (peak / q / alpha).clamp_min(SCALE_FLOOR).float().double()
-        err = _row_error(rows, s, q, None)
+        err = _row_error(rows, s, q)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)

@@ -71,6 +71,13 @@ def weight_signature(weight: torch.Tensor, chunk_elements: int = 1 << 20) -> tup
     return total, squares
 
 
+def signature_matches(a_sum: float, a_sumsq: float, b_sum: float, b_sumsq: float, n: int, rtol: float) -> bool:
+    """Two float64 (sum, sum of squares) signatures of n-element weights agree within rtol
+    (the sum relative to its natural scale sqrt(n · sumsq))."""
+    scale = math.sqrt(n * max(b_sumsq, 1e-300))
+    return abs(a_sum - b_sum) <= rtol * scale + 1e-30 and abs(a_sumsq - b_sumsq) <= rtol * b_sumsq + 1e-30
+
+
 def _signature_problem(name: str, weight: torch.Tensor, pack: LayerPack) -> str | None:
     live_sum, live_sumsq = weight_signature(weight)
     n = weight.numel()
@@ -79,10 +86,7 @@ def _signature_problem(name: str, weight: torch.Tensor, pack: LayerPack) -> str 
     live_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}.get(weight.dtype, 53)
     if live_bits < source_bits or (live_bits == 11 and source_bits == 8):
         rtol = 4.0 * 2.0**-live_bits  # the model holds a rounded copy of the source weights
-    scale = math.sqrt(n * max(pack.source_sumsq, 1e-300))
-    if abs(live_sum - pack.source_sum) > rtol * scale + 1e-30 or abs(live_sumsq - pack.source_sumsq) > (
-        rtol * pack.source_sumsq + 1e-30
-    ):
+    if not signature_matches(live_sum, live_sumsq, pack.source_sum, pack.source_sumsq, n, rtol):
         return (
             f"layer {name}: weight signature differs (model sum {live_sum:.9g}, sumsq {live_sumsq:.9g}; bundle "
             f"sum {pack.source_sum:.9g}, sumsq {pack.source_sumsq:.9g}): the bundle was built from another "

@@ -261,9 +261,3 @@ class StatsReader:
             if crc32(array) != int(meta["crc32"][key]):
                 raise StatsError(f"{self.path}: {name}/{key} fails its checksum; the file is corrupted")
         return LayerStats(tokens=int(meta["tokens"]), **arrays)
-
-
-def signature_matches(a_sum: float, a_sumsq: float, b_sum: float, b_sumsq: float, n: int, rtol: float) -> bool:
-    """Two float64 (sum, sumsq) signatures of n-element weights agree within rtol."""
-    scale = float(np.sqrt(n * max(b_sumsq, 1e-300)))
-    return abs(a_sum - b_sum) <= rtol * scale + 1e-30 and abs(a_sumsq - b_sumsq) <= rtol * b_sumsq + 1e-30
