@@ -8,9 +8,13 @@ are the eigenvectors of its B x B Gram matrix M Mᵀ, so no K x K right-singular
 materialized (the seed's full SVD built up to 16384² per block, which is where its minutes
 went).
 
-Calibration statistics (optional) make the transforms activation-aware: SmoothQuant
-smoothing x/s, W·s (folded into r_in's rows, so r_in is then not orthogonal), and
-activation rows as peaks for the duquant greedy rotation.
+Every method can be preceded by a per-input-channel equalization x/s, W·s (stored as the
+``in_scale`` stage 1/s, applied before the permutation and rotation): from the weights alone
+(``equalization_factors``) or, with calibration statistics, SmoothQuant's
+(``smoothing_factors``). In trained networks the largest activation channels feed the
+smallest weight columns; a rotation that mixes such a channel with ordinary ones multiplies
+the large activation by full-size 4-bit errors. Equalizing first makes the product
+x_j·W[:, j], which is what matters, the thing the rotation spreads.
 """
 
 from __future__ import annotations
@@ -30,20 +34,24 @@ PEAK_ROWS = 1024  # weight rows (evenly spaced) the greedy rotation looks at: bo
 
 @dataclass
 class Transform:
-    """The orthogonal pieces of one layer and its weight in the transformed basis."""
+    """The stages of one layer's input transform and its weight in the transformed basis."""
 
     perm: np.ndarray | None  # int64 [in]
-    r_in: np.ndarray  # float64 [n_blocks, B, B], last block identity-padded
+    r_in: np.ndarray | None  # float64 [n_blocks, B, B], last block identity-padded; None: no rotation
     r_out: np.ndarray | None  # float64 [n_out_blocks, Bo, Bo]
     w_t: np.ndarray  # [out, in], float64 (svd, duquant) or float32 (hadamard)
     perm2: np.ndarray | None = None  # int64 [in], duquant's zigzag between its two rotations
     r_in2: np.ndarray | None = None  # float64 [n_blocks, B, B]
+    in_scale: np.ndarray | None = None  # float64 [in]: x -> x·in_scale before everything else
 
     def apply_input(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] (float64) in the transformed basis, exactly as the runtime computes it."""
+        if self.in_scale is not None:
+            x = x * torch.from_numpy(self.in_scale).to(x.dtype)
         if self.perm is not None:
             x = x.index_select(1, torch.from_numpy(self.perm))
-        x = rotate_column_blocks(x, self.r_in)
+        if self.r_in is not None:
+            x = rotate_column_blocks(x, self.r_in)
         if self.perm2 is not None:
             x = x.index_select(1, torch.from_numpy(self.perm2))
         if self.r_in2 is not None:
@@ -189,43 +197,72 @@ def duquant_transform(w_np: np.ndarray, t: TransformConfig, stats: LayerStats | 
     return tr
 
 
+def no_rotation(w_np: np.ndarray, t: TransformConfig, stats: LayerStats | None = None) -> Transform:
+    """Plain per-row round-to-nearest: no permutation, no rotation."""
+    return Transform(None, None, None, np.ascontiguousarray(w_np))
+
+
 METHODS = {"svd": svd_transform, "hadamard": hadamard_transform, "duquant": duquant_transform}
+# Factors are clipped to this range (geometric mean 1): a dead channel cannot blow up the other side.
+FACTOR_RANGE = (1e-4, 1e4)
+
+
+def _normalized(s: np.ndarray) -> np.ndarray:
+    s = np.clip(s, *FACTOR_RANGE)
+    return np.clip(s / np.exp(np.mean(np.log(s))), *FACTOR_RANGE)  # geometric mean 1: no scale drift
 
 
 def smoothing_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
     """SmoothQuant: s_j = max|x_j|^α / max|W_:,j|^(1-α); x/s and W·s leave x·Wᵀ unchanged."""
     a = np.maximum(act_absmax.astype(np.float64), 1e-5)
     wmax = np.maximum(np.abs(w).max(axis=0), 1e-5)
-    s = a**alpha / wmax ** (1.0 - alpha)
-    return np.clip(s / np.exp(np.mean(np.log(s))), 1e-4, 1e4)  # geometric mean 1: no scale drift
+    return _normalized(a**alpha / wmax ** (1.0 - alpha))
 
 
-def fold_smoothing(tr: Transform, s: np.ndarray) -> None:
-    """x/s before the first stage = scaling r_in's rows by 1/s (in permuted order)."""
-    inv = 1.0 / (s if tr.perm is None else s[tr.perm])
-    nb, b, _ = tr.r_in.shape
-    padded = np.ones(nb * b)
-    padded[: inv.shape[0]] = inv
-    tr.r_in = tr.r_in * padded.reshape(nb, b, 1)
+def equalization_factors(w: np.ndarray, beta: float) -> np.ndarray:
+    """Data-free equalization: s_j = rms(W[:, j])^-β, so W·s has columns of equal size at β = 1.
+
+    In trained networks a tiny weight column usually meets a large activation channel (the
+    consumer compensates its producer), so x/s shrinks exactly the channels that a rotation
+    must not spread; with independent outliers β = 0.5 is the choice that balances weight and
+    activation error (Cauchy-Schwarz on ‖x/s‖·‖W·s‖). Build measures which β each layer wants.
+    """
+    rms = np.sqrt(np.mean(np.square(w, dtype=np.float64), axis=0))
+    floor = max(float(rms.max()) * 1e-6, 1e-30)  # all-zero columns keep factor ~1
+    return _normalized(np.maximum(rms, floor) ** -beta)
 
 
-def compute_transform(w: np.ndarray, t: TransformConfig, stats: LayerStats | None = None) -> Transform:
-    """The layer's transform and its weight in the transformed basis (float64)."""
+def compute_transform(
+    w: np.ndarray,
+    t: TransformConfig,
+    stats: LayerStats | None = None,
+    *,
+    rotate: bool = True,
+    equalize: float = 0.0,
+    smooth: float | None = None,
+) -> Transform:
+    """One candidate transform and the weight in its basis: an equalization (data-free
+    strength ``equalize``, or SmoothQuant ``smooth``, default the config's smooth_alpha)
+    followed by the config's method, or by nothing when ``rotate`` is False."""
+    smooth = t.smooth_alpha if smooth is None else smooth
     s = None
-    if t.smooth_alpha > 0:
+    if smooth > 0:
         if stats is None:
-            raise ValueError("transform.smooth_alpha needs calibration statistics (--calib)")
-        s = smoothing_factors(stats.absmax, w, t.smooth_alpha)
-        w = w * s[None, :]
-        stats = stats.scaled(1.0 / s)
-    tr = METHODS[t.method](w, t, stats)
+            raise ValueError("SmoothQuant smoothing needs calibration statistics (--calib)")
+        s = smoothing_factors(stats.absmax, w, smooth)
+    elif equalize > 0:
+        s = equalization_factors(w, equalize)
     if s is not None:
-        fold_smoothing(tr, s)
+        w = (w * s[None, :]).astype(w.dtype)
+        stats = None if stats is None else stats.scaled(1.0 / s)
+    tr = (METHODS[t.method] if rotate else no_rotation)(w, t, stats)
+    if s is not None:
+        tr.in_scale = 1.0 / s
     return tr
 
 
 def transformed_hessian(tr: Transform, hessian: np.ndarray) -> torch.Tensor:
-    """Tᵀ H T for the input transform T (smoothing included, since r_in carries it)."""
+    """Tᵀ H T for the input transform T (equalization included: apply_input carries it)."""
     h = torch.from_numpy(np.asarray(hessian, dtype=np.float64))
     return tr.apply_input(tr.apply_input(h).t().contiguous())
 

@@ -25,19 +25,16 @@ import numpy as np
 import torch
 from duquant_runtime import __version__
 from duquant_runtime.bundle import HDF5_LIBVER, LAYERS, LayerPack, write_header, write_layer
-from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError, DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
 from duquant_runtime.loader import signature_matches, weight_signature
-from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
-from .algorithm import compute_transform, transformed_hessian
 from .checkpoint import Checkpoint, CheckpointError
-from .quality import simulate, sqnr_db, static_scales
+from .pack import pack_layer, readonly_tensor
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import verify_bundle
-from .weightquant import quantize_weight
 
 # loky: processes (default); threading: one process; dask: a dask.distributed cluster.
 # (joblib's "multiprocessing" backend cannot stream results as they finish.)
@@ -59,58 +56,6 @@ class BuildResult:
 
 def bundle_path(out_dir: Path, config: DuQuantConfig, fingerprint: str) -> Path:
     return out_dir / config.name / f"{config.name}-{fingerprint[:SHORT_LEN]}.h5"
-
-
-def pack_layer(
-    weight: np.ndarray,
-    bias: np.ndarray | None,
-    layer: SelectedLayer,
-    source_dtype: str,
-    config: DuQuantConfig | TransformConfig,
-    stats: LayerStats | None = None,
-    signature: tuple[float, float] | None = None,
-) -> LayerPack:
-    """One layer's pack from its float64 weight: transform, weight quantization, static
-    activation scales (static act_mode with statistics) and the quality report."""
-    if isinstance(config, TransformConfig):  # transform-only callers: the seed's quantization
-        config = DuQuantConfig(name="layer", transform=config)
-    t, q = config.transform, config.quant
-    signature = signature or weight_signature(torch.from_numpy(weight))
-    tr = compute_transform(weight, t, stats)
-    hessian = None if stats is None else transformed_hessian(tr, stats.hessian())
-    codes, scales, w_sqnr = quantize_weight(
-        torch.from_numpy(tr.w_t), layer.bits, search=q.weight_search, hessian=hessian, gptq=q.gptq, damp=q.gptq_damp
-    )
-    act_scale = None
-    if stats is not None and q.act_mode == "per_channel_static" and q.act_bits > 0:
-        act_scale = static_scales(tr, stats.sample, q.act_bits, q.act_percentile)
-    report = {"weight_sqnr_db": w_sqnr}
-    if stats is not None and stats.sample.shape[0]:
-        x = torch.from_numpy(stats.sample).double()
-        y = x @ torch.from_numpy(weight).double().t()
-        report["output_sqnr_db"] = sqnr_db(y, simulate(tr, codes, scales, x, q.act_bits, act_scale))
-    return LayerPack(
-        name=layer.name,
-        in_features=layer.in_features,
-        out_features=layer.out_features,
-        weight_bits=layer.bits,
-        storage=storage_for_bits(layer.bits),
-        block_size=t.block_size,
-        block_out_size=t.block_out_size,
-        perm=None if tr.perm is None else tr.perm.astype(np.int32),
-        r_in=tr.r_in.astype(np.float32),
-        r_out=None if tr.r_out is None else tr.r_out.astype(np.float32),
-        qweight=pack_codes(codes, layer.bits),
-        w_scale=scales,
-        bias=None if bias is None else bias.astype(np.float32),
-        source_dtype=source_dtype,
-        source_sum=signature[0],
-        source_sumsq=signature[1],
-        perm2=None if tr.perm2 is None else tr.perm2.astype(np.int32),
-        r_in2=None if tr.r_in2 is None else tr.r_in2.astype(np.float32),
-        act_scale=act_scale,
-        quality={k: round(v, 3) if np.isfinite(v) else 999.0 for k, v in report.items()},
-    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -187,7 +132,7 @@ def _pack_job(
     bias = ckpt.read(layer.bias) if layer.bias else None
     if bias is not None and not np.isfinite(bias).all():
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
-    signature = weight_signature(torch.from_numpy(weight))
+    signature = weight_signature(readonly_tensor(weight))
     stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
     return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, config, stats, signature)
 

@@ -1,8 +1,13 @@
-"""Quality numbers for one layer's pack: SQNR of the weight and of the layer's output.
+"""Quality figures of a packed layer, computed with the runtime's own DuQuantLinear.
 
-``simulate`` runs the packed layer in float64 exactly as the runtime does (transform,
-activation fake-quant, dequantized weight, output rotation), so the output SQNR is the
-error the user will see for those inputs, not an approximation of it.
+The numbers build records (and uses to choose a layer's transform) and the benchmarks
+report come from the layer users run, not from a second copy of its forward:
+
+* ``weight_sqnr_db``: the effective weight (``DuQuantLinear.effective_weight``, back in the
+  original basis) against the source weight. It is the expected output SQNR for inputs
+  with independent, equal-variance channels, and the data-free proxy build chooses by;
+* ``output_sqnr_db``: the layer's output on captured input rows against x·Wᵀ, with the
+  activation quantization it will run with.
 """
 
 from __future__ import annotations
@@ -11,11 +16,9 @@ import math
 
 import numpy as np
 import torch
+from duquant_runtime.bundle import LayerPack
+from duquant_runtime.layer import DuQuantLinear
 from duquant_runtime.packing import qmax
-
-from .algorithm import Transform, rotate_column_blocks
-
-ACT_EPS = 1e-8
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -27,38 +30,31 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return 10.0 * math.log10(max(signal, 1e-300) / noise)
 
 
-def quantize_acts(x_t: torch.Tensor, bits: int, static_scale: torch.Tensor | None) -> torch.Tensor:
-    """The runtime's activation fake-quant: per-token dynamic, or static per-channel."""
-    if bits <= 0:
-        return x_t
-    q = qmax(bits)
-    if static_scale is None:
-        scale = (x_t.abs().amax(dim=-1, keepdim=True) / q).clamp_min(ACT_EPS)
-    else:
-        scale = static_scale.double().clamp_min(ACT_EPS)
-    return (x_t / scale).round().clamp(-q - 1, q) * scale
+def runtime_layer(pack: LayerPack, act_bits: int, act_mode: str, dtype: torch.dtype) -> DuQuantLinear:
+    """The pack as users load it (dequantized storage: the same numbers, unpacked once)."""
+    layer = DuQuantLinear.from_pack(pack, act_bits=act_bits, act_mode=act_mode, weight_storage="dequant", dtype=dtype)
+    return layer.eval()
 
 
-def static_scales(tr: Transform, sample: np.ndarray, bits: int, percentile: float) -> np.ndarray:
-    """Static per-channel scales in the transformed basis from calibration rows (seed rule:
-    the percentile of |x_t| / qmax), float32 [in]."""
-    x_t = tr.apply_input(torch.from_numpy(sample).double()).abs()
+def weight_sqnr_db(layer: DuQuantLinear, weight: torch.Tensor) -> float:
+    """SQNR of the layer's effective weight against ``weight`` [out, in], in the weight's dtype."""
+    eff = layer.effective_weight(weight.dtype)
+    return sqnr_db(weight, eff)
+
+
+def output_sqnr_db(layer: DuQuantLinear, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """SQNR of the layer's output (bias excluded) on input rows ``x`` against x·Wᵀ (float64)."""
+    with torch.no_grad():
+        y = layer(x.double())
+        if layer.bias is not None:
+            y = y - layer.bias.double()
+    return sqnr_db(x.double() @ weight.double().t(), y)
+
+
+def static_scales(layer: DuQuantLinear, sample: np.ndarray, bits: int, percentile: float) -> np.ndarray:
+    """Static per-channel scales in the layer's transformed basis from calibration rows (the
+    seed's rule: the percentile of |x_t| / qmax), float32 [in]."""
+    with torch.no_grad():
+        x_t = layer.rotate_input(torch.from_numpy(sample).double()).abs()
     p = torch.quantile(x_t, percentile / 100.0, dim=0) if x_t.shape[0] > 1 else x_t[0]
-    return (p / qmax(bits)).clamp_min(ACT_EPS).float().numpy()
-
-
-def simulate(
-    tr: Transform,
-    codes: np.ndarray,
-    scales: np.ndarray,
-    x: torch.Tensor,
-    act_bits: int,
-    act_scale: np.ndarray | None = None,
-) -> torch.Tensor:
-    """The packed layer's output (no bias) for inputs x [rows, in], in float64."""
-    x_t = quantize_acts(
-        tr.apply_input(x.double()), act_bits, None if act_scale is None else torch.from_numpy(act_scale)
-    )
-    w_hat = torch.from_numpy(codes).double() * torch.from_numpy(scales).double()[:, None]
-    y = x_t @ w_hat.t()
-    return y if tr.r_out is None else rotate_column_blocks(y, tr.r_out)
+    return (p / qmax(bits)).clamp_min(1e-8).float().numpy()

@@ -1,16 +1,21 @@
 """The bundle format (HDF5), defined once: the pipeline writes with it, the runtime reads.
 
-Layout (format_version 1)::
+Layout (format_version 2; format 1 is the same without ``in_scale``, with ``r_in`` always
+present, and is still read)::
 
     /                   attrs: format, format_version, fingerprint, fingerprint_json,
                                config_json, provenance_json, tool_version, created_at
     /layers/<module>    attr meta (JSON): in_features, out_features, weight_bits, storage,
                                block_size, block_out_size, source_dtype,
                                source_sum, source_sumsq (float64 signature of the weight),
-                               crc32 {dataset: crc32 of its bytes}
+                               crc32 {dataset: crc32 of its bytes},
+                               choice (the candidate transform build kept, e.g.
+                               "hadamard+eq1.0", "rtn"), quality (its measured SQNR)
+        in_scale  float32 [in]              (per-channel equalization x·in_scale, applied
+                                             first; absent when the layer has none)
         perm      int32  [in]               (absent when permute is off)
-        r_in      float32 [n_in_blocks, B, B]   (last block identity-padded; rows carry
-                                             the smoothing 1/s when built with smooth_alpha)
+        r_in      float32 [n_in_blocks, B, B]   (absent: no rotation; last block identity-padded;
+                                             rows carry the smoothing 1/s of a format-1 build)
         perm2     int32  [in]               (duquant: zigzag between its two rotations)
         r_in2     float32 [n_in_blocks, B, B]   (duquant: the second rotation)
         r_out     float32 [n_out_blocks, Bo, Bo] (absent when row_rot is off)
@@ -18,8 +23,9 @@ Layout (format_version 1)::
         w_scale   float32 [out]
         bias      float32 [out]          (absent when the layer has none)
         act_scale float32 [in]           (static activation scales, from build --calib)
-    every dataset's crc32 is checked on read. meta may also hold ``quality``
-    (weight_sqnr_db, and output_sqnr_db when built with calibration statistics).
+    every dataset's crc32 is checked on read. ``quality`` holds weight_sqnr_db (the error
+    of the effective weight in the original basis), output_sqnr_db when built with
+    calibration statistics, and rtn_* figures of plain round-to-nearest for comparison.
 
 Every h5py failure is translated into :class:`BundleReadError`; nothing else escapes.
 """
@@ -47,9 +53,12 @@ FORMAT_NAME = "duquant-packs-bundle"
 # (a fuzzed v0 file could segfault libhdf5). Readable by HDF5 >= 1.10 (h5py >= 2.8).
 HDF5_LIBVER = ("v110", "latest")
 LAYERS = "layers"
-DATASETS = ("perm", "r_in", "perm2", "r_in2", "r_out", "qweight", "w_scale", "bias", "act_scale")
+DATASETS = ("in_scale", "perm", "r_in", "perm2", "r_in2", "r_out", "qweight", "w_scale", "bias", "act_scale")
 # Which tool release first wrote each format version (for "built by X" messages).
-FORMAT_WRITERS = {1: "0.1"}
+FORMAT_WRITERS = {1: "0.1", 2: "0.2"}
+# Format 2 adds in_scale and makes r_in optional: a format-1 reader would ignore in_scale and
+# compute wrong numbers, so the version is bumped and this reader reads both.
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -64,7 +73,7 @@ class LayerPack:
     block_size: int
     block_out_size: int
     perm: np.ndarray | None
-    r_in: np.ndarray
+    r_in: np.ndarray | None
     r_out: np.ndarray | None
     qweight: np.ndarray
     w_scale: np.ndarray
@@ -76,6 +85,8 @@ class LayerPack:
     r_in2: np.ndarray | None = None
     act_scale: np.ndarray | None = None
     quality: dict[str, float] | None = None
+    in_scale: np.ndarray | None = None
+    choice: str | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in DATASETS if getattr(self, k) is not None}
@@ -148,6 +159,8 @@ def write_layer(f: h5py.File, pack: LayerPack) -> None:
     )
     if pack.quality:
         meta["quality"] = pack.quality
+    if pack.choice:
+        meta["choice"] = pack.choice
     g.attrs["meta"] = json.dumps(meta, sort_keys=True)
     for key, array in arrays.items():
         g.create_dataset(key, data=np.ascontiguousarray(array))
@@ -221,11 +234,12 @@ class BundleReader:
                 )
             version = int(self._attr("format_version"))
             tool = str(self._attr("tool_version"))
-            if version != FORMAT_VERSION:
+            if version not in READABLE_FORMATS:
                 reader = FORMAT_WRITERS.get(FORMAT_VERSION, "?")
                 raise BundleVersionError(
                     f"{self.path} was built by duquant-packs {tool} (format {version}); this runtime "
-                    f"reads format {FORMAT_VERSION} (duquant-packs {reader}): install a duquant-packs "
+                    f"reads formats {', '.join(map(str, READABLE_FORMATS))} (duquant-packs {reader}): "
+                    f"install a duquant-packs "
                     f"that reads format {version}, or rebuild the bundle with this one",
                     field="format_version",
                 )
@@ -283,7 +297,7 @@ class BundleReader:
             for key in DATASETS:
                 ds = present.get(key)
                 if ds is None:
-                    if key in ("r_in", "qweight", "w_scale"):
+                    if key in ("qweight", "w_scale") or (key == "r_in" and self.header.format_version < 2):
                         raise BundleReadError(
                             f"{self.path}: layer {name!r} has no {key!r} dataset", layer=name, field=key
                         )
@@ -314,6 +328,7 @@ class BundleReader:
                 source_sum=float(meta["source_sum"]),
                 source_sumsq=float(meta["source_sumsq"]),
                 quality=_quality(meta.get("quality")),
+                choice=str(meta["choice"]) if "choice" in meta else None,
                 **ints,
                 **arrays,  # type: ignore[arg-type]
             )
@@ -357,6 +372,7 @@ def _expected_datasets(meta: dict[str, int], storage: str) -> dict[str, tuple[tu
     f32 = (np.dtype(np.float32),)
     q_shape = (n_out, (n_in + 1) // 2) if storage == INT4 else (n_out, n_in)
     return {
+        "in_scale": ((n_in,), f32),
         "perm": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
         "r_in": ((-(-n_in // b), b, b), f32),
         "perm2": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
@@ -377,7 +393,9 @@ def _check_pack_values(path: Path, p: LayerPack) -> None:
             raise BundleReadError(
                 f"{path}: layer {p.name!r} {key} is not a permutation of the input channels", layer=p.name, field=key
             )
-    for key in ("r_in", "r_in2", "r_out", "w_scale", "bias", "act_scale"):
+    for key in ("in_scale", "r_in", "r_in2", "r_out", "w_scale", "bias", "act_scale"):
         value = getattr(p, key)
         if value is not None and not np.isfinite(value).all():
             raise BundleReadError(f"{path}: layer {p.name!r} {key} holds NaN/Inf", layer=p.name, field=key)
+    if p.in_scale is not None and not (p.in_scale > 0).all():
+        raise BundleReadError(f"{path}: layer {p.name!r} in_scale is not positive", layer=p.name, field="in_scale")

@@ -46,6 +46,9 @@ class QuantConfig:
     weight_search: str = "alpha"
     gptq: bool = False  # GPTQ error compensation (needs --calib statistics)
     gptq_damp: float = 0.01
+    # Layers whose measured SQNR (output SQNR with --calib, else the weight's) stays below
+    # this are packed at 8 bits instead; 0 = off.
+    min_sqnr_db: float = 0.0
     # Sorted (layer name, bits) pairs: a tuple keeps the dataclass hashable and canonical.
     per_layer_weight_bits: tuple[tuple[str, int], ...] = ()
 
@@ -65,13 +68,28 @@ class TransformConfig:
     max_rotation_step: int = 16  # duquant: greedy steps per rotation
     seed: int = 0  # hadamard signs and duquant's random inner rotations
     smooth_alpha: float = 0.0  # SmoothQuant migration strength with --calib; 0 = off
+    # Per-layer choice (build keeps the candidate with the lowest measured error):
+    # data-free equalization strengths beta tried (column scale ||W_:,j||^-beta; 0 = none),
+    equalize: tuple[float, ...] = ()
+    # SmoothQuant strengths alpha tried with --calib (chosen by output error on the sample),
+    smooth_search: tuple[float, ...] = ()
+    # and whether "no rotation" (plain per-row round-to-nearest, after equalization) competes.
+    rtn_candidate: bool = False
 
 
 # Fields added after the first release: they enter the fingerprint only when set to a
 # non-default value, so bundles built before they existed keep their fingerprints.
 LATER_FIELDS = {
-    "quant": {"weight_search": "alpha", "gptq": False, "gptq_damp": 0.01},
-    "transform": {"hadamard_signs": False, "max_rotation_step": 16, "seed": 0, "smooth_alpha": 0.0},
+    "quant": {"weight_search": "alpha", "gptq": False, "gptq_damp": 0.01, "min_sqnr_db": 0.0},
+    "transform": {
+        "hadamard_signs": False,
+        "max_rotation_step": 16,
+        "seed": 0,
+        "smooth_alpha": 0.0,
+        "equalize": [],
+        "smooth_search": [],
+        "rtn_candidate": False,
+    },
 }
 
 
@@ -90,7 +108,15 @@ class DuQuantConfig:
         d = dataclasses.asdict(self)
         d["select"]["layers"] = list(self.select.layers)
         d["quant"]["per_layer_weight_bits"] = dict(self.quant.per_layer_weight_bits)
+        d["transform"]["equalize"] = list(self.transform.equalize)
+        d["transform"]["smooth_search"] = list(self.transform.smooth_search)
         return d
+
+    @property
+    def per_layer_choice(self) -> bool:
+        """Does build choose each layer's transform among several candidates?"""
+        t = self.transform
+        return bool(t.equalize or t.smooth_search or t.rtn_candidate)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Every field that changes the packs or the runtime numerics: all but the name."""
@@ -170,6 +196,20 @@ def validate(cfg: DuQuantConfig) -> None:
         f"quant.weight_search must be one of {', '.join(WEIGHT_SEARCHES)}, got {q.weight_search!r}",
     )
     _check(0.0 < q.gptq_damp <= 1.0, f"quant.gptq_damp must be in (0, 1], got {q.gptq_damp}")
+    _check(0.0 <= q.min_sqnr_db <= 100.0, f"quant.min_sqnr_db must be in [0, 100] dB (0 = off), got {q.min_sqnr_db}")
+    for key, values in (("equalize", t.equalize), ("smooth_search", t.smooth_search)):
+        _check(
+            all(0.0 <= v <= 1.0 for v in values) and len(set(values)) == len(values),
+            f"transform.{key} must be distinct strengths in [0, 1], got {list(values)}",
+        )
+    _check(
+        not (t.smooth_search and t.smooth_alpha > 0),
+        "transform.smooth_alpha and transform.smooth_search are exclusive: give one strength, or the list to search",
+    )
+    _check(
+        not (cfg.per_layer_choice and t.row_rot != "0"),
+        "the per-layer choice (equalize / smooth_search / rtn_candidate) needs transform.row_rot = '0'",
+    )
 
 
 # The policy's last layer is quantized only when named in select.layers.
@@ -214,6 +254,12 @@ def _typed(section: str, key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if key in ("equalize", "smooth_search"):
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
     if key == "layers":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of layer names, got {value!r}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import DuQuantConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Bump when the pack algorithm's numbers change for the same config and weights.
 ALGORITHM_VERSIONS = {"svd": 1, "hadamard": 1, "duquant": 1}
 SHORT_LEN = 12

@@ -3,7 +3,8 @@
 Forward (DESIGN.md §5), purely functional (no attribute assignment, no in-place edit
 of inputs), so it works under no_grad, autograd and ``torch.compile(fullgraph=True)``::
 
-    x -> x[..., perm] -> blockwise x·R_in (one bmm over the stacked blocks)
+    x [-> x·in_scale]   (per-channel equalization, format 2; optional)
+      [-> x[..., perm]] -> [blockwise x·R_in (one bmm over the stacked blocks)]
       [-> x[..., perm2] -> blockwise x·R_in2]   (duquant's second rotation)
       -> activation fake-quant -> linear with the dequantized transformed weight
       -> blockwise y·R_out (one bmm) -> + bias
@@ -70,7 +71,8 @@ class DuQuantLinear(nn.Module):
     """A quantized Linear. Attributes ``in_features``, ``out_features``, ``bias`` and
     ``weight`` behave as on nn.Linear (``weight`` is computed on access; see its doc).
 
-    Buffers: ``perm`` (long, optional), ``r_in`` [nb, B, B], ``r_out`` (optional),
+    Buffers: ``in_scale`` (float32 [in], optional: the input equalization), ``perm``
+    (int32, optional), ``r_in`` [nb, B, B] (optional: absent = no rotation), ``r_out`` (optional),
     either ``qweight`` (packed codes) + ``w_scale`` (``weight_storage="int4"``: real
     4-bit memory, dequantized on each call) or ``w_t`` (``"dequant"``: unpacked once at
     load, for speed), ``bias`` (optional) and ``act_scale`` (static activations).
@@ -91,6 +93,8 @@ class DuQuantLinear(nn.Module):
         bias: bool,
         second_stage: bool = False,
         second_perm: bool = False,
+        rotate: bool = True,
+        equalize: bool = False,
         weight_storage: str = "int4",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -109,9 +113,15 @@ class DuQuantLinear(nn.Module):
         self.calibrating = False
         nb, nbo = -(-in_features // block_size), -(-out_features // block_out_size)
         fkw: dict[str, Any] = {"dtype": dtype, "device": device}
+        # An empty tensor in the compute dtype: it follows .to() like every buffer, so the
+        # layer knows its dtype even when it holds no float buffer of that dtype (int4 RTN).
+        self.register_buffer("dtype_ref", torch.empty(0, **fkw))
+        self.register_buffer(
+            "in_scale", torch.ones(in_features, dtype=torch.float32, device=device) if equalize else None
+        )
         # int32 indices: half the bytes of int64, and index_select accepts them
         self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int32, device=device) if permute else None)
-        self.register_buffer("r_in", torch.zeros(nb, block_size, block_size, **fkw))
+        self.register_buffer("r_in", torch.zeros(nb, block_size, block_size, **fkw) if rotate else None)
         self.register_buffer(
             "perm2", torch.zeros(in_features, dtype=torch.int32, device=device) if second_perm else None
         )
@@ -163,6 +173,8 @@ class DuQuantLinear(nn.Module):
             bias=pack.bias is not None,
             second_stage=pack.r_in2 is not None,
             second_perm=pack.perm2 is not None,
+            rotate=pack.r_in is not None,
+            equalize=pack.in_scale is not None,
             weight_storage=weight_storage,
             dtype=dtype,
             device="meta",
@@ -180,10 +192,14 @@ class DuQuantLinear(nn.Module):
             cache[key] = (array, out)
             return out
 
+        layer.dtype_ref = torch.empty(0, dtype=dtype, **fdev)
+        if pack.in_scale is not None:
+            layer.in_scale = torch.from_numpy(pack.in_scale).to(dtype=torch.float32, **fdev)
         if pack.perm is not None:
             layer.perm = tensor(pack.perm.astype("int32"), torch.int32)
-        layer.r_in = tensor(pack.r_in, dtype)
-        layer.uniform_r_in = pack.in_features % pack.block_size == 0 and bool((pack.r_in == pack.r_in[:1]).all())
+        if pack.r_in is not None:
+            layer.r_in = tensor(pack.r_in, dtype)
+            layer.uniform_r_in = pack.in_features % pack.block_size == 0 and bool((pack.r_in == pack.r_in[:1]).all())
         if pack.perm2 is not None:
             layer.perm2 = tensor(pack.perm2.astype("int32"), torch.int32)
         if pack.r_in2 is not None:
@@ -209,13 +225,16 @@ class DuQuantLinear(nn.Module):
     # ------------------------------------------------------------ forward pieces
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x in the transformed basis: permute channels, then rotate each block."""
+        """x in the transformed basis: equalize, permute channels, then rotate each block."""
+        if self.in_scale is not None:
+            x = x * self.in_scale.to(x.dtype)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if self.uniform_r_in:
-            x = same_block_rotate(x, self.r_in[0].to(x.dtype))
-        else:
-            x = block_rotate(x, self.r_in.to(x.dtype))
+        if self.r_in is not None:
+            if self.uniform_r_in:
+                x = same_block_rotate(x, self.r_in[0].to(x.dtype))
+            else:
+                x = block_rotate(x, self.r_in.to(x.dtype))
         if self.perm2 is not None:
             x = x.index_select(-1, self.perm2)
         if self.r_in2 is not None:
@@ -262,26 +281,35 @@ class DuQuantLinear(nn.Module):
         detached, in the layer's compute dtype; it is not a Parameter and is not stored.
         """
         with torch.no_grad():
-            dtype = self.r_in.dtype
+            return self.effective_weight(self.dtype_ref.dtype)
+
+    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight in the original basis, in ``dtype`` (float64 for exact quality checks)."""
+        with torch.no_grad():
             w = self.dequantized_weight(dtype)
-            # W_eff = W_t · Tᵀ for the input transform T = P·A1[·P2·A2] (A1 need not be
-            # orthogonal: it carries the smoothing), applied right to left.
+            # W_eff = W_t · Tᵀ for the input transform T = D·P·A1[·P2·A2] (D the equalization,
+            # A1 need not be orthogonal: it carries the smoothing), applied right to left.
             if self.r_in2 is not None:
-                w = block_rotate(w, self.r_in2.transpose(1, 2))
+                w = block_rotate(w, self.r_in2.to(dtype).transpose(1, 2))
             if self.perm2 is not None:
                 w = torch.empty_like(w).index_copy_(1, self.perm2.long(), w)
-            w = block_rotate(w, self.r_in.transpose(1, 2))  # W_t · blockdiag(R_in)ᵀ
+            if self.r_in is not None:
+                w = block_rotate(w, self.r_in.to(dtype).transpose(1, 2))  # W_t · blockdiag(R_in)ᵀ
             if self.perm is not None:
                 w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)  # undo the permutation
+            if self.in_scale is not None:
+                w = w * self.in_scale.to(dtype)[None, :]
             if self.r_out is not None:  # blockdiag(R_out)ᵀ · W
-                w = block_rotate(w.t(), self.r_out).t()
+                w = block_rotate(w.t(), self.r_out.to(dtype)).t()
             return w.contiguous()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"w{self.weight_bits}a{self.act_bits} ({self.act_mode}), storage={self.weight_storage}, "
-            f"block={self.r_in.shape[1]}, permute={self.perm is not None}, row_rot={self.r_out is not None}"
+            f"w{self.weight_bits}a{self.act_bits} ({self.act_mode}), storage={self.weight_storage}"
+            + (f", block={self.r_in.shape[1]}" if self.r_in is not None else ", no rotation")
+            + f", permute={self.perm is not None}, row_rot={self.r_out is not None}"
+            + (", equalized" if self.in_scale is not None else "")
             + (", two-stage" if self.r_in2 is not None else "")
         )
 
@@ -298,7 +326,7 @@ class DuQuantLinear(nn.Module):
             raise ValueError("this layer does not use static activation scales")
         if scale.shape != (self.in_features,):
             raise ValueError(f"act scale must have shape ({self.in_features},), got {tuple(scale.shape)}")
-        self.act_scale = scale.detach().to(device=self.r_in.device, dtype=torch.float32).clamp_min(ACT_EPS)
+        self.act_scale = scale.detach().to(device=self.dtype_ref.device, dtype=torch.float32).clamp_min(ACT_EPS)
         self.act_calibrated = True
 
     def buffer_bytes(self) -> int:

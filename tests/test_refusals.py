@@ -134,7 +134,7 @@ def test_future_format_version_is_refused(demo_bundles, tmp_path, demo_model):
         f.attrs["tool_version"] = "9.1"
     with pytest.raises(BundleVersionError) as info:
         load_bundle(copy.deepcopy(demo_model), bad)
-    assert "built by duquant-packs 9.1 (format 7); this runtime reads format 1" in str(info.value)
+    assert "built by duquant-packs 9.1 (format 7); this runtime reads formats 1, 2" in str(info.value)
     code, _, err = cli("verify", bad)
     assert code == 1 and "format 7" in err
 
