@@ -2,10 +2,12 @@
 
 Cases, all on the layers ``--config`` selects (default full_w4a8):
   * RTN W4A8 baseline (per-row absmax int4 weights, per-token int8 activations, no transform);
-  * the seed's svd method (``*_seed`` settings), the default (block Hadamard), duquant;
+  * the seed's svd method (``*_seed`` settings), block Hadamard alone (the previous
+    default), the default (per-layer choice among equalized / rotated / plain candidates);
   * the default with calibrated static activations (runtime ``calibrate``);
-  * ``--calib`` builds from statistics captured with ``capture_stats`` (smoothing + GPTQ,
-    per-token and with the bundle's own static scales).
+  * ``--calib`` builds from statistics captured with ``capture_stats`` (the calib preset:
+    per-layer choice with SmoothQuant candidates + GPTQ, per-token and with the bundle's
+    own static scales).
 
     python bench/component_error.py [--config full_w4a8] [--checkpoint artifacts/demo]
 
@@ -77,15 +79,15 @@ def main() -> None:
     torch.set_num_threads(2)
 
     cfg = resolve(args.config)
-    seed_t = resolve("full_w4a8_seed").transform
+    seed, calib = resolve("full_w4a8_seed"), resolve("full_w4a8_calib")
     cases: dict[str, tuple[DuQuantConfig, bool]] = {  # label -> (config, built with --calib)
-        "svd (seed method)": (cfg.replace(transform=seed_t).replace("quant", weight_search="alpha"), False),
-        "default (hadamard 64)": (cfg, False),
-        "duquant 16": (cfg.replace("transform", method="duquant", block_size=16), False),
+        "svd (seed method)": (cfg.replace(transform=seed.transform, quant=seed.quant), False),
+        "hadamard 64 only (prev. default)": (cfg.replace("transform", equalize=(), rtn_candidate=False), False),
+        "default (per-layer choice)": (cfg, False),
         "default, calibrated static": (cfg.replace("quant", act_mode="per_channel_static"), False),
-        "calib: smooth + gptq": (cfg.replace("quant", gptq=True).replace("transform", smooth_alpha=0.5), True),
-        "calib: smooth + gptq, static": (
-            cfg.replace("quant", gptq=True, act_mode="per_channel_static").replace("transform", smooth_alpha=0.5),
+        "calib preset": (cfg.replace(transform=calib.transform, quant=calib.quant), True),
+        "calib preset, static": (
+            cfg.replace(transform=calib.transform, quant=calib.quant).replace("quant", act_mode="per_channel_static"),
             True,
         ),
     }
@@ -115,9 +117,11 @@ def main() -> None:
 
     comps = list(inputs)
     print(f"{args.config} on {args.checkpoint}: relative L2 output error vs fp32, per component (lower is better)")
-    print(f"{'case':<32}" + "".join(f"{c:>10}" for c in comps))
+    rtn = results["RTN W4A8 baseline"]
+    print(f"{'case':<34}" + "".join(f"{c:>17}" for c in comps))
     for case, errs in results.items():
-        print(f"{case:<32}" + "".join(f"{errs[c]:>10.4f}" for c in comps))
+        print(f"{case:<34}" + "".join(f"{errs[c]:>9.4f} ({errs[c] / rtn[c]:.2f})" for c in comps))
+    print("(in parentheses: the ratio to RTN's error)")
     out = Path(args.out) / "bench" / "component_error.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "checkpoint": args.checkpoint, "errors": results}, indent=2))

@@ -1,18 +1,19 @@
-"""Per-layer output SQNR of every method and option on synthetic pi0.5-shaped layers.
+"""Per-layer output SQNR on synthetic pi0.5-shaped layers with *independent* outliers.
 
-    python bench/quality.py [--full] [--seeds 2]
+    python bench/quality.py [--full] [--seeds 2] [--rows 128]
 
-Each case packs the layer with the pipeline's own code (compute_transform, weight
-quantization) and runs it in float64 exactly as the runtime does (bench/synthetic.py
-documents the layer generator). Output SQNR = 10·log10(‖XWᵀ‖² / ‖XWᵀ - layer(X)‖²) on
-evaluation tokens that calibration never saw, with per-token dynamic int8 activations
-and with static per-channel int8 scales calibrated on the calibration tokens.
+The independent-outlier testbed (bench/synthetic.py documents the generator: activation
+outlier channels drawn independently of heavy weight columns). It rewards rotation; the
+trained-like testbeds, where large activations meet small weight columns, are in
+bench/trained.py. Every case packs the layer with the pipeline's own ``pack_layer`` and runs
+it as the runtime's ``DuQuantLinear`` (one forward: the numbers describe what users run).
+Output SQNR = 10·log10(‖XWᵀ‖² / ‖XWᵀ - layer(X)‖²) on evaluation tokens that calibration
+never saw, with per-token dynamic int8 activations, with static per-channel int8 scales
+(percentile of the calibration tokens), and with weights only.
 
-Baselines: RTN (no transform, per-row absmax int4, as plain W4A8) and RTN with the MSE
-clip search; the seed's svd and its permutation-free / rotation-free variants.
-Calibrated cases ("+calib") use statistics of the calibration tokens.
-Without --full the 16384-wide LLM down_proj is skipped (GPTQ's 16384² Cholesky alone
-takes minutes on 2 cores).
+Baseline: RTN (no transform, per-row absmax int4, as plain W4A8). Calibrated cases use
+statistics of the calibration tokens. Without --full the 16384-wide LLM down_proj is
+skipped (GPTQ's 16384² Cholesky alone takes minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -21,65 +22,37 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from duquant_pipeline.algorithm import Transform, compute_transform, transformed_hessian
-from duquant_pipeline.quality import simulate, sqnr_db, static_scales
-from duquant_pipeline.weightquant import quantize_weight
-from duquant_runtime.config import TransformConfig
+from duquant_pipeline.algorithm import Transform
+from duquant_pipeline.pack import LayerPacker, pack_layer
+from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scales
+from duquant_pipeline.select import SelectedLayer
+from duquant_runtime.bundle import LayerPack
+from duquant_runtime.config import DuQuantConfig, resolve
 from duquant_runtime.stats import LayerStats
 from synthetic import PI05_SHAPES, SyntheticLayer, make_layer
 
-HAD = {"method": "hadamard", "row_rot": "0", "permute": False}
-DUQ = {"method": "duquant", "row_rot": "0"}
-
-
-@dataclass(frozen=True)
-class Case:
-    label: str
-    transform: dict | None  # None: no transform (RTN)
-    search: str = "alpha"
-    calib: bool = False  # statistics used (activation-aware search, smoothing, duquant peaks)
-    gptq: bool = False
-    rotation: bool = True  # False: keep the permutation, drop svd's rotations
-    extra: dict = field(default_factory=dict)
-
-
-CASES = (
-    Case("RTN (absmax)", None, search="absmax"),
-    Case("RTN (mse)", None, search="mse"),
-    Case("svd (seed)", {"method": "svd"}),
-    Case("svd, permutation-free", {"method": "svd", "permute": False}),
-    Case("svd, no row rotation", {"method": "svd", "row_rot": "0"}),
-    Case("svd, rotation-free (perm only)", {"method": "svd", "row_rot": "0"}, rotation=False),
-    Case("hadamard 16", {**HAD, "block_size": 16}, search="mse"),
-    Case("hadamard 32", {**HAD, "block_size": 32}, search="mse"),
-    Case("hadamard 64 (default)", {**HAD, "block_size": 64}, search="mse"),
-    Case("hadamard 128", {**HAD, "block_size": 128}, search="mse"),
-    Case("hadamard 64 + signs", {**HAD, "block_size": 64, "hadamard_signs": True}, search="mse"),
-    Case("hadamard 64, alpha search", {**HAD, "block_size": 64}),
-    Case("duquant 16", {**DUQ, "block_size": 16}, search="mse"),
-    Case("duquant 64", {**DUQ, "block_size": 64}, search="mse"),
-    Case("duquant 128", {**DUQ, "block_size": 128}, search="mse"),
-    Case("RTN + calib + gptq", None, search="mse", calib=True, gptq=True),
-    Case("hadamard 64 + calib", {**HAD, "block_size": 64}, search="mse", calib=True),
-    Case("hadamard 64 + calib + smooth 0.5", {**HAD, "block_size": 64, "smooth_alpha": 0.5}, "mse", calib=True),
-    Case("hadamard 64 + calib + gptq", {**HAD, "block_size": 64}, search="mse", calib=True, gptq=True),
-    Case(
-        "hadamard 64 + calib + smooth + gptq (calib preset)",
-        {**HAD, "block_size": 64, "smooth_alpha": 0.5},
-        "mse",
-        calib=True,
-        gptq=True,
+DEFAULT = resolve("full_w4a8")
+CALIB = resolve("full_w4a8_calib")
+HAD_ONLY = DEFAULT.replace("transform", equalize=(), rtn_candidate=False)
+# label -> (config, built with statistics); None: plain RTN
+CASES: dict[str, tuple[DuQuantConfig | None, bool]] = {
+    "RTN (absmax)": (None, False),
+    "svd (seed)": (resolve("full_w4a8_seed"), False),
+    "hadamard 64 only (previous default)": (HAD_ONLY, False),
+    "duquant 64": (HAD_ONLY.replace("transform", method="duquant"), False),
+    "default (per-layer choice)": (DEFAULT, False),
+    "hadamard 64 + smooth 0.5 + gptq (previous calib preset)": (
+        HAD_ONLY.replace("transform", smooth_alpha=0.5).replace("quant", gptq=True),
+        True,
     ),
-    Case("duquant 64 + calib", {**DUQ, "block_size": 64}, search="mse", calib=True),
-    Case("duquant 64 + calib + gptq", {**DUQ, "block_size": 64}, search="mse", calib=True, gptq=True),
-)
+    "calib preset (per-layer choice + gptq)": (CALIB, True),
+}
 
 
 def stats_of(x: np.ndarray) -> LayerStats:
@@ -93,39 +66,31 @@ def stats_of(x: np.ndarray) -> LayerStats:
     )
 
 
-def identity_transform(w: np.ndarray, block: int = 16) -> Transform:
-    return Transform(None, np.tile(np.eye(block), (-(-w.shape[1] // block), 1, 1)), None, w)
-
-
-def pack_case(layer: SyntheticLayer, case: Case, stats: LayerStats) -> tuple[Transform, np.ndarray, np.ndarray]:
-    w = layer.weight
-    if case.transform is None:
-        tr = identity_transform(w)
-    else:
-        tcfg = TransformConfig(**{"block_size": 16, **case.transform})
-        tr = compute_transform(w, tcfg, stats if case.calib else None)
-        if not case.rotation:  # the permutation alone
-            tr = Transform(tr.perm, np.tile(np.eye(16), (tr.r_in.shape[0], 1, 1)), None, w[:, tr.perm])
-    hessian = transformed_hessian(tr, stats.hessian()) if case.calib else None
-    if case.search == "absmax":
+def pack_case(layer: SyntheticLayer, config: DuQuantConfig | None, calib: bool) -> LayerPack:
+    w = layer.weight.astype(np.float64 if config and config.transform.method == "svd" else np.float32)
+    sel = SelectedLayer(layer.name, f"{layer.name}.weight", None, w.shape[0], w.shape[1], "F32", 4)
+    stats = stats_of(layer.calib) if calib else None
+    if config is None:
+        packer = LayerPacker(w, None, sel, "F32", DEFAULT, None, (0.0, 0.0))
         q = 7
-        scales = np.maximum(np.abs(tr.w_t).max(axis=1) / q, 1e-10).astype(np.float32)
-        codes = np.clip(np.round(tr.w_t / scales[:, None].astype(np.float64)), -q - 1, q).astype(np.int8)
-        return tr, codes, scales
-    codes, scales, _ = quantize_weight(torch.from_numpy(tr.w_t), 4, search=case.search, hessian=hessian, gptq=case.gptq)
-    return tr, codes, scales
+        scales = np.maximum(np.abs(w).max(axis=1) / q, 1e-10).astype(np.float32)
+        codes = np.clip(np.round(w / scales[:, None].astype(np.float64)), -q - 1, q).astype(np.int8)
+        return packer.measure(Transform(None, None, None, w), codes, scales, 4).pack
+    return pack_layer(w, None, sel, "F32", config, stats)
 
 
-def evaluate(layer: SyntheticLayer, case: Case) -> dict[str, float]:
-    stats = stats_of(layer.calib)
-    tr, codes, scales = pack_case(layer, case, stats)
+def evaluate(layer: SyntheticLayer, config: DuQuantConfig | None, calib: bool) -> dict[str, float]:
+    pack = pack_case(layer, config, calib)
     x = torch.from_numpy(layer.evaluation).double()
-    y = x @ torch.from_numpy(layer.weight).t()
-    act_static = static_scales(tr, layer.calib, 8, 99.9)
+    w = torch.from_numpy(layer.weight)
+    per_token = runtime_layer(pack, 8, "per_token_dynamic", torch.float64)
+    static = runtime_layer(pack, 8, "per_channel_static", torch.float64)
+    static.set_act_scale(torch.from_numpy(static_scales(static, layer.calib, 8, 99.9)))
+    weights_only = runtime_layer(pack, 0, "per_token_dynamic", torch.float64)
     return {
-        "per_token": sqnr_db(y, simulate(tr, codes, scales, x, 8)),
-        "static": sqnr_db(y, simulate(tr, codes, scales, x, 8, act_static)),
-        "weights_only": sqnr_db(y, simulate(tr, codes, scales, x, 0)),
+        "per_token": output_sqnr_db(per_token, x, w),
+        "static": output_sqnr_db(static, x, w),
+        "weights_only": output_sqnr_db(weights_only, x, w),
     }
 
 
@@ -145,13 +110,12 @@ def main() -> None:
     ]
     results: dict[str, dict[str, dict[str, float]]] = {}
     start = time.perf_counter()
-    for case in CASES:
-        results[case.label] = {la.name: evaluate(la, case) for la in layers}
-        print(f"  {case.label}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    base = {mode: np.mean([r[mode] for r in results["RTN (absmax)"].values()]) for mode in ("per_token", "static")}
-    base_worst = {mode: min(r[mode] for r in results["RTN (absmax)"].values()) for mode in ("per_token", "static")}
-    print(f"output SQNR (dB) over {len(layers)} synthetic pi0.5-shaped layers, W4A8")
-    header = f"{'case':<52}{'per-token mean':>15}{'worst':>8}{'vs RTN':>8}{'static mean':>13}{'worst':>8}{'W only':>8}"
+    for label, (config, calib) in CASES.items():
+        results[label] = {la.name: evaluate(la, config, calib) for la in layers}
+        print(f"  {label}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    rtn = results["RTN (absmax)"]
+    print(f"output SQNR (dB) over {len(layers)} synthetic pi0.5-shaped layers (independent outliers), W4A8")
+    header = f"{'case':<58}{'per-token mean':>15}{'worst':>8}{'vs RTN':>8}{'static mean':>13}{'worst':>8}{'W only':>8}"
     print(header)
     summary = {}
     for label, per_layer in results.items():
@@ -159,14 +123,13 @@ def main() -> None:
         for mode in ("per_token", "static", "weights_only"):
             vals = [r[mode] for r in per_layer.values()]
             row[mode] = {"mean": float(np.mean(vals)), "worst": float(np.min(vals))}
-        row["gain_vs_rtn_db"] = row["per_token"]["mean"] - base["per_token"]
+        row["gain_vs_rtn_db"] = row["per_token"]["mean"] - float(np.mean([r["per_token"] for r in rtn.values()]))
         summary[label] = row
         print(
-            f"{label:<52}{row['per_token']['mean']:>15.2f}{row['per_token']['worst']:>8.2f}"
+            f"{label:<58}{row['per_token']['mean']:>15.2f}{row['per_token']['worst']:>8.2f}"
             f"{row['gain_vs_rtn_db']:>+8.2f}{row['static']['mean']:>13.2f}{row['static']['worst']:>8.2f}"
             f"{row['weights_only']['mean']:>8.2f}"
         )
-    print(f"RTN (absmax) worst layer: per-token {base_worst['per_token']:.2f} dB, static {base_worst['static']:.2f} dB")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

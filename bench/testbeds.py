@@ -61,7 +61,8 @@ class Pi05Testbed(nn.Module):
 
         torch.manual_seed(seed)
         text = dict(model_type="gemma", vocab_size=vocab, num_hidden_layers=layers, **LLM)
-        vision = dict(num_hidden_layers=layers, projection_dim=LLM["hidden_size"], **VISION)
+        # PaliGemma's SigLIP has no pooling head (vision_use_head=False), as in pi0.5
+        vision = dict(num_hidden_layers=layers, projection_dim=LLM["hidden_size"], vision_use_head=False, **VISION)
         config = PaliGemmaConfig(
             text_config=text,
             vision_config=vision,

@@ -3,7 +3,14 @@
 Names follow openpi's PyTorch ``PI0Pytorch`` state dict. Every tensor is drawn from a
 generator seeded by its name, so the file is byte-for-byte deterministic and any tensor
 can be regenerated alone. Weights carry the outlier structure that makes quantization
-hard: a few heavy input columns per Linear and a few large norm gains.
+hard, both kinds trained networks have:
+
+* independent: a few heavy input columns per Linear, drawn regardless of the inputs;
+* coupled: a few large norm gains whose consumers' weight columns are correspondingly
+  small (q/k/v and gate/up, SigLIP's fc1), and up_proj / v_proj rows scaled up whose
+  down_proj / o_proj columns are scaled down by the same factor. The large activation
+  channels then feed small weight columns, as in trained networks, where a rotation that
+  mixes them with ordinary channels loses to plain round-to-nearest.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from .checkpoint import MODEL_NAME, Checkpoint, CheckpointError, to_bf16_bits, w
 
 SEED = 20240917
 CHUNK_ELEMENTS = 1 << 22  # rows are generated this many values at a time
-MARKER = "duquant-packs demo checkpoint v3"
+MARKER = "duquant-packs demo checkpoint v4"
 # Residual-branch outputs are scaled by 1/sqrt(2 * depth) (GPT-2 style), so the random
 # stack is not chaotic and a component's output error reflects quantization, not noise
 # amplified through 18-27 random layers.
@@ -135,27 +142,91 @@ def _rng(name: str) -> np.random.Generator:
     return np.random.default_rng([SEED, zlib.crc32(name.encode())])
 
 
-def tensor_chunks(name: str, shape: tuple[int, ...], depth: int = 18) -> Iterator[np.ndarray]:
+def norm_gains(name: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gains, the indices of the large ones) of a norm weight: ~1, a few 10-40."""
+    rng = _rng(name)
+    gains = 1.0 + 0.1 * rng.standard_normal((width,), dtype=np.float32)
+    big = rng.choice(width, size=max(1, width // 100), replace=False)
+    gains[big] = rng.uniform(10.0, 40.0, size=big.size)
+    return gains, big
+
+
+def row_coupling(module: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(channels, factors 4-16) by which a producer's rows (up_proj, v_proj) are scaled up and
+    its consumer's columns (down_proj, o_proj) scaled down: the product is unchanged."""
+    rng = _rng(module + "#coupling")
+    channels = rng.choice(rows, size=max(1, rows // 100), replace=False)
+    return channels, np.exp(rng.uniform(np.log(4.0), np.log(16.0), size=channels.size)).astype(np.float32)
+
+
+_NORM_CONSUMER = re.compile(
+    r"^(?P<layer>.*layers\.\d+\.)(?:self_attn\.[qkv]_proj|mlp\.(?P<mlp>gate_proj|up_proj|fc1))\.weight$"
+)
+
+
+def _norm_of_consumer(name: str) -> str | None:
+    """The static norm gain feeding a q/k/v, gate/up or fc1 weight (None for the expert,
+    whose norms are adaptive: there is no static gain to couple)."""
+    m = _NORM_CONSUMER.match(name)
+    if m is None or EXPERT in name:
+        return None
+    if VISION in name:
+        return f"{m['layer']}{'layer_norm2' if m['mlp'] else 'layer_norm1'}.weight"
+    return f"{m['layer']}{'post_attention_layernorm' if m['mlp'] else 'input_layernorm'}.weight"
+
+
+def coupled_scales(name: str, shape: tuple[int, int], dims: Pi05Dims) -> tuple[np.ndarray, np.ndarray]:
+    """(row factors, column factors) of a Linear weight from the coupling rules above."""
+    out, inp = shape
+    rows, cols = np.ones(out, dtype=np.float32), np.ones(inp, dtype=np.float32)
+    norm = _norm_of_consumer(name)
+    if norm is not None:
+        gains, big = norm_gains(norm, inp)
+        cols[big] /= gains[big]
+    if VISION in name or "layers." not in name:
+        return rows, cols
+    layer = name.rsplit(".", 3)[0] + "."  # ...layers.i.
+    expert = EXPERT in name
+    head_dim = dims.expert_head_dim if expert else dims.llm_head_dim
+    heads, kv = (dims.expert_heads, dims.expert_kv_heads) if expert else (dims.llm_heads, dims.llm_kv_heads)
+    if name.endswith("mlp.up_proj.weight"):
+        ch, f = row_coupling(layer + "mlp", out)
+        rows[ch] *= f
+    elif name.endswith("mlp.down_proj.weight"):
+        ch, f = row_coupling(layer + "mlp", inp)
+        cols[ch] /= f
+    elif name.endswith("self_attn.v_proj.weight"):
+        ch, f = row_coupling(layer + "self_attn", out)
+        rows[ch] *= f
+    elif name.endswith("self_attn.o_proj.weight"):
+        ch, f = row_coupling(layer + "self_attn", kv * head_dim)
+        group = heads // kv
+        for row, factor in zip(ch, f, strict=True):  # v row (g, d) is read at o column (h, d), h in group g
+            g, d = divmod(int(row), head_dim)
+            for h in range(g * group, (g + 1) * group):
+                cols[h * head_dim + d] /= factor
+    return rows, cols
+
+
+def tensor_chunks(name: str, shape: tuple[int, ...], dims: Pi05Dims = DEMO) -> Iterator[np.ndarray]:
     """float32 values of one tensor, row chunks at a time (deterministic per name)."""
     rng = _rng(name)
+    depth = dims.vision_layers if "vision_tower" in name else dims.llm_layers
     if len(shape) == 2 and name.endswith(".weight") and "embed" not in name:
         out, inp = shape
-        col_scale = np.ones(inp, dtype=np.float32)
+        row_factor, col_scale = coupled_scales(name, (out, inp), dims)
         heavy = rng.choice(inp, size=max(1, inp // 64), replace=False)
-        col_scale[heavy] = rng.uniform(2.0, 5.0, size=heavy.size)  # heavy input channels
+        col_scale[heavy] *= rng.uniform(2.0, 5.0, size=heavy.size)  # heavy input channels
         col_scale /= math.sqrt(inp)
         if RESIDUAL_OUT.search(name):
             col_scale /= math.sqrt(2 * depth)
         rows = max(1, CHUNK_ELEMENTS // inp)
         for start in range(0, out, rows):
             n = min(rows, out - start)
-            yield rng.standard_normal((n, inp), dtype=np.float32) * col_scale
+            yield rng.standard_normal((n, inp), dtype=np.float32) * col_scale * row_factor[start : start + n, None]
         return
     if len(shape) == 1 and name.endswith(".weight"):  # norm gains, a few of them large
-        gains = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        big = rng.choice(shape[0], size=max(1, shape[0] // 100), replace=False)
-        gains[big] = rng.uniform(10.0, 40.0, size=big.size)
-        yield gains
+        yield norm_gains(name, shape[0])[0]
         return
     size = math.prod(shape)
     rows_total = shape[0]
@@ -188,8 +259,7 @@ def write_demo_checkpoint(
     shapes = dict(specs)
 
     def produce(name: str) -> Iterator[np.ndarray]:
-        depth = dims.vision_layers if "vision_tower" in name else dims.llm_layers
-        for chunk in tensor_chunks(name, shapes[name], depth):
+        for chunk in tensor_chunks(name, shapes[name], dims):
             yield to_bf16_bits(chunk) if dtype == "BF16" else chunk.astype(np.float32)
 
     write_safetensors(path, [(n, dtype, s) for n, s in specs], produce, metadata, on_tensor)
