@@ -24,10 +24,10 @@ import h5py
 import numpy as np
 import torch
 from duquant_runtime import __version__
-from duquant_runtime.bundle import HDF5_LIBVER, LAYERS, LayerPack, write_header, write_layer
+from duquant_runtime.bundle import HDF5_LIBVER, LAYERS, BundleReader, LayerPack, write_header, write_layer
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError, DuQuantError
-from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document
+from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document, inputs_of
 from duquant_runtime.loader import signature_matches, weight_signature
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
@@ -248,6 +248,22 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
     return reader.digest
 
 
+def _reusable(
+    out_cfg: Path, config: DuQuantConfig, inputs: dict, sources: list[SourceTensor]
+) -> tuple[Path, str] | None:
+    """An existing bundle built from exactly these inputs (config, sources, statistics) that
+    verifies, newest first; its per-layer choices follow from them."""
+    for path in sorted(out_cfg.glob(f"{config.name}-*.h5"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            with BundleReader(path) as reader:
+                header = reader.header
+        except BundleError:
+            continue
+        if inputs_of(header.fingerprint_doc) == inputs and not verify_bundle(path, config=config, sources=sources):
+            return path, header.fingerprint
+    return None
+
+
 def build_bundle(
     config: DuQuantConfig,
     checkpoint: str | Path,
@@ -277,11 +293,11 @@ def build_bundle(
     hashing: Future[list[SourceTensor]] | None = None
     pool = ThreadPoolExecutor(max_workers=1)
     if not force and any(out_cfg.glob(f"{config.name}-*.h5")):
-        # A bundle of this config exists: the fingerprint decides whether it can be reused.
+        # A bundle of this config exists: the fingerprint's inputs decide whether it can be reused.
         sources = source_tensors(ckpt, layers, jobs)
-        fp = digest(fingerprint_document(config, sources, stats_digest))
-        final = bundle_path(Path(out_dir), config, fp)
-        if final.exists() and not verify_bundle(final, config=config, sources=sources):
+        reusable = _reusable(out_cfg, config, inputs_of(fingerprint_document(config, sources, stats_digest)), sources)
+        if reusable is not None:
+            final, fp = reusable
             return BuildResult(final, fp, len(layers), True, time.perf_counter() - start, total_bytes)
     else:
         # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
@@ -295,14 +311,17 @@ def build_bundle(
             done_bytes = 0
             by_name = {la.name: la for la in layers}
             stats_path = None if calib is None else str(calib)
+            choices: dict[str, str] = {}
             for done_layers, pack in enumerate(_run_jobs(ckpt, layers, config, stats_path, jobs, backend), 1):
                 write_layer(f, pack)
+                if pack.choice:
+                    choices[pack.name] = pack.choice
                 done_bytes += by_name[pack.name].weight_bytes
                 if progress:
                     progress(done_layers, len(layers), done_bytes, total_bytes)
             if hashing is not None:
                 sources = hashing.result()
-            doc = fingerprint_document(config, sources, stats_digest)
+            doc = fingerprint_document(config, sources, stats_digest, choices)
             fp = digest(doc)
             final = bundle_path(Path(out_dir), config, fp)
             write_header(

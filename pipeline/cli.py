@@ -134,6 +134,15 @@ def main() -> None:
     "smoothing (transform.smooth_alpha), GPTQ (quant.gptq), static activation scales stored in the bundle "
     "(quant.act_mode = per_channel_static) and each layer's estimated output SQNR. Enters the fingerprint.",
 )
+@click.option(
+    "--min-sqnr",
+    "min_sqnr",
+    type=click.FloatRange(min=0.0, max=100.0),
+    default=None,
+    metavar="DB",
+    help="Pack at 8 bits every layer whose measured SQNR (output SQNR with --calib, else the weight's) stays "
+    "below DB; sets quant.min_sqnr_db, so it is fingerprinted. `inspect` lists those layers.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @env_option
 @friendly
@@ -145,19 +154,25 @@ def build(
     backend: str,
     force: bool,
     calib: str | None,
+    min_sqnr: float | None,
     quiet: bool,
     use_env: bool,
 ) -> None:
     """Compute every selected layer's pack and write one bundle atomically.
 
-    An identical bundle that already exists and verifies is reused in seconds. The
-    bundle's path is the last line printed on stdout.
+    With the presets each layer's transform is chosen by measured error among a few
+    candidates (equalization strengths, block Hadamard or none; SmoothQuant strengths with
+    --calib), never worse than plain round-to-nearest by that measure. An identical bundle
+    that already exists and verifies is reused in seconds. The bundle's path is the last
+    line printed on stdout.
     """
     from tqdm import tqdm
 
     from .build import build_bundle
 
     cfg = load_config(config, use_env)
+    if min_sqnr is not None:
+        cfg = cfg.replace("quant", min_sqnr_db=min_sqnr)
     bar: tqdm | None = None
 
     def progress(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
@@ -267,14 +282,22 @@ def component_of(layer: str) -> str:
 @friendly
 def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
     """Config, fingerprint, layers, bytes per component (bf16 weights vs bundle) and provenance."""
-    quality: dict[str, dict[str, float]] = {}
+    quality: dict[str, dict[str, Any]] = {}
+    choices: dict[str, int] = {}
+    promoted: list[str] = []
     with BundleReader(bundle) as reader:
         h = reader.header
         per: dict[str, dict[str, int]] = {}
+        wanted_bits = h.config["quant"]["weight_bits"]
+        listed = h.config["quant"].get("per_layer_weight_bits", {})
         for name in h.layer_names:
             pack = reader.read_layer(name, check=False)
             if pack.quality:
-                quality[name] = pack.quality
+                quality[name] = {**pack.quality, "choice": pack.choice or h.config["transform"]["method"]}
+            if pack.choice:
+                choices[pack.choice] = choices.get(pack.choice, 0) + 1
+            if pack.weight_bits != listed.get(name, wanted_bits):
+                promoted.append(f"{name} (w{pack.weight_bits})")
             comp = per.setdefault(component_of(name), {"layers": 0, "bf16_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1
             comp["bf16_bytes"] += 2 * pack.in_features * pack.out_features
@@ -292,6 +315,8 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
         "config": h.config,
         "provenance": h.provenance,
         "calib": h.fingerprint_doc.get("calib"),
+        "choices": choices,
+        "min_sqnr_fallback": promoted,
     }
     if worst is not None:
         info["quality"] = _worst_layers(quality, worst)
@@ -314,6 +339,16 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
     if info["calib"]:
         click.echo(f"calibration  statistics {str(info['calib'])[:12]}")
     click.echo(f"scope        {h.config['select']['scope']!r}")
+    if choices:
+        listing = ", ".join(f"{k} {v}" for k, v in sorted(choices.items(), key=lambda kv: (-kv[1], kv[0])))
+        click.echo(f"choices      {listing}")
+    min_sqnr = h.config["quant"].get("min_sqnr_db", 0.0)
+    if min_sqnr:
+        click.echo(f"min SQNR     {min_sqnr:g} dB: {len(promoted)} layer(s) packed at 8 bits")
+        for line in promoted[:20]:
+            click.echo(f"  {line}")
+        if len(promoted) > 20:
+            click.echo(f"  ... and {len(promoted) - 20} more (--json lists all)")
     click.echo("component    layers   bf16 weights   bundle     ratio")
     for comp, c in sorted(per.items()):
         ratio = c["bundle_bytes"] / c["bf16_bytes"]
@@ -327,7 +362,7 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
 
 def _worst_layers(quality: dict[str, dict[str, float]], n: int) -> list[dict[str, Any]]:
     key = "output_sqnr_db" if any("output_sqnr_db" in q for q in quality.values()) else "weight_sqnr_db"
-    rows = [{"layer": name, **q} for name, q in quality.items() if key in q]
+    rows: list[dict[str, Any]] = [{"layer": name, **q} for name, q in quality.items() if key in q]
     return sorted(rows, key=lambda r: r[key])[: max(0, n)]
 
 
@@ -336,11 +371,14 @@ def _print_quality(rows: list[dict[str, Any]], recorded: int) -> None:
         click.echo("quality      not recorded (bundle built before quality reports existed): rebuild to get them")
         return
     has_out = "output_sqnr_db" in rows[0]
+    key = "output_sqnr_db" if has_out else "weight_sqnr_db"
     click.echo(f"worst {len(rows)} of {recorded} layers by {'output' if has_out else 'weight'} SQNR (dB):")
-    click.echo(f"  {'weight':>7} {'output':>7}  layer")
+    click.echo(f"  {'weight':>7} {'output':>7} {'RTN':>7}  {'choice':<22} layer")
     for r in rows:
         out = f"{r['output_sqnr_db']:7.2f}" if has_out else f"{'-':>7}"
-        click.echo(f"  {r['weight_sqnr_db']:7.2f} {out}  {r['layer']}")
+        rtn = r.get(f"rtn_{key}")
+        rtn_text = f"{rtn:7.2f}" if rtn is not None else f"{'-':>7}"
+        click.echo(f"  {r['weight_sqnr_db']:7.2f} {out} {rtn_text}  {r['choice']:<22} {r['layer']}")
     click.echo('  raise their bits with [quant] per_layer_weight_bits = { "<layer>" = 8 }, or exclude them')
 
 

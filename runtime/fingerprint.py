@@ -41,14 +41,26 @@ def fingerprint_document(
     config: DuQuantConfig,
     tensors: Iterable[SourceTensor],
     calib_digest: str | None = None,
+    choices: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """``choices`` (layer -> the candidate build kept, e.g. "hadamard+eq0.5" or
+    "rtn+eq1+w8") binds the per-layer decisions too: two bundles that differ in any
+    layer's transform never share a fingerprint. It is known only after the packs."""
+    doc = {
         "format_version": FORMAT_VERSION,
         "algorithm": {"method": config.transform.method, "version": ALGORITHM_VERSIONS[config.transform.method]},
         "config": config.fingerprint_fields(),
         "source": sorted((t.to_json() for t in tensors), key=lambda row: row[0]),
         "calib": calib_digest,
     }
+    if choices:
+        doc["choices"] = sorted([name, str(choice)] for name, choice in choices.items())
+    return doc
+
+
+def inputs_of(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a fingerprint document known before a build (all but the choices)."""
+    return {k: v for k, v in document.items() if k != "choices"}
 
 
 def digest(document: Mapping[str, Any]) -> str:

@@ -231,14 +231,17 @@ def demo_model(demo_ckpt):
 
 def own_int4_bytes(layer: DuQuantLinear) -> int:
     """Independent accounting of what a layer holds alone: nibble codes + fp32 scales +
-    int32 perm + output rotation + bias (input rotations: ``input_rotation_bytes``)."""
-    o, i, b = layer.out_features, layer.in_features, layer.r_in.element_size()
+    int32 perm + fp32 equalization + output rotation + bias (input rotations: ``input_rotation_bytes``)."""
+    o, i, b = layer.out_features, layer.in_features, layer.dtype_ref.element_size()
     perm = 4 * i if layer.perm is not None else 0
+    equalization = 4 * i if layer.in_scale is not None else 0
     r_out = -(-o // 16) * 256 * b if layer.r_out is not None else 0
-    return o * ((i + 1) // 2) + 4 * o + perm + r_out + (b * o if layer.bias is not None else 0)
+    return o * ((i + 1) // 2) + 4 * o + perm + equalization + r_out + (b * o if layer.bias is not None else 0)
 
 
 def input_rotation_bytes(layer: DuQuantLinear) -> int:
+    if layer.r_in is None:
+        return 0
     blk = layer.r_in.shape[1]
     return -(-layer.in_features // blk) * blk * blk * layer.r_in.element_size()
 
@@ -296,7 +299,7 @@ def test_load_full_bundle_int4_memory_and_numbers(demo_model, demo_bundles):
     held = sum(unique.values())
     # Nothing beyond the accounted buffers is resident (no fp copy, no transformed fp weight),
     # and the hadamard rotation is held once per input width, not once per layer.
-    widths = {m.in_features: m for m in layers}
+    widths = {m.in_features: m for m in layers if m.r_in is not None}
     expected = sum(own_int4_bytes(m) for m in layers) + sum(input_rotation_bytes(m) for m in widths.values())
     assert held == expected == report.bytes_after
     assert held <= 0.30 * bf16, f"int4 layers hold {held / bf16:.3f}x their bf16 bytes"
