@@ -60,6 +60,7 @@ bench: $(STAMP)
 	@set -euo pipefail; \
 	ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); \
 	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint "$$ckpt" --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/trained.py --out $(OUT)/bench/trained.json; \
 	$(BIN)/python bench/quality.py --rows 128 --out $(OUT)/bench/quality.json; \
 	$(BIN)/python bench/component_error.py --config full_w4a8 --checkpoint $(DEMO_DIR) --out $(OUT); \
 	$(BIN)/python bench/load.py --checkpoint $(DEMO_DIR) --bundle "$$bundle"; \

@@ -87,18 +87,34 @@ def reference_pack(
 
 
 def reference_forward(
-    x: np.ndarray, *, perm, r_in, r_out, w_t, bias=None, act_bits: int = 0, act_scale: np.ndarray | None = None
+    x: np.ndarray,
+    *,
+    perm,
+    r_in,
+    r_out,
+    w_t,
+    bias=None,
+    act_bits: int = 0,
+    act_scale: np.ndarray | None = None,
+    in_scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """§5 forward, block by block with explicit copies (the seed's loop), float64.
 
-    ``r_in``/``r_out`` are lists of (possibly short) square blocks. With act_bits > 0,
-    activations are fake-quantized per token (dynamic) or with ``act_scale`` (static).
+    ``in_scale`` (format 2's equalization) multiplies each input channel first.
+    ``r_in``/``r_out`` are lists of (possibly short) square blocks; ``r_in`` empty or None:
+    no rotation. With act_bits > 0, activations are fake-quantized per token (dynamic) or
+    with ``act_scale`` (static).
     """
     x = np.asarray(x, dtype=np.float64).reshape(-1, w_t.shape[1])
+    if in_scale is not None:
+        x = x * np.asarray(in_scale, dtype=np.float64)[None, :]
     xp = x[:, perm].copy() if perm is not None else x.copy()
-    xt = np.zeros_like(xp)
+    if not r_in:
+        xt = xp
+    else:
+        xt = np.zeros_like(xp)
     start = 0
-    for u in r_in:
+    for u in r_in or []:
         b = u.shape[0]
         xt[:, start : start + b] = xp[:, start : start + b] @ u
         start += b
