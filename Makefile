@@ -14,12 +14,12 @@ FULL_DIR := $(OUT)/demo-full
 # defaults make small matmuls many times slower under load.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install packs verify test lint format bench bench-full full-checkpoint clean
+.PHONY: help install packs verify test lint format bench bench-full fuzz full-checkpoint clean
 
 help:
 	@echo "make packs [CONFIG=llm_w4a8] [CKPT=path] [JOBS=n]   build + verify a bundle (demo checkpoint when no CKPT)"
 	@echo "make test                                           the test suite (CI runs this)"
-	@echo "make lint | format | verify BUNDLE=... | bench | bench-full | full-checkpoint | clean"
+	@echo "make lint | format | verify BUNDLE=... | bench | bench-full | fuzz | full-checkpoint | clean"
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,13 @@ bench-full: full-checkpoint
 	$(BIN)/python bench/memory.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_full.json; \
 	$(BIN)/python bench/forward.py --repeats 3 --out $(OUT)/bench/forward_full.json; \
 	$(BIN)/python bench/quality.py --seeds 2 --rows 128 --out $(OUT)/bench/quality_seeds2.json
+
+# 1000 damaged copies of the demo's llm_w4a8 bundle, each read in a child with a 20 s deadline.
+fuzz: $(STAMP)
+	@set -euo pipefail; \
+	ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); \
+	bundle=$$($(BIN)/duquant-packs build --config llm_w4a8 --checkpoint "$$ckpt" --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/fuzz.py --bundle "$$bundle" --checkpoint $(DEMO_DIR) --cases 1000 --out $(OUT)/bench/fuzz.json
 
 full-checkpoint: $(STAMP)
 	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)

@@ -24,7 +24,16 @@ import h5py
 import numpy as np
 import torch
 from duquant_runtime import __version__
-from duquant_runtime.bundle import HDF5_LIBVER, LAYERS, BundleReader, LayerPack, write_header, write_layer
+from duquant_runtime.bundle import (
+    HDF5_LIBVER,
+    LAYERS,
+    USERBLOCK,
+    BundleReader,
+    LayerPack,
+    seal,
+    write_header,
+    write_layer,
+)
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError, DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN, SourceTensor, digest, fingerprint_document, inputs_of
@@ -306,7 +315,7 @@ def build_bundle(
     _remove_stale_temps(out_cfg)
     tmp = out_cfg / f".{config.name}.h5.{os.getpid()}.tmp"
     try:
-        with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
+        with h5py.File(tmp, "w", libver=HDF5_LIBVER, userblock_size=USERBLOCK) as f:
             f.require_group(LAYERS)
             done_bytes = 0
             by_name = {la.name: la for la in layers}
@@ -332,8 +341,7 @@ def build_bundle(
                 tool_version=__version__,
                 created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             )
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
+        seal(tmp)  # crc32 of every byte, checked before HDF5 parses the file; fsyncs
         os.replace(tmp, final)  # atomic: readers see the old bundle or the whole new one
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -27,6 +27,12 @@ present, and is still read)::
     of the effective weight in the original basis), output_sqnr_db when built with
     calibration statistics, and rtn_* figures of plain round-to-nearest for comparison.
 
+Format 2 files are sealed: the first ``USERBLOCK`` bytes (an HDF5 user block, which HDF5
+skips) hold a magic, the length and the crc32 of the rest of the file. The reader checks the
+seal before HDF5 parses a single byte, so damage anywhere (metadata included, which could
+make libhdf5 spin or crash) is one ``BundleReadError``; a verified seal also vouches for
+every dataset, so per-dataset checksums are not recomputed on load.
+
 Every h5py failure is translated into :class:`BundleReadError`; nothing else escapes.
 """
 
@@ -34,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +61,11 @@ FORMAT_NAME = "duquant-packs-bundle"
 # (a fuzzed v0 file could segfault libhdf5). Readable by HDF5 >= 1.10 (h5py >= 2.8).
 HDF5_LIBVER = ("v110", "latest")
 LAYERS = "layers"
+USERBLOCK = 512  # HDF5 user block (a power of two >= 512): the seal lives here
+SEAL_MAGIC = b"duquant-bundle\x00\x02"  # 16 bytes
+SEAL = struct.Struct("<16sQI")  # magic, length of the HDF5 part, its crc32
+SEAL_CHUNK = 16 << 20
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 DATASETS = ("in_scale", "perm", "r_in", "perm2", "r_in2", "r_out", "qweight", "w_scale", "bias", "act_scale")
 # Which tool release first wrote each format version (for "built by X" messages).
 FORMAT_WRITERS = {1: "0.1", 2: "0.2"}
@@ -114,6 +127,57 @@ class BundleHeader:
 
 def crc32(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _crc_of_file(fh: object, start: int) -> tuple[int, int]:
+    """(crc32, byte count) of a file from ``start`` to its end, in bounded chunks."""
+    fh.seek(start)  # type: ignore[attr-defined]
+    crc, n = 0, 0
+    while chunk := fh.read(SEAL_CHUNK):  # type: ignore[attr-defined]
+        crc = zlib.crc32(chunk, crc)
+        n += len(chunk)
+    return crc, n
+
+
+def seal(path: str | Path) -> None:
+    """Write the seal of a closed bundle created with ``userblock_size=USERBLOCK``."""
+    with open(path, "r+b") as fh:
+        crc, n = _crc_of_file(fh, USERBLOCK)
+        fh.seek(0)
+        fh.write(SEAL.pack(SEAL_MAGIC, n, crc))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_seal(path: Path) -> bool:
+    """True when the file carries a valid seal, False when it has none (format 1 or not a
+    bundle); raises BundleReadError when the seal does not match the bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(SEAL.size)
+        if len(head) < SEAL.size or not head.startswith(SEAL_MAGIC):
+            fh.seek(USERBLOCK)
+            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:  # a user block without our seal
+                raise BundleReadError(
+                    f"{path}: the bundle's seal is damaged, so its contents cannot be trusted — rebuild it with "
+                    "`duquant-packs build`",
+                    field="file",
+                )
+            return False
+        _, length, want = SEAL.unpack(head)
+        crc, n = _crc_of_file(fh, USERBLOCK)
+    if n != length:
+        raise BundleReadError(
+            f"{path}: the file holds {n + USERBLOCK} bytes, its seal says {length + USERBLOCK}: it is truncated or "
+            "was extended — rebuild it with `duquant-packs build`",
+            field="file",
+        )
+    if crc != want:
+        raise BundleReadError(
+            f"{path}: the file fails its checksum (crc32 {crc:08x}, sealed {want:08x}); it is damaged — "
+            "rebuild it with `duquant-packs build`",
+            field="file",
+        )
+    return True
 
 
 # ---------------------------------------------------------------- writing
@@ -203,6 +267,7 @@ class BundleReader:
         if not self.path.is_file():
             raise BundleReadError(f"bundle not found: {self.path}")
         with _translated(self.path, "the file"):
+            self.sealed = check_seal(self.path)
             if not h5py.is_hdf5(self.path):
                 raise BundleReadError(f"{self.path} is not an HDF5 file, so not a duquant bundle")
             self._f = h5py.File(self.path, "r")
@@ -243,6 +308,11 @@ class BundleReader:
                     f"that reads format {version}, or rebuild the bundle with this one",
                     field="format_version",
                 )
+            if version >= 2 and not self.sealed:
+                raise BundleReadError(
+                    f"{self.path}: a format-{version} bundle must carry its seal and this one does not; the file "
+                    "is damaged — rebuild it with `duquant-packs build`"
+                )
             fp = str(self._attr("fingerprint"))
             fp_doc = json.loads(self._attr("fingerprint_json"))
             if digest(fp_doc) != fp:
@@ -278,7 +348,8 @@ class BundleReader:
             )
 
     def read_layer(self, name: str, *, check: bool = True) -> LayerPack:
-        """One layer's pack; ``check`` verifies every dataset's crc32.
+        """One layer's pack; ``check`` verifies every dataset's crc32 (a verified seal
+        already covers every byte, so sealed files skip it).
 
         Shapes and dtypes are checked against the layer's attributes before any data is
         read, so a damaged header can never make us allocate a huge array.
@@ -313,7 +384,7 @@ class BundleReader:
                         field=key,
                     )
                 data = ds[()]
-                if check and int(crcs[key]) != crc32(data):
+                if check and not self.sealed and int(crcs[key]) != crc32(data):
                     raise BundleReadError(
                         f"{self.path}: layer {name!r} dataset {key!r} fails its checksum; the file is "
                         "corrupted — rebuild it with `duquant-packs build`",
