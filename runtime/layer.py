@@ -22,6 +22,7 @@ from torch import nn
 
 from .bundle import LayerPack
 from .errors import NotCalibratedError
+from .lazy_weight import LazyWeight
 from .packing import qmax
 
 WEIGHT_STORAGES = ("int4", "dequant")
@@ -274,12 +275,20 @@ class DuQuantLinear(nn.Module):
     # ------------------------------------------------------------ nn.Linear compatibility
 
     @property
-    def weight(self) -> torch.Tensor:
+    def weight(self) -> LazyWeight:
         """The effective dense weight [out, in] in the original basis (weight-quantized,
         activation quantization not included), so ``x @ layer.weight.T + bias`` equals the
-        layer with activation quantization off. Computed on each access (a dense matmul),
-        detached, in the layer's compute dtype; it is not a Parameter and is not stored.
+        layer with activation quantization off.
+
+        A :class:`LazyWeight`: ``.dtype``, ``.device`` and ``.shape`` cost nothing (openpi
+        reads them on every forward); the dense matrix is built only when its values are used
+        (a torch function, a tensor method, an operator), detached, in the layer's compute
+        dtype. It is not a Parameter and is never stored.
         """
+        return LazyWeight(self)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense effective weight, materialized now (what ``.weight`` computes on use)."""
         with torch.no_grad():
             return self.effective_weight(self.dtype_ref.dtype)
 
