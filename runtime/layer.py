@@ -322,12 +322,18 @@ class DuQuantLinear(nn.Module):
             + (", two-stage" if self.r_in2 is not None else "")
         )
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"act_calibrated": self.act_calibrated, "uniform_r_in": self.uniform_r_in}
+    def get_extra_state(self) -> torch.Tensor:
+        """The two flags as a uint8 tensor [act_calibrated, uniform_r_in]: a state dict of
+        tensors only, so ``safetensors.torch.save_model`` can save a loaded model."""
+        return torch.tensor([self.act_calibrated, self.uniform_r_in], dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.act_calibrated = bool(state.get("act_calibrated", False))
-        self.uniform_r_in = bool(state.get("uniform_r_in", False))
+    def set_extra_state(self, state: torch.Tensor | dict[str, Any]) -> None:
+        if isinstance(state, dict):  # state dicts saved by 0.1
+            self.act_calibrated = bool(state.get("act_calibrated", False))
+            self.uniform_r_in = bool(state.get("uniform_r_in", False))
+            return
+        flags = [bool(v) for v in state.tolist()]
+        self.act_calibrated, self.uniform_r_in = flags[0], flags[1]
 
     def set_act_scale(self, scale: torch.Tensor) -> None:
         """Freeze static activation scales (called outside forward by calibrate/load)."""

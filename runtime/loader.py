@@ -7,6 +7,7 @@ for ``weight_storage="dequant"``, unpacks integer codes once).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,18 @@ VERIFY_MODES = ("signature", "shapes")
 SIGNATURE_RTOL = 1e-11
 
 
+# Components of pi0.5 (openpi's names; LeRobot's sit under "model."), for per-component bytes.
+COMPONENTS = {
+    "vision": ".vision_tower.",
+    "llm": ".language_model.",
+    "expert": ".gemma_expert.",
+}
+
+
+def component_of(name: str) -> str:
+    return next((c for c, marker in COMPONENTS.items() if marker in "." + name), "other")
+
+
 @dataclass
 class LoadReport:
     bundle: Path
@@ -43,17 +56,56 @@ class LoadReport:
     bytes_before: int = 0  # the replaced nn.Linear parameters
     bytes_after: int = 0  # the DuQuantLinear buffers that replace them
     seconds: float = 0.0
+    prefix: str = ""  # the name prefix the bundle's layers were found under
+    prefix_detected: bool = False  # ... found by load_bundle, not passed by the caller
+    components: dict[str, list[int]] = field(default_factory=dict)  # component -> [layers, before, after]
 
     @property
     def ratio(self) -> float:
         return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
 
     def __str__(self) -> str:
+        where = f"; names under {self.prefix!r} (detected)" if self.prefix_detected else ""
+        parts = ", ".join(
+            f"{c} {n} layers {b / 2**20:.1f} -> {a / 2**20:.1f} MiB" for c, (n, b, a) in sorted(self.components.items())
+        )
         return (
             f"duquant: {len(self.replaced)} layers from {self.bundle.name} ({self.config_name}, "
-            f"fp {self.fingerprint[:12]}): {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
-            f"({self.ratio:.3f}x) in {self.seconds:.2f} s"
+            f"fp {self.fingerprint[:12]}{where}): {self.bytes_before / 2**20:.1f} MiB -> "
+            f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.3f}x) in {self.seconds:.2f} s"
+            + (f" [{parts}]" if len(self.components) > 1 else "")
         )
+
+
+def detect_prefix(names: list[str], modules: dict[str, nn.Module]) -> str:
+    """The one name prefix under which every bundle layer is a module of the model ("" when
+    they all resolve as they are). Refuses with the candidates when several fit, and with
+    the first unresolvable layer when none does."""
+    if all(n in modules for n in names):
+        return ""
+    fits: set[str] | None = None
+    for name in names:
+        here = {m[: -len(name)] for m in modules if m.endswith(name) and m[: -len(name)].endswith(".")}
+        here |= {""} if name in modules else set()
+        fits = here if fits is None else fits & here
+        if not fits:
+            near = [m for m in modules if m.endswith(name)]
+            hint = f"; the model has {near[0]!r}" if near else ""
+            raise ModelMismatchError(
+                f"layer {name}: not found in the model under any one name prefix{hint} — is this the model the "
+                "bundle was built for?",
+                layer=name,
+                field="presence",
+            )
+    assert fits is not None
+    if len(fits) > 1:
+        listed = ", ".join(repr(p) for p in sorted(fits))
+        raise ModelMismatchError(
+            f"the bundle's layers are found in the model under several name prefixes ({listed}): pass "
+            "name_prefix= to say which copy to quantize",
+            field="presence",
+        )
+    return fits.pop()
 
 
 def weight_signature(weight: torch.Tensor, chunk_elements: int = 1 << 20) -> tuple[float, float]:
@@ -105,6 +157,7 @@ def _prepare(
     dtype: torch.dtype | None,
     weight_storage: str,
     verify: str,
+    progress: _Progress | None = None,
 ) -> dict[str, tuple[nn.Linear, DuQuantLinear]]:
     """Check every layer and build its replacement; nothing in ``model`` changes here."""
     header = reader.header
@@ -166,7 +219,31 @@ def _prepare(
         layer.bundle_fingerprint = header.fingerprint
         layer.calib_defaults = (config.quant.calib_steps, config.quant.act_percentile)
         prepared[target] = (module, layer)
+        if progress is not None:
+            progress.step()
+    if progress is not None:
+        progress.close()
     return prepared
+
+
+class _Progress:
+    """A one-line progress display on stderr (the runtime does not depend on tqdm)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done, self.start = total, label, 0, time.perf_counter()
+        self.last = 0.0
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last >= 0.1 or self.done == self.total:
+            self.last = now
+            sys.stderr.write(f"\rloading {self.label}: {self.done}/{self.total} layers, {now - self.start:.1f} s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def _swap(model: nn.Module, target: str, layer: nn.Module) -> None:
@@ -191,7 +268,8 @@ def load_bundle(
     weight_storage: str = "int4",
     verify: str = "signature",
     act_scales: str | Path | None = None,
-    name_prefix: str = "",
+    name_prefix: str | None = None,
+    progress: bool | None = None,
 ) -> LoadReport:
     """Replace the bundle's layers in ``model`` with DuQuantLinear modules, in place.
 
@@ -206,7 +284,10 @@ def load_bundle(
     keeps packed codes resident (real memory savings); ``"dequant"`` unpacks once at
     load for speed. ``act_scales`` is a file from :func:`save_act_scales` for static
     activation layers. ``name_prefix`` maps bundle names onto the model (e.g.
-    ``"model."`` for LeRobot's pi0 port).
+    ``"model."`` for LeRobot's pi0 port); by default it is detected: when the names resolve
+    under exactly one consistent prefix it is applied and the report says so, and when
+    several fit the load is refused with the candidates. ``progress`` shows a progress line
+    on stderr (default: when stderr is a terminal).
     """
     if weight_storage not in WEIGHT_STORAGES:
         raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
@@ -228,11 +309,16 @@ def load_bundle(
             config = from_dict(header.config)
         except DuQuantError as exc:
             raise BundleError(f"{header.path}: its stored config is invalid ({exc})", field="config") from None
+        detected = name_prefix is None
+        if name_prefix is None:
+            name_prefix = detect_prefix(list(header.layer_names), dict(model.named_modules()))
+        show = sys.stderr.isatty() if progress is None else progress
         prepared = _prepare(
             model,
             reader,
             config,
             prefix=name_prefix,
+            progress=_Progress(len(header.layer_names), header.path.name) if show else None,
             device=device,
             dtype=dtype,
             weight_storage=weight_storage,
@@ -242,15 +328,21 @@ def load_bundle(
         from .calibration import apply_act_scales
 
         apply_act_scales({t: layer for t, (_, layer) in prepared.items()}, act_scales, header.fingerprint)
-    report = LoadReport(Path(path), header.fingerprint, header.name)
+    report = LoadReport(
+        Path(path), header.fingerprint, header.name, prefix=name_prefix, prefix_detected=detected and bool(name_prefix)
+    )
     seen: set[tuple[int, int]] = set()
     for target, (old, layer) in prepared.items():
-        report.bytes_before += _module_bytes(old)
+        before, after = _module_bytes(old), 0
         for buf in layer.buffers():  # shared rotation buffers count once
             key = (buf.untyped_storage().data_ptr(), buf.numel())
             if key not in seen:
                 seen.add(key)
-                report.bytes_after += buf.numel() * buf.element_size()
+                after += buf.numel() * buf.element_size()
+        report.bytes_before += before
+        report.bytes_after += after
+        row = report.components.setdefault(component_of(target), [0, 0, 0])
+        row[0], row[1], row[2] = row[0] + 1, row[1] + before, row[2] + after
         _swap(model, target, layer)
         report.replaced.append(target)
     report.seconds = time.perf_counter() - start
