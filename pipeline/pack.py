@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig, TransformConfig
-from duquant_runtime.layer import DuQuantLinear
 from duquant_runtime.loader import weight_signature
 from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.stats import LayerStats
@@ -73,7 +72,6 @@ def candidates(t: TransformConfig, calibrated: bool) -> list[Candidate]:
 @dataclass
 class Measured:
     pack: LayerPack
-    layer: DuQuantLinear
     tr: Transform
     sqnr: float  # what the choice maximizes: output SQNR with a sample, else weight SQNR
     figures: dict[str, float]
@@ -97,6 +95,7 @@ class LayerPacker:
         # float64 for the seed's bit-exact svd; float32 is exact enough to rank 4-bit errors
         self.w_ref = readonly_tensor(weight).to(torch.float64 if weight.dtype == np.float64 else torch.float32)
         self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
+        self.signal = float(torch.dot(self.w_ref.reshape(-1).double(), self.w_ref.reshape(-1).double()))
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
         t = self.config.transform
@@ -128,14 +127,14 @@ class LayerPacker:
         pack = self.assemble(tr, codes, scales, bits)
         static = self.stats is not None and q.act_mode == "per_channel_static" and q.act_bits > 0
         layer = runtime_layer(pack, q.act_bits, q.act_mode if static else "per_token_dynamic", self.w_ref.dtype)
-        figures = {"weight_sqnr_db": weight_sqnr_db(layer, self.w_ref)}
+        figures = {"weight_sqnr_db": weight_sqnr_db(layer, self.w_ref, self.signal)}
         if static:
             pack.act_scale = static_scales(layer, self.stats.sample, q.act_bits, q.act_percentile)
             layer.set_act_scale(torch.from_numpy(pack.act_scale))
         if self.sample is not None:
             figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
         key = "output_sqnr_db" if self.sample is not None else "weight_sqnr_db"
-        return Measured(pack, layer, tr, figures[key], figures)
+        return Measured(pack, tr, figures[key], figures)
 
     def hessian(self, tr: Transform) -> torch.Tensor | None:
         return None if self.stats is None else transformed_hessian(tr, self.stats.hessian())
@@ -166,9 +165,9 @@ class LayerPacker:
 
     def rtn_figures(self) -> dict[str, float]:
         """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""
-        w = self.w_ref.double()
+        w = self.w_ref
         q = 2 ** (self.layer.bits - 1) - 1
-        scale = (w.abs().amax(dim=1, keepdim=True) / q).clamp_min(1e-10).float().double()
+        scale = (w.abs().amax(dim=1, keepdim=True) / q).clamp_min(1e-10).float().to(w.dtype)
         codes = torch.clamp(torch.round(w / scale), -q - 1, q).to(torch.int8).numpy()
         m = self.measure(Transform(None, None, None, w.numpy()), codes, scale[:, 0].float().numpy(), self.layer.bits)
         return {f"rtn_{k}": v for k, v in m.figures.items()}
@@ -192,9 +191,13 @@ def pack_layer(
     packer = LayerPacker(weight, bias, layer, source_dtype, config, stats, signature)
     bits = layer.bits
     options = candidates(config.transform, stats is not None)
-    measured = [packer.candidate(c, bits) for c in options]
-    best_index = max(range(len(measured)), key=lambda i: (measured[i].sqnr, -i))
-    best, choice = measured[best_index], options[best_index].label(config.transform.method)
+    best, best_index = packer.candidate(options[0], bits), 0
+    for index in range(1, len(options)):  # only the best so far is kept: one layer's temporaries at a time
+        m = packer.candidate(options[index], bits)
+        if m.sqnr > best.sqnr:
+            best, best_index = m, index
+        del m
+    choice = options[best_index].label(config.transform.method)
     if config.quant.gptq:
         refined = packer.with_gptq(best, bits)
         choice += "+gptq" if refined is not best else ""

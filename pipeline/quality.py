@@ -20,26 +20,38 @@ from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear
 from duquant_runtime.packing import qmax
 
+CHUNK = 1 << 20  # elements per step: temporaries stay cache-sized, no full float64 copies
 
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """10·log10(‖ref‖² / ‖ref - approx‖²); +inf for an exact match."""
-    signal = float(reference.double().square().sum())
-    noise = float((reference.double() - approx.double()).square().sum())
+
+def _sum_squares(x: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    """Σ x² (or Σ (x - y)²) in chunks, each chunk's sum in float64."""
+    xf, yf = x.reshape(-1), None if y is None else y.reshape(-1)
+    total = 0.0
+    for start in range(0, xf.numel(), CHUNK):
+        c = xf[start : start + CHUNK]
+        if yf is not None:
+            c = c - yf[start : start + CHUNK].to(c.dtype)
+        total += float(torch.dot(c.double(), c.double()))
+    return total
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor, signal: float | None = None) -> float:
+    """10·log10(‖ref‖² / ‖ref - approx‖²); +inf for an exact match. ``signal`` = ‖ref‖² when known."""
+    signal = _sum_squares(reference) if signal is None else signal
+    noise = _sum_squares(reference, approx)
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(max(signal, 1e-300) / noise)
 
 
 def runtime_layer(pack: LayerPack, act_bits: int, act_mode: str, dtype: torch.dtype) -> DuQuantLinear:
-    """The pack as users load it (dequantized storage: the same numbers, unpacked once)."""
-    layer = DuQuantLinear.from_pack(pack, act_bits=act_bits, act_mode=act_mode, weight_storage="dequant", dtype=dtype)
-    return layer.eval()
+    """The pack as users load it (int4 storage, the default)."""
+    return DuQuantLinear.from_pack(pack, act_bits=act_bits, act_mode=act_mode, dtype=dtype).eval()
 
 
-def weight_sqnr_db(layer: DuQuantLinear, weight: torch.Tensor) -> float:
+def weight_sqnr_db(layer: DuQuantLinear, weight: torch.Tensor, signal: float | None = None) -> float:
     """SQNR of the layer's effective weight against ``weight`` [out, in], in the weight's dtype."""
-    eff = layer.effective_weight(weight.dtype)
-    return sqnr_db(weight, eff)
+    return sqnr_db(weight, layer.effective_weight(weight.dtype), signal)
 
 
 def output_sqnr_db(layer: DuQuantLinear, x: torch.Tensor, weight: torch.Tensor) -> float:

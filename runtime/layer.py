@@ -302,7 +302,9 @@ class DuQuantLinear(nn.Module):
                 w = block_rotate(w, self.r_in2.to(dtype).transpose(1, 2))
             if self.perm2 is not None:
                 w = torch.empty_like(w).index_copy_(1, self.perm2.long(), w)
-            if self.r_in is not None:
+            if self.r_in is not None and self.uniform_r_in:  # one GEMM, as in the forward
+                w = same_block_rotate(w, self.r_in[0].to(dtype).t())
+            elif self.r_in is not None:
                 w = block_rotate(w, self.r_in.to(dtype).transpose(1, 2))  # W_t · blockdiag(R_in)ᵀ
             if self.perm is not None:
                 w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)  # undo the permutation
