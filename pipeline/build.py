@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as _dt
+import errno
 import functools
 import os
+import shutil
 import signal
 import threading
 import time
@@ -61,6 +63,55 @@ class BuildResult:
     skipped: bool
     seconds: float
     weight_bytes: int
+
+
+class OutputError(DuQuantError):
+    """The bundle cannot be written where it was asked for (full disk, read-only, no permission)."""
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing_parent(path)).free
+
+
+@contextlib.contextmanager
+def _output_errors(path: Path) -> Iterator[None]:
+    """Any failure to write the output becomes one sentence naming the path and the fix.
+
+    h5py reports a full disk as OSError or, from its flush, as RuntimeError; both come here
+    only from our own writes (packing errors are raised outside this block)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        code = getattr(exc, "errno", None)
+        free = _free_bytes(path)
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or free < (64 << 20):
+            reason = f"the disk or quota is full ({free / 2**20:.0f} MB free there)"
+            fix = "free some space, or pass --out on another disk"
+        elif code == errno.EROFS:
+            reason, fix = "the file system is read-only", "pass --out to a writable folder"
+        elif code in (errno.EACCES, errno.EPERM):
+            reason, fix = "permission denied", "pass --out to a folder you can write, or fix its permissions"
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fix = "check the folder and the disk"
+        raise OutputError(f"cannot write the bundle in {path}: {reason}; {fix}. No bundle was written.") from None
+
+
+def estimated_bundle_bytes(layers: list[SelectedLayer], config: DuQuantConfig) -> int:
+    """An upper estimate of the bundle's size: codes, scales, bias, equalization, permutations
+    and float32 rotation blocks per layer, plus HDF5 overhead."""
+    block = config.transform.block_size
+    total = 1 << 20
+    for la in layers:
+        codes = la.out_features * (la.in_features if la.bits > 4 else (la.in_features + 1) // 2)
+        total += codes + 8 * la.out_features + 12 * la.in_features + 4 * la.in_features * block + 4096
+    return total
 
 
 def bundle_path(out_dir: Path, config: DuQuantConfig, fingerprint: str) -> Path:
@@ -311,18 +362,29 @@ def build_bundle(
     else:
         # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
         hashing = pool.submit(source_tensors, ckpt, layers, 1)
-    out_cfg.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out_cfg)
+    need, free = estimated_bundle_bytes(layers, config), _free_bytes(out_cfg)
+    if free < need:
+        raise OutputError(
+            f"not enough space for the bundle in {out_cfg}: about {need / 2**20:.0f} MB needed, "
+            f"{free / 2**20:.0f} MB free; free some space, or pass --out on another disk"
+        )
+    with _output_errors(out_cfg):
+        out_cfg.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out_cfg)
     tmp = out_cfg / f".{config.name}.h5.{os.getpid()}.tmp"
     try:
-        with h5py.File(tmp, "w", libver=HDF5_LIBVER, userblock_size=USERBLOCK) as f:
-            f.require_group(LAYERS)
+        with _output_errors(out_cfg):
+            f = h5py.File(tmp, "w", libver=HDF5_LIBVER, userblock_size=USERBLOCK)
+        try:
+            with _output_errors(out_cfg):
+                f.require_group(LAYERS)
             done_bytes = 0
             by_name = {la.name: la for la in layers}
             stats_path = None if calib is None else str(calib)
             choices: dict[str, str] = {}
             for done_layers, pack in enumerate(_run_jobs(ckpt, layers, config, stats_path, jobs, backend), 1):
-                write_layer(f, pack)
+                with _output_errors(out_cfg):
+                    write_layer(f, pack)
                 if pack.choice:
                     choices[pack.name] = pack.choice
                 done_bytes += by_name[pack.name].weight_bytes
@@ -333,18 +395,25 @@ def build_bundle(
             doc = fingerprint_document(config, sources, stats_digest, choices)
             fp = digest(doc)
             final = bundle_path(Path(out_dir), config, fp)
-            write_header(
-                f,
-                fingerprint_doc=doc,
-                config=config.to_dict(),
-                provenance=ckpt.provenance(),
-                tool_version=__version__,
-                created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            )
-        seal(tmp)  # crc32 of every byte, checked before HDF5 parses the file; fsyncs
-        os.replace(tmp, final)  # atomic: readers see the old bundle or the whole new one
+            with _output_errors(out_cfg):
+                write_header(
+                    f,
+                    fingerprint_doc=doc,
+                    config=config.to_dict(),
+                    provenance=ckpt.provenance(),
+                    tool_version=__version__,
+                    created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                )
+                f.close()
+        finally:
+            with contextlib.suppress(Exception):  # already closed, or closing after a failure
+                f.close()
+        with _output_errors(out_cfg):
+            seal(tmp)  # crc32 of every byte, checked before HDF5 parses the file; fsyncs
+            os.replace(tmp, final)  # atomic: readers see the old bundle or the whole new one
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

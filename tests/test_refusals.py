@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -399,3 +400,47 @@ def test_fuzz_mutated_bundles_in_a_child_with_a_deadline(tiny_bundle, tmp_path):
     bad = [(kind, outcome) for kind, outcome, _ in outcomes if not (outcome == "ok" or outcome.startswith("refused"))]
     assert not bad, bad[:5]
     assert sum(o.startswith("refused") for _, o, _ in outcomes) >= 90  # the seal refuses damage before HDF5
+
+
+# ---------------------------------------------------------------- faults while writing
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (tests are skipped where mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_full_disk_is_refused_before_writing(demo_ckpt, tmp_path):
+    with tmpfs(tmp_path / "small", "size=2m") as out:
+        code, _, err = cli("build", "-c", "llm_w4a8", "--ckpt", demo_ckpt, "--out", out, "-q", "--no-env")
+        assert code == 2 and err.startswith("error: not enough space for the bundle in ")
+        assert "MB needed" in err and "MB free" in err and len(err.strip().splitlines()) == 1
+        assert not list(out.rglob("*.h5*"))
+
+
+def test_disk_filling_up_while_writing_is_one_sentence(demo_ckpt, tmp_path, monkeypatch):
+    import duquant_pipeline.build as build_module
+    from duquant_pipeline.build import OutputError, build_bundle
+    from duquant_runtime.config import resolve
+
+    monkeypatch.setattr(build_module, "estimated_bundle_bytes", lambda layers, config: 0)
+    with tmpfs(tmp_path / "small", "size=3m") as out:
+        with pytest.raises(OutputError, match="the disk or quota is full") as info:
+            build_bundle(resolve("llm_w4a8"), demo_ckpt, out, jobs=1)
+        assert "No bundle was written" in str(info.value)
+        assert not [p for p in out.rglob("*") if p.is_file()]  # no temp file, no partial bundle
+
+
+def test_read_only_output_folder_is_one_sentence(demo_ckpt, tmp_path):
+    with tmpfs(tmp_path / "ro", "size=64m,ro") as out:
+        code, _, err = cli("build", "-c", "llm_w4a8", "--ckpt", demo_ckpt, "--out", out, "-q", "--no-env")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "the file system is read-only; pass --out to a writable folder" in err and "Traceback" not in err
