@@ -362,15 +362,15 @@ def build_bundle(
     else:
         # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
         hashing = pool.submit(source_tensors, ckpt, layers, 1)
+    with _output_errors(out_cfg):  # a read-only or forbidden folder is said as such, first
+        out_cfg.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out_cfg)
     need, free = estimated_bundle_bytes(layers, config), _free_bytes(out_cfg)
     if free < need:
         raise OutputError(
             f"not enough space for the bundle in {out_cfg}: about {need / 2**20:.0f} MB needed, "
             f"{free / 2**20:.0f} MB free; free some space, or pass --out on another disk"
         )
-    with _output_errors(out_cfg):
-        out_cfg.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(out_cfg)
     tmp = out_cfg / f".{config.name}.h5.{os.getpid()}.tmp"
     try:
         with _output_errors(out_cfg):
