@@ -90,13 +90,13 @@ def _output_errors(path: Path) -> Iterator[None]:
     except (OSError, RuntimeError) as exc:
         code = getattr(exc, "errno", None)
         free = _free_bytes(path)
-        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or free < (64 << 20):
-            reason = f"the disk or quota is full ({free / 2**20:.0f} MB free there)"
-            fix = "free some space, or pass --out on another disk"
-        elif code == errno.EROFS:
+        if code == errno.EROFS:
             reason, fix = "the file system is read-only", "pass --out to a writable folder"
         elif code in (errno.EACCES, errno.EPERM):
             reason, fix = "permission denied", "pass --out to a folder you can write, or fix its permissions"
+        elif code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (code is None and free < (64 << 20)):
+            reason = f"the disk or quota is full ({free / 2**20:.0f} MB free there)"
+            fix = "free some space, or pass --out on another disk"
         else:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             fix = "check the folder and the disk"
