@@ -290,18 +290,19 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
         per: dict[str, dict[str, int]] = {}
         wanted_bits = h.config["quant"]["weight_bits"]
         listed = h.config["quant"].get("per_layer_weight_bits", {})
-        for name in h.layer_names:
-            pack = reader.read_layer(name, check=False)
-            if pack.quality:
-                quality[name] = {**pack.quality, "choice": pack.choice or h.config["transform"]["method"]}
-            if pack.choice:
-                choices[pack.choice] = choices.get(pack.choice, 0) + 1
-            if pack.weight_bits != listed.get(name, wanted_bits):
-                promoted.append(f"{name} (w{pack.weight_bits})")
+        for name in h.layer_names:  # metadata only: no dataset is read
+            meta = reader.layer_summary(name)
+            choice = meta.get("choice")
+            if meta.get("quality"):
+                quality[name] = {**meta["quality"], "choice": choice or h.config["transform"]["method"]}
+            if choice:
+                choices[choice] = choices.get(choice, 0) + 1
+            if int(meta["weight_bits"]) != listed.get(name, wanted_bits):
+                promoted.append(f"{name} (w{meta['weight_bits']})")
             comp = per.setdefault(component_of(name), {"layers": 0, "bf16_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1
-            comp["bf16_bytes"] += 2 * pack.in_features * pack.out_features
-            comp["bundle_bytes"] += pack.nbytes()
+            comp["bf16_bytes"] += 2 * int(meta["in_features"]) * int(meta["out_features"])
+            comp["bundle_bytes"] += sum(meta["nbytes"].values())
     info = {
         "path": str(Path(bundle)),
         "config_name": h.name,

@@ -347,6 +347,21 @@ class BundleReader:
                 layer_names=tuple(sorted(self._f[LAYERS].keys())),
             )
 
+    def layer_summary(self, name: str) -> dict[str, Any]:
+        """A layer's metadata and stored bytes without reading any dataset (for ``inspect``):
+        the ``meta`` JSON plus ``nbytes`` {dataset: bytes} from the datasets' shapes."""
+        with _translated(self.path, f"layer {name!r}"):
+            g = self._f[LAYERS].get(name)
+            if not isinstance(g, h5py.Group):
+                raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
+            meta = json.loads(_text(_read_attr(g, "meta")))
+            if not isinstance(meta, dict):
+                raise ValueError("malformed layer metadata")
+            meta["nbytes"] = {
+                k: int(ds.size) * ds.dtype.itemsize for k, ds in g.items() if isinstance(ds, h5py.Dataset)
+            }
+            return meta
+
     def read_layer(self, name: str, *, check: bool = True) -> LayerPack:
         """One layer's pack; ``check`` verifies every dataset's crc32 (a verified seal
         already covers every byte, so sealed files skip it).

@@ -164,7 +164,7 @@ def test_choice_keeps_rtn_when_rotation_cannot_help():
     assert pack.quality["weight_sqnr_db"] >= pack.quality["rtn_weight_sqnr_db"]
 
 
-def test_min_sqnr_packs_weak_layers_at_8_bits_and_is_fingerprinted(tmp_path):
+def test_min_sqnr_packs_weak_layers_at_8_bits_and_is_fingerprinted(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     tensors = {f"blk.{i}.fc1.weight": coupled_layer(rng, out=32, inp=64)[0] for i in range(3)}
     tensors["blk.0.fc1.weight"] = tensors["blk.0.fc1.weight"] * 1.0
@@ -186,8 +186,15 @@ def test_min_sqnr_packs_weak_layers_at_8_bits_and_is_fingerprinted(tmp_path):
     assert all(p.weight_bits == 8 and p.storage == "int8" and p.choice.endswith("+w8") for p in packs)
     assert doc_choices == {p.name: p.choice for p in packs}  # the fingerprint binds every choice
     assert all(p.quality["weight_sqnr_db"] > 40 for p in packs)
+
+    def no_dataset_reads(*args, **kwargs):
+        raise AssertionError("inspect must read metadata only")
+
+    monkeypatch.setattr(BundleReader, "read_layer", no_dataset_reads)
     shown = runner.invoke(main, ["inspect", str(strict)])
+    assert shown.exit_code == 0, shown.output
     assert "min SQNR     40 dB: 3 layer(s) packed at 8 bits" in shown.output and "blk.2.fc1 (w8)" in shown.output
+    assert "choices      hadamard" in shown.output or "choices      rtn" in shown.output
 
 
 def _toml(tmp_path: Path, cfg: DuQuantConfig) -> str:
