@@ -42,7 +42,7 @@ class QuantConfig:
     act_mode: str = "per_token_dynamic"
     act_percentile: float = 99.9
     calib_steps: int = 32
-    # "alpha": the seed's 5 clip ratios; "mse": 20 clip ratios, activation-weighted with --calib
+    # "alpha": the seed's 5 clip ratios; "mse": 9 clip ratios (5 coarse, 4 refined), activation-weighted with --calib
     weight_search: str = "alpha"
     gptq: bool = False  # GPTQ error compensation (needs --calib statistics)
     gptq_damp: float = 0.01
