@@ -130,9 +130,10 @@ def main() -> None:
     default=None,
     metavar="STATS.h5",
     type=click.Path(dir_okay=False),
-    help="Calibration statistics from duquant_runtime.capture_stats: activation-aware rotations, "
-    "smoothing (transform.smooth_alpha), GPTQ (quant.gptq), static activation scales stored in the bundle "
-    "(quant.act_mode = per_channel_static) and each layer's estimated output SQNR. Enters the fingerprint.",
+    help="Calibration statistics from duquant_runtime.capture_stats: the per-layer choice measures output "
+    "error on the captured sample and tries SmoothQuant strengths (transform.smooth_search), smoothing "
+    "(transform.smooth_alpha), GPTQ (quant.gptq), static activation scales stored in the bundle "
+    "(quant.act_mode = per_channel_static) and each layer's output SQNR. Enters the fingerprint.",
 )
 @click.option(
     "--min-sqnr",
@@ -394,6 +395,9 @@ def configs() -> None:
             f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} method={t.method} "
             f"weights={cfg.quant.weight_search}{'+gptq' if cfg.quant.gptq else ''}"
             f"{f' smooth={t.smooth_alpha}' if t.smooth_alpha else ''}"
+            f"{f' per-layer: eq={list(t.equalize)}' if t.equalize else ''}"
+            f"{f' smooth={list(t.smooth_search)}' if t.smooth_search else ''}"
+            f"{' +no-rotation' if t.rtn_candidate else ''}"
         )
 
 
