@@ -382,9 +382,10 @@ def build_bundle(
             by_name = {la.name: la for la in layers}
             stats_path = None if calib is None else str(calib)
             choices: dict[str, str] = {}
+            shared: dict = {}
             for done_layers, pack in enumerate(_run_jobs(ckpt, layers, config, stats_path, jobs, backend), 1):
                 with _output_errors(out_cfg):
-                    write_layer(f, pack)
+                    write_layer(f, pack, shared)
                 if pack.choice:
                     choices[pack.name] = pack.choice
                 done_bytes += by_name[pack.name].weight_bytes

@@ -290,6 +290,7 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
         h = reader.header
         per: dict[str, dict[str, int]] = {}
         wanted_bits = h.config["quant"]["weight_bits"]
+        counted: set[int] = set()
         listed = h.config["quant"].get("per_layer_weight_bits", {})
         for name in h.layer_names:  # metadata only: no dataset is read
             meta = reader.layer_summary(name)
@@ -303,7 +304,10 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
             comp = per.setdefault(component_of(name), {"layers": 0, "bf16_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1
             comp["bf16_bytes"] += 2 * int(meta["in_features"]) * int(meta["out_features"])
-            comp["bundle_bytes"] += sum(meta["nbytes"].values())
+            for nbytes, address in meta["datasets"].values():
+                if address not in counted:  # a dataset shared by layers counts once
+                    counted.add(address)
+                    comp["bundle_bytes"] += nbytes
     info = {
         "path": str(Path(bundle)),
         "config_name": h.name,

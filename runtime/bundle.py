@@ -208,9 +208,17 @@ def write_header(
 INT_FIELDS = ("in_features", "out_features", "weight_bits", "block_size", "block_out_size")
 
 
-def write_layer(f: h5py.File, pack: LayerPack) -> None:
+SHARED = "shared"  # datasets identical across layers (e.g. one Hadamard per width), stored once
+SHAREABLE = ("r_in", "r_in2", "perm", "perm2")
+
+
+def write_layer(f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndarray, str]] | None = None) -> None:
     """One group per layer; all its metadata in one JSON attribute (h5py attribute reads
-    cost ~0.1 ms each, which dominated load time when every field was its own)."""
+    cost ~0.1 ms each, which dominated load time when every field was its own).
+
+    ``shared`` (a dict kept across one bundle) stores rotation and permutation arrays that
+    are identical to an earlier layer's once, under ``/shared``, hard-linked from each layer:
+    readers see an ordinary dataset, checked by the same per-layer crc32."""
     g = f[LAYERS].create_group(pack.name)
     arrays = pack.arrays()
     meta = {k: int(getattr(pack, k)) for k in INT_FIELDS}
@@ -227,7 +235,17 @@ def write_layer(f: h5py.File, pack: LayerPack) -> None:
         meta["choice"] = pack.choice
     g.attrs["meta"] = json.dumps(meta, sort_keys=True)
     for key, array in arrays.items():
-        g.create_dataset(key, data=np.ascontiguousarray(array))
+        data = np.ascontiguousarray(array)
+        if shared is None or key not in SHAREABLE:
+            g.create_dataset(key, data=data)
+            continue
+        ident = (key, data.shape, data.dtype.str, meta["crc32"][key])
+        hit = shared.get(ident)
+        if hit is None or not np.array_equal(hit[0], data):
+            path = f"{SHARED}/{key}-{len(shared)}"
+            f.create_dataset(path, data=data)
+            hit = shared[ident] = (data, path)
+        g[key] = f[hit[1]]  # a hard link: the layer reads it like its own dataset
 
 
 # ---------------------------------------------------------------- reading
@@ -349,7 +367,8 @@ class BundleReader:
 
     def layer_summary(self, name: str) -> dict[str, Any]:
         """A layer's metadata and stored bytes without reading any dataset (for ``inspect``):
-        the ``meta`` JSON plus ``nbytes`` {dataset: bytes} from the datasets' shapes."""
+        the ``meta`` JSON plus ``datasets`` {dataset: [bytes, object address]} from the
+        datasets' shapes (a dataset shared by several layers has one address)."""
         with _translated(self.path, f"layer {name!r}"):
             g = self._f[LAYERS].get(name)
             if not isinstance(g, h5py.Group):
@@ -357,8 +376,10 @@ class BundleReader:
             meta = json.loads(_text(_read_attr(g, "meta")))
             if not isinstance(meta, dict):
                 raise ValueError("malformed layer metadata")
-            meta["nbytes"] = {
-                k: int(ds.size) * ds.dtype.itemsize for k, ds in g.items() if isinstance(ds, h5py.Dataset)
+            meta["datasets"] = {
+                k: [int(ds.size) * ds.dtype.itemsize, int(h5py.h5o.get_info(ds.id).addr)]
+                for k, ds in g.items()
+                if isinstance(ds, h5py.Dataset)
             }
             return meta
 
