@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from duquant_pipeline.cli import component_of
 from duquant_pipeline.demo_model import load_demo_model
 from duquant_runtime import load_bundle
+from duquant_runtime.config import component_of
 
 
 def rss_mib() -> float:

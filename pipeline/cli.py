@@ -17,16 +17,11 @@ from typing import Any
 import click
 from duquant_runtime import __version__
 from duquant_runtime.bundle import BundleReader
-from duquant_runtime.config import DuQuantConfig, preset_names, resolve
+from duquant_runtime.config import DuQuantConfig, component_of, preset_names, resolve
 from duquant_runtime.env import apply_env
 from duquant_runtime.errors import DuQuantError
 
 EXIT_BAD_INPUT = 2
-COMPONENTS = {
-    "vision": "paligemma_with_expert.paligemma.model.vision_tower.",
-    "llm": "paligemma_with_expert.paligemma.model.language_model.",
-    "expert": "paligemma_with_expert.gemma_expert.",
-}
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -260,10 +255,6 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, use_env: boo
         sys.exit(1)
     checked = ["integrity"] + (["config"] if cfg else []) + (["checkpoint"] if checkpoint else [])
     click.echo(f"{bundle}: OK ({', '.join(checked)})")
-
-
-def component_of(layer: str) -> str:
-    return next((c for c, prefix in COMPONENTS.items() if prefix in layer), "other")
 
 
 @main.command()

@@ -212,6 +212,15 @@ def validate(cfg: DuQuantConfig) -> None:
     )
 
 
+# pi0.5's components by a marker in the module name (openpi's names; LeRobot's sit under
+# "model."), for bytes per component in inspect and the load report.
+COMPONENTS = {"vision": ".vision_tower.", "llm": ".language_model.", "expert": ".gemma_expert."}
+
+
+def component_of(name: str) -> str:
+    return next((c for c, marker in COMPONENTS.items() if marker in "." + name), "other")
+
+
 # The policy's last layer is quantized only when named in select.layers.
 NEVER_UNLESS_LISTED = re.compile(r"(?:^|\.)action_out_proj$")
 

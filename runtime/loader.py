@@ -18,7 +18,7 @@ from torch import nn
 
 from .bundle import BundleHeader, BundleReader, LayerPack
 from .checks import config_problems, expected_layers
-from .config import DuQuantConfig, from_dict, resolve
+from .config import DuQuantConfig, component_of, from_dict, resolve
 from .env import PREFIX, config_from_env, request_from_env
 from .errors import (
     BundleError,
@@ -33,18 +33,6 @@ VERIFY_MODES = ("signature", "shapes")
 # float64 sums of the same values in another order agree to ~1e-15; a one-ulp change
 # of one bf16 weight moves them by far more than this.
 SIGNATURE_RTOL = 1e-11
-
-
-# Components of pi0.5 (openpi's names; LeRobot's sit under "model."), for per-component bytes.
-COMPONENTS = {
-    "vision": ".vision_tower.",
-    "llm": ".language_model.",
-    "expert": ".gemma_expert.",
-}
-
-
-def component_of(name: str) -> str:
-    return next((c for c, marker in COMPONENTS.items() if marker in "." + name), "other")
 
 
 @dataclass
