@@ -34,6 +34,7 @@ from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scale
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig, resolve
+from duquant_runtime.loader import weight_signature
 from duquant_runtime.stats import LayerStats
 from synthetic import PI05_SHAPES, SyntheticLayer, make_layer
 
@@ -71,7 +72,7 @@ def pack_case(layer: SyntheticLayer, config: DuQuantConfig | None, calib: bool) 
     sel = SelectedLayer(layer.name, f"{layer.name}.weight", None, w.shape[0], w.shape[1], "F32", 4)
     stats = stats_of(layer.calib) if calib else None
     if config is None:
-        packer = LayerPacker(w, None, sel, "F32", DEFAULT, None, (0.0, 0.0))
+        packer = LayerPacker(w, None, sel, "F32", DEFAULT, None, weight_signature(torch.from_numpy(w)))
         q = 7
         scales = np.maximum(np.abs(w).max(axis=1) / q, 1e-10).astype(np.float32)
         codes = np.clip(np.round(w / scales[:, None].astype(np.float64)), -q - 1, q).astype(np.int8)

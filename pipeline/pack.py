@@ -18,7 +18,7 @@ comparison) go into the pack's ``quality`` record.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class LayerPacker:
         # float64 for the seed's bit-exact svd; float32 is exact enough to rank 4-bit errors
         self.w_ref = readonly_tensor(weight).to(torch.float64 if weight.dtype == np.float64 else torch.float32)
         self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
-        self.signal = float(torch.dot(self.w_ref.reshape(-1).double(), self.w_ref.reshape(-1).double()))
+        self.signal = signature[1]  # ‖W‖², the float64 sum of squares the signature already holds
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
         t = self.config.transform
@@ -140,12 +140,20 @@ class LayerPacker:
         return None if self.stats is None else transformed_hessian(tr, self.stats.hessian())
 
     def candidate(self, cand: Candidate, bits: int) -> Measured:
-        t, q = self.config.transform, self.config.quant
         tr = compute_transform(
-            self.weight, t, self.stats, rotate=cand.rotate, equalize=cand.equalize, smooth=cand.smooth
+            self.weight,
+            self.config.transform,
+            self.stats,
+            rotate=cand.rotate,
+            equalize=cand.equalize,
+            smooth=cand.smooth,
         )
+        return self.quantized(tr, bits)
+
+    def quantized(self, tr: Transform, bits: int) -> Measured:
+        """The transform's weight quantized at ``bits`` (scale search, RTN codes), measured."""
         w_t = torch.from_numpy(np.ascontiguousarray(tr.w_t))
-        codes, scales, _ = quantize_weight(w_t, bits, search=q.weight_search, hessian=self.hessian(tr))
+        codes, scales, _ = quantize_weight(w_t, bits, search=self.config.quant.weight_search, hessian=self.hessian(tr))
         return self.measure(tr, codes, scales, bits)
 
     def with_gptq(self, best: Measured, bits: int) -> Measured:
@@ -197,16 +205,16 @@ def pack_layer(
         if m.sqnr > best.sqnr:
             best, best_index = m, index
         del m
+    q = config.quant
     choice = options[best_index].label(config.transform.method)
-    if config.quant.gptq:
+    if q.gptq:
         refined = packer.with_gptq(best, bits)
         choice += "+gptq" if refined is not best else ""
         best = refined
-    q = config.quant
     if q.min_sqnr_db > 0 and best.sqnr < q.min_sqnr_db and bits < FALLBACK_BITS:
         bits = FALLBACK_BITS
-        best = packer.candidate(options[best_index], bits)
-        if config.quant.gptq:
+        best = packer.quantized(best.tr, bits)  # the chosen transform, at 8 bits
+        if q.gptq:
             best = packer.with_gptq(best, bits)
         choice += f"+w{bits}"
     pack = best.pack
@@ -215,4 +223,4 @@ def pack_layer(
         figures.update(packer.rtn_figures())
     pack.quality = {k: round(v, 3) if np.isfinite(v) else 999.0 for k, v in figures.items()}
     pack.choice = choice if config.per_layer_choice or q.gptq or q.min_sqnr_db > 0 else None
-    return replace(pack)
+    return pack

@@ -289,8 +289,7 @@ class DuQuantLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The dense effective weight, materialized now (what ``.weight`` computes on use)."""
-        with torch.no_grad():
-            return self.effective_weight(self.dtype_ref.dtype)
+        return self.effective_weight(self.dtype_ref.dtype)
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight in the original basis, in ``dtype`` (float64 for exact quality checks)."""

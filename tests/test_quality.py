@@ -21,6 +21,7 @@ from duquant_runtime import DuQuantLinear, load_bundle
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import DuQuantConfig, TransformConfig, resolve
 from duquant_runtime.fingerprint import digest, fingerprint_document
+from duquant_runtime.loader import weight_signature
 from duquant_runtime.stats import LayerStats
 from reference import blocks_from_stacked, reference_forward, unpack_int4
 
@@ -64,6 +65,10 @@ def stats_of(x: np.ndarray) -> LayerStats:
     return LayerStats(absmax, absmax, gram, x.astype(np.float32), x.shape[0])
 
 
+def signature(w: np.ndarray) -> tuple[float, float]:
+    return weight_signature(torch.from_numpy(np.asarray(w, dtype=np.float64)))
+
+
 def selected(w: np.ndarray, name: str = "l") -> SelectedLayer:
     return SelectedLayer(name, f"{name}.weight", None, w.shape[0], w.shape[1], "F32", 4)
 
@@ -94,7 +99,7 @@ def test_equalization_preserves_output_with_quantization_off(rotate, method, str
     )
     assert tr.in_scale is not None and not np.allclose(tr.in_scale, 1.0)
     assert (tr.r_in is None) != rotate
-    packer = LayerPacker(w, None, selected(w), "F32", DuQuantConfig(name="x", transform=t), None, (0.0, 0.0))
+    packer = LayerPacker(w, None, selected(w), "F32", DuQuantConfig(name="x", transform=t), None, signature(w))
     pack = packer.assemble(tr, np.zeros(w.shape, dtype=np.int8), np.ones(w.shape[0], dtype=np.float32), 4)
     layer = DuQuantLinear.from_pack(pack, act_bits=0, act_mode="per_token_dynamic", weight_storage="dequant")
     layer.w_t = torch.from_numpy(np.asarray(tr.w_t)).float()
@@ -114,7 +119,7 @@ def test_format2_forward_matches_the_reference(storage):
     config = DEFAULT.replace("transform", block_size=32)
     seen = set()
     for cand in candidates(config.transform, calibrated=False):
-        packer = LayerPacker(w.astype(np.float32), None, selected(w), "F32", config, None, (0.0, 0.0))
+        packer = LayerPacker(w.astype(np.float32), None, selected(w), "F32", config, None, signature(w))
         pack = packer.candidate(cand, 4).pack
         seen.add((pack.r_in is None, pack.in_scale is None))
         w_t = unpack_int4(pack.qweight, 100) * pack.w_scale.astype(np.float64)[:, None]
