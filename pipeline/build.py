@@ -45,7 +45,7 @@ from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 from .checkpoint import Checkpoint, CheckpointError
 from .pack import pack_layer, readonly_tensor
 from .select import SelectedLayer, select_layers, source_tensors
-from .verify import verify_bundle
+from .verify import reader_problems
 
 # loky: processes (default); threading: one process; dask: a dask.distributed cluster.
 # (joblib's "multiprocessing" backend cannot stream results as they finish.)
@@ -315,12 +315,12 @@ def _reusable(
     verifies, newest first; its per-layer choices follow from them."""
     for path in sorted(out_cfg.glob(f"{config.name}-*.h5"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            with BundleReader(path) as reader:
-                header = reader.header
+            with BundleReader(path) as reader:  # one open: the seal is read once
+                fp_doc = reader.header.fingerprint_doc
+                if inputs_of(fp_doc) == inputs and not reader_problems(reader, config=config, sources=sources):
+                    return path, reader.header.fingerprint
         except BundleError:
             continue
-        if inputs_of(header.fingerprint_doc) == inputs and not verify_bundle(path, config=config, sources=sources):
-            return path, header.fingerprint
     return None
 
 

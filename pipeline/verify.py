@@ -24,10 +24,21 @@ def verify_bundle(
     """Problems found, one line each (empty list: the bundle is intact and matches)."""
     try:
         with BundleReader(path) as reader:
-            problems = integrity_problems(reader)
-            header = reader.header
+            return reader_problems(reader, config=config, checkpoint=checkpoint, sources=sources)
     except BundleError as exc:
         return [str(exc)]
+
+
+def reader_problems(
+    reader: BundleReader,
+    *,
+    config: DuQuantConfig | None = None,
+    checkpoint: str | Path | None = None,
+    sources: list[SourceTensor] | None = None,
+) -> list[str]:
+    """``verify_bundle`` on a bundle already open (its seal checked once)."""
+    problems = integrity_problems(reader)
+    header = reader.header
     if config is not None:
         problems += config_problems(header, config)
     if checkpoint is not None and sources is None:

@@ -71,29 +71,28 @@ def detect_prefix(names: list[str], modules: dict[str, nn.Module]) -> str:
     the first unresolvable layer when none does."""
     if all(n in modules for n in names):
         return ""
-    fits: set[str] | None = None
-    for name in names:
-        here = {m[: -len(name)] for m in modules if m.endswith(name) and m[: -len(name)].endswith(".")}
-        here |= {""} if name in modules else set()
-        fits = here if fits is None else fits & here
-        if not fits:
-            near = [m for m in modules if m.endswith(name)]
-            hint = f"; the model has {near[0]!r}" if near else ""
-            raise ModelMismatchError(
-                f"layer {name}: not found in the model under any one name prefix{hint} — is this the model the "
-                "bundle was built for?",
-                layer=name,
-                field="presence",
-            )
-    assert fits is not None
-    if len(fits) > 1:
-        listed = ", ".join(repr(p) for p in sorted(fits))
+    first = names[0]
+    # only prefixes under which the first layer exists can fit them all
+    candidates = {m[: -len(first)] for m in modules if m.endswith("." + first)}
+    fits = sorted(p for p in candidates if all(p + n in modules for n in names))
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        listed = ", ".join(repr(p) for p in fits)
         raise ModelMismatchError(
             f"the bundle's layers are found in the model under several name prefixes ({listed}): pass "
             "name_prefix= to say which copy to quantize",
             field="presence",
         )
-    return fits.pop()
+    missing = next((n for n in names if not any(p + n in modules for p in candidates)), first)
+    near = [m for m in modules if m.endswith(missing)]
+    hint = f"; the model has {near[0]!r}" if near else ""
+    raise ModelMismatchError(
+        f"layer {missing}: not found in the model under any one name prefix{hint} — is this the model the "
+        "bundle was built for?",
+        layer=missing,
+        field="presence",
+    )
 
 
 def weight_signature(weight: torch.Tensor, chunk_elements: int = 1 << 20) -> tuple[float, float]:
