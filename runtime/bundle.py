@@ -286,6 +286,7 @@ class BundleReader:
             raise BundleReadError(f"bundle not found: {self.path}")
         with _translated(self.path, "the file"):
             self.sealed = check_seal(self.path)
+            self._linked: dict[int, np.ndarray] = {}  # object address -> array of a /shared dataset
             if not h5py.is_hdf5(self.path):
                 raise BundleReadError(f"{self.path} is not an HDF5 file, so not a duquant bundle")
             self._f = h5py.File(self.path, "r")
@@ -365,6 +366,19 @@ class BundleReader:
                 layer_names=tuple(sorted(self._f[LAYERS].keys())),
             )
 
+    def _read(self, ds: h5py.Dataset, key: str) -> np.ndarray:
+        """A dataset's values; one linked from several layers (/shared) is read once per reader
+        and the same array is returned to each (callers only read it)."""
+        if key not in SHAREABLE:
+            return ds[()]
+        info = h5py.h5o.get_info(ds.id)
+        if info.rc < 2:
+            return ds[()]
+        data = self._linked.get(info.addr)
+        if data is None:
+            data = self._linked[info.addr] = ds[()]
+        return data
+
     def layer_summary(self, name: str) -> dict[str, Any]:
         """A layer's metadata and stored bytes without reading any dataset (for ``inspect``):
         the ``meta`` JSON plus ``datasets`` {dataset: [bytes, object address]} from the
@@ -419,7 +433,7 @@ class BundleReader:
                         layer=name,
                         field=key,
                     )
-                data = ds[()]
+                data = self._read(ds, key)
                 if check and not self.sealed and int(crcs[key]) != crc32(data):
                     raise BundleReadError(
                         f"{self.path}: layer {name!r} dataset {key!r} fails its checksum; the file is "
