@@ -149,38 +149,37 @@ def _layer_norm(norm: nn.LayerNorm, f: torch.Tensor) -> None:
     norm.bias.mul_(f.to(norm.bias.dtype))
 
 
+def _couple_norm(g: torch.Generator, norm: nn.Module, scale_norm: Callable, consumers: list[nn.Linear]) -> None:
+    """Scale a norm's output channels, undone on the columns of every Linear it feeds."""
+    f = _channel_factors(g, norm.weight.shape[0])
+    scale_norm(norm, f)
+    _scale_columns(consumers, f)
+
+
+def _couple_rows(
+    g: torch.Generator, producer: nn.Linear, consumer: nn.Linear, head_dim: int = 0, group: int = 1
+) -> None:
+    """Scale a producer's output rows, undone on the consumer columns that read them."""
+    f = _channel_factors(g, producer.weight.shape[0], big=0.25)
+    _scale_rows(producer, f)
+    if group > 1:  # v row (k, d) is read at o column (h, d) by every query head h of KV head k
+        f = f.view(-1, 1, head_dim).expand(-1, group, head_dim).reshape(-1)
+    _scale_columns([consumer], f)
+
+
 def _couple_gemma_layer(layer: nn.Module, g: torch.Generator, heads: int, kv_heads: int, head_dim: int) -> None:
     attn, mlp = layer.self_attn, layer.mlp
-    f = _channel_factors(g, layer.input_layernorm.weight.shape[0])
-    _gemma_norm(layer.input_layernorm, f)
-    _scale_columns([attn.q_proj, attn.k_proj, attn.v_proj], f)
-    f = _channel_factors(g, layer.post_attention_layernorm.weight.shape[0])
-    _gemma_norm(layer.post_attention_layernorm, f)
-    _scale_columns([mlp.gate_proj, mlp.up_proj], f)
-    # attention is linear in v: a v_proj row scaled by f is undone on every o_proj column
-    # that reads it (each query head of the KV group).
-    f_v = _channel_factors(g, kv_heads * head_dim, big=0.25)
-    _scale_rows(attn.v_proj, f_v)
-    group = heads // kv_heads
-    f_o = f_v.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).reshape(-1)
-    _scale_columns([attn.o_proj], f_o)
-    # gelu(gate) * up is linear in up
-    f_up = _channel_factors(g, mlp.up_proj.weight.shape[0], big=0.25)
-    _scale_rows(mlp.up_proj, f_up)
-    _scale_columns([mlp.down_proj], f_up)
+    _couple_norm(g, layer.input_layernorm, _gemma_norm, [attn.q_proj, attn.k_proj, attn.v_proj])
+    _couple_norm(g, layer.post_attention_layernorm, _gemma_norm, [mlp.gate_proj, mlp.up_proj])
+    _couple_rows(g, attn.v_proj, attn.o_proj, head_dim, heads // kv_heads)  # attention is linear in v
+    _couple_rows(g, mlp.up_proj, mlp.down_proj)  # gelu(gate) * up is linear in up
 
 
 def _couple_siglip_layer(layer: nn.Module, g: torch.Generator) -> None:
     attn, mlp = layer.self_attn, layer.mlp
-    f = _channel_factors(g, layer.layer_norm1.weight.shape[0])
-    _layer_norm(layer.layer_norm1, f)
-    _scale_columns([attn.q_proj, attn.k_proj, attn.v_proj], f)
-    f = _channel_factors(g, layer.layer_norm2.weight.shape[0])
-    _layer_norm(layer.layer_norm2, f)
-    _scale_columns([mlp.fc1], f)
-    f_v = _channel_factors(g, attn.v_proj.weight.shape[0], big=0.25)
-    _scale_rows(attn.v_proj, f_v)
-    _scale_columns([attn.out_proj], f_v)
+    _couple_norm(g, layer.layer_norm1, _layer_norm, [attn.q_proj, attn.k_proj, attn.v_proj])
+    _couple_norm(g, layer.layer_norm2, _layer_norm, [mlp.fc1])
+    _couple_rows(g, attn.v_proj, attn.out_proj)
 
 
 def couple_outliers(model: Pi05Testbed, seed: int = 0) -> Pi05Testbed:
