@@ -43,6 +43,7 @@ from baselines import RTNLinear
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
 from duquant_runtime import capture_stats, load_bundle
+from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import DuQuantConfig, from_dict, matches, resolve
 from testbeds import build_pi05, capture_inputs, linear_names, minilm, pi05_inputs
 
@@ -142,7 +143,7 @@ def evaluate(tb: Testbed, work: Path) -> dict:
     with torch.no_grad():
         reference = {n: [cap[n].module(x) for x in inputs[n]] for n in names}
     stats = work / f"stats-{tb.name}.h5"
-    with torch.no_grad(), capture_stats(model, tb.config.replace(select=tb.config.select)) as capture:
+    with torch.no_grad(), capture_stats(model, tb.config) as capture:
         for s in tb.calib_seeds:
             tb.run(model, s)
     capture.save(stats)
@@ -156,10 +157,8 @@ def evaluate(tb: Testbed, work: Path) -> dict:
         result = build_bundle(config, ckpt, work / "bundles", calib=stats if calib else None, jobs=1)
         loaded = copy.deepcopy(model)
         load_bundle(loaded, result.path, config)
-        from duquant_runtime.bundle import BundleReader
-
-        with BundleReader(result.path) as reader:
-            choices = {n: reader.read_layer(n, check=False).choice for n in names}
+        with BundleReader(result.path) as reader:  # the choices are metadata: no dataset read
+            choices = {n: reader.layer_summary(n).get("choice") for n in names}
         rows[label] = {
             "layers": per_layer_sqnr(loaded, names, inputs, reference),
             "components": _components(tb, loaded, reference_out),
