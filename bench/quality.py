@@ -34,7 +34,7 @@ from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scale
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig, resolve
-from duquant_runtime.loader import weight_signature
+from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 from synthetic import PI05_SHAPES, SyntheticLayer, make_layer
 

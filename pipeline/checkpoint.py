@@ -1,9 +1,8 @@
-"""Reading (and streaming out) safetensors checkpoints without building a model.
+"""Reading safetensors checkpoints through the ``safetensors`` library (mmap, bf16 included),
+and streaming multi-GB ones out one tensor at a time (which the library cannot do).
 
-The safetensors format is an 8-byte little-endian header length, a JSON header
-(name -> dtype, shape, data_offsets) and the raw tensor bytes. We parse the header
-ourselves: it lets us validate with one clear sentence, read bf16 without torch,
-hash raw bytes, and write multi-GB files one tensor at a time.
+Every failure is one :class:`CheckpointError` sentence. The digest of a tensor is the
+sha256 of its raw stored bytes, exactly as they are in the file.
 """
 
 from __future__ import annotations
@@ -18,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from duquant_runtime.errors import DuQuantError
+from duquant_runtime.h5file import atomic_file
+from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 MODEL_NAME = "model.safetensors"
-_MAX_HEADER = 512 * 1024 * 1024
 _ITEMSIZE = {
     "F64": 8,
     "F32": 4,
@@ -50,51 +51,30 @@ class CheckpointError(DuQuantError):
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: str
+    dtype: str  # the safetensors dtype name, e.g. "BF16"
     shape: tuple[int, ...]
     file: Path
-    offset: int  # absolute byte offset of the data in ``file``
-    nbytes: int
 
 
-def _read_header(path: Path) -> dict[str, TensorInfo]:
+def _open(path: Path) -> Any:
+    """The library's handle on one file (header parsed, data mmap'ed)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(
-                    f"{path} is not a safetensors file (header length {n} is impossible for a {size}-byte file)"
-                )
-            raw = fh.read(n)
+        return safe_open(path, framework="pt")
     except PermissionError:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a safetensors file") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    data_start = 8 + n
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a safetensors file, or is truncated ({detail})") from None
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    handle = _open(path)
     out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
-            itemsize = _ITEMSIZE[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path} is not a valid safetensors file (bad entry for {name!r})") from None
-        if end - begin != math.prod(shape) * itemsize or begin < 0 or data_start + end > size:
-            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name!r} does not fit its bytes")
-        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+        part = handle.get_slice(name)
+        out[name] = TensorInfo(name, str(part.get_dtype()), tuple(int(d) for d in part.get_shape()), path)
     return out
 
 
@@ -105,6 +85,7 @@ class Checkpoint:
         self.path = path
         self.files = files
         self.tensors = tensors
+        self._handles: dict[Path, Any] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -147,33 +128,28 @@ class Checkpoint:
             )
         return cls(index, [index.parent / s for s in shards], tensors)
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as a uint8 array, exactly as stored."""
+    def _tensor(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = _open(info.file)
         try:
-            with info.file.open("rb") as fh:
-                fh.seek(info.offset)
-                data = fh.read(info.nbytes)
-        except OSError as exc:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {exc}") from None
-        if len(data) != info.nbytes:
-            raise CheckpointError(f"{info.file} is truncated: tensor {name!r} is incomplete")
-        return np.frombuffer(data, dtype=np.uint8)
 
     def read(self, name: str, dtype: type = np.float64) -> np.ndarray:
-        """A floating tensor, converted (exactly) to ``dtype``."""
+        """A floating tensor, converted (exactly) to ``dtype`` (float32 or float64)."""
         info = self.tensors[name]
-        raw = self.raw(name)
-        if info.dtype == "BF16":
-            values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info.dtype in ("F16", "F32", "F64"):
-            values = raw.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[info.dtype])
-        else:
+        if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}; only floating tensors can be packed")
-        return values.reshape(info.shape).astype(dtype, copy=False)
+        to = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+        return self._tensor(name).to(to).numpy()
 
     def sha256(self, name: str) -> str:
-        return hashlib.sha256(memoryview(self.raw(name))).hexdigest()
+        """sha256 of the tensor's raw stored bytes (little-endian, as in the file)."""
+        raw = self._tensor(name).reshape(-1).view(torch.uint8).numpy()
+        return hashlib.sha256(memoryview(raw)).hexdigest()
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -214,24 +190,18 @@ def write_safetensors(
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
-            for name, dtype, shape in specs:
-                expected = math.prod(shape) * _ITEMSIZE[dtype]
-                written = 0
-                for chunk in produce(name):
-                    data = memoryview(np.ascontiguousarray(chunk)).cast("B")
-                    fh.write(data)
-                    written += data.nbytes
-                if written != expected:
-                    raise RuntimeError(f"tensor {name}: produced {written} bytes, expected {expected}")
-                if on_tensor:
-                    on_tensor(name, written)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as out, out.tmp.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, dtype, shape in specs:
+            expected = math.prod(shape) * _ITEMSIZE[dtype]
+            written = 0
+            for chunk in produce(name):
+                data = memoryview(np.ascontiguousarray(chunk)).cast("B")
+                fh.write(data)
+                written += data.nbytes
+            if written != expected:
+                raise RuntimeError(f"tensor {name}: produced {written} bytes, expected {expected}")
+            if on_tensor:
+                on_tensor(name, written)

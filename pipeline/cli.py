@@ -46,8 +46,11 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_config(config: str, use_env: bool) -> DuQuantConfig:
+    """The config, with the seed's environment overrides when asked, checked by its method."""
+    from .methods import check
+
     cfg = resolve(config)
-    return apply_env(cfg) if use_env else cfg
+    return check(apply_env(cfg) if use_env else cfg)
 
 
 def _human(n: float) -> str:
@@ -165,8 +168,10 @@ def build(
     from tqdm import tqdm
 
     from .build import build_bundle
+    from .workers import keep_large_temporaries
 
     cfg = load_config(config, use_env)
+    keep_large_temporaries()  # this process is the CLI's own: tune its allocator for in-process jobs
     if min_sqnr is not None:
         cfg = cfg.replace("quant", min_sqnr_db=min_sqnr)
     bar: tqdm | None = None

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig, TransformConfig
-from duquant_runtime.loader import weight_signature
 from duquant_runtime.packing import pack_codes, storage_for_bits
+from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
 from .algorithm import Transform, compute_transform, transformed_hessian
@@ -98,27 +98,24 @@ class LayerPacker:
         self.signal = signature[1]  # ‖W‖², the float64 sum of squares the signature already holds
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
-        t = self.config.transform
+        stored = {
+            s.key: v.astype(np.int32 if s.kind == "perm" else np.float32) for s, v in (*tr.stages, *tr.out_stages)
+        }
         return LayerPack(
             name=self.layer.name,
             in_features=self.layer.in_features,
             out_features=self.layer.out_features,
             weight_bits=bits,
             storage=storage_for_bits(bits),
-            block_size=t.block_size,
-            block_out_size=t.block_out_size,
-            perm=None if tr.perm is None else tr.perm.astype(np.int32),
-            r_in=None if tr.r_in is None else tr.r_in.astype(np.float32),
-            r_out=None if tr.r_out is None else tr.r_out.astype(np.float32),
             qweight=pack_codes(codes, bits),
             w_scale=scales,
             bias=None if self.bias is None else self.bias.astype(np.float32),
             source_dtype=self.source_dtype,
             source_sum=self.signature[0],
             source_sumsq=self.signature[1],
-            perm2=None if tr.perm2 is None else tr.perm2.astype(np.int32),
-            r_in2=None if tr.r_in2 is None else tr.r_in2.astype(np.float32),
-            in_scale=None if tr.in_scale is None else tr.in_scale.astype(np.float32),
+            stages=tuple(s for s, _ in tr.stages),
+            out_stages=tuple(s for s, _ in tr.out_stages),
+            stage_values=stored,
         )
 
     def measure(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> Measured:
@@ -177,7 +174,7 @@ class LayerPacker:
         q = 2 ** (self.layer.bits - 1) - 1
         scale = (w.abs().amax(dim=1, keepdim=True) / q).clamp_min(1e-10).float().to(w.dtype)
         codes = torch.clamp(torch.round(w / scale), -q - 1, q).to(torch.int8).numpy()
-        m = self.measure(Transform(None, None, None, w.numpy()), codes, scale[:, 0].float().numpy(), self.layer.bits)
+        m = self.measure(Transform(w_t=w.numpy()), codes, scale[:, 0].float().numpy(), self.layer.bits)
         return {f"rtn_{k}": v for k, v in m.figures.items()}
 
 
@@ -186,15 +183,13 @@ def pack_layer(
     bias: np.ndarray | None,
     layer: SelectedLayer,
     source_dtype: str,
-    config: DuQuantConfig | TransformConfig,
+    config: DuQuantConfig,
     stats: LayerStats | None = None,
     signature: tuple[float, float] | None = None,
 ) -> LayerPack:
     """One layer's pack from its weight (float64 for svd, float32 otherwise): the kept
     candidate transform, its codes and scales, static activation scales (static act_mode
     with statistics) and the quality record."""
-    if isinstance(config, TransformConfig):  # transform-only callers: the seed's quantization
-        config = DuQuantConfig(name="layer", transform=config)
     signature = signature or weight_signature(readonly_tensor(weight))
     packer = LayerPacker(weight, bias, layer, source_dtype, config, stats, signature)
     bits = layer.bits

@@ -16,9 +16,9 @@ import math
 
 import numpy as np
 import torch
+from duquant_runtime.actquant import StaticScaleObserver
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear
-from duquant_runtime.packing import qmax
 
 CHUNK = 1 << 20  # elements per step: temporaries stay cache-sized, no full float64 copies
 
@@ -64,9 +64,9 @@ def output_sqnr_db(layer: DuQuantLinear, x: torch.Tensor, weight: torch.Tensor) 
 
 
 def static_scales(layer: DuQuantLinear, sample: np.ndarray, bits: int, percentile: float) -> np.ndarray:
-    """Static per-channel scales in the layer's transformed basis from calibration rows (the
-    seed's rule: the percentile of |x_t| / qmax), float32 [in]."""
+    """Static per-channel scales in the layer's transformed basis from calibration rows: the
+    runtime's one rule (``actquant.StaticScaleObserver``), the sample as one batch. float32 [in]."""
+    rule = StaticScaleObserver(percentile, bits)
     with torch.no_grad():
-        x_t = layer.rotate_input(torch.from_numpy(sample).double()).abs()
-    p = torch.quantile(x_t, percentile / 100.0, dim=0) if x_t.shape[0] > 1 else x_t[0]
-    return (p / qmax(bits)).clamp_min(1e-8).float().numpy()
+        rule.observe(layer.rotate_input(torch.from_numpy(sample).double()))
+    return rule.scales().numpy()  # type: ignore[union-attr]

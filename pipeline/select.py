@@ -1,23 +1,20 @@
-"""Which checkpoint tensors are quantized: the seed's scope / include / exclude / whitelist.
+"""Which checkpoint tensors are quantized: the checkpoint's Linear layers, picked by the
+config's selection (``duquant_runtime.config.matches``, the one implementation of the
+scope / include / exclude / whitelist rules), and explanations when nothing is picked.
 
 A Linear is a 2-D floating ``<module>.weight`` (with an optional 1-D ``<module>.bias``).
-Rules, in order:
-  * ``select.layers`` non-empty: exactly those module names (each must exist);
-  * otherwise: the name starts with ``scope``, matches ``include`` (re.search) and
-    does not match ``exclude`` (re.search);
-  * ``action_out_proj`` (the policy's last layer) is never selected unless whitelisted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from duquant_runtime.config import NEVER_UNLESS_LISTED, DuQuantConfig, matches
-from duquant_runtime.errors import ConfigError
+from duquant_runtime.config import DuQuantConfig, matches
+from duquant_runtime.errors import SelectionError
 from duquant_runtime.fingerprint import SourceTensor
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint
@@ -40,10 +37,6 @@ class SelectedLayer:
     @property
     def tensor_names(self) -> tuple[str, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
-
-
-class SelectionError(ConfigError):
-    """A config selects no layer, or names layers the checkpoint lacks."""
 
 
 def linear_modules(ckpt: Checkpoint) -> dict[str, tuple[str, str | None]]:
@@ -71,13 +64,8 @@ def _scope_prefixes(names: list[str]) -> Counter[str]:
 
 def _scope_hint(cfg: DuQuantConfig, scope: str, modules: list[str]) -> str:
     """'scope' (N layers this config would select there, e.g. one of them)."""
-    include, exclude = re.compile(cfg.select.include), re.compile(cfg.select.exclude) if cfg.select.exclude else None
     inside = [m for m in modules if m.startswith(scope)]
-    chosen = [
-        m
-        for m in inside
-        if include.search(m) and not (exclude and exclude.search(m)) and not NEVER_UNLESS_LISTED.search(m)
-    ]
+    chosen = matches(dataclasses.replace(cfg.select, scope=scope), inside)
     if chosen:
         return f"{scope!r} ({len(chosen)} layers this config would select, e.g. {chosen[0]})"
     return f"{scope!r} ({len(inside)} Linear layers, none matching include/exclude)"
@@ -108,18 +96,7 @@ def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
 def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
     modules = linear_modules(ckpt)
     s, q = cfg.select, cfg.quant
-    if s.layers:
-        missing = [n for n in s.layers if n not in modules]
-        if missing:
-            near = difflib.get_close_matches(missing[0], list(modules), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise SelectionError(
-                f"select.layers names {len(missing)} layer(s) that are not Linear layers of "
-                f"this checkpoint, e.g. {missing[0]!r}{hint}"
-            )
-        names = sorted(set(s.layers))
-    else:
-        names = matches(s, modules)
+    names = matches(s, modules)
     if not names:
         raise SelectionError(explain_empty(cfg, sorted(modules)))
     stray = [n for n, _ in q.per_layer_weight_bits if n not in names]

@@ -40,69 +40,66 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import struct
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from . import h5file
 from .errors import BundleReadError, BundleVersionError
 from .fingerprint import FORMAT_VERSION, digest
 from .packing import INT4, INT8
+from .stages import LEGACY_INPUT, LEGACY_OUTPUT, StageSpec, check_plan
 
 FORMAT_NAME = "duquant-packs-bundle"
-# HDF5's v110 file format checksums every metadata block (superblock, object headers,
-# attribute heaps), so a damaged header is reported as an error instead of being parsed
-# (a fuzzed v0 file could segfault libhdf5). Readable by HDF5 >= 1.10 (h5py >= 2.8).
-HDF5_LIBVER = ("v110", "latest")
 LAYERS = "layers"
-USERBLOCK = 512  # HDF5 user block (a power of two >= 512): the seal lives here
 SEAL_MAGIC = b"duquant-bundle\x00\x02"  # 16 bytes
-SEAL = struct.Struct("<16sQI")  # magic, length of the HDF5 part, its crc32
-SEAL_CHUNK = 16 << 20
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-DATASETS = ("in_scale", "perm", "r_in", "perm2", "r_in2", "r_out", "qweight", "w_scale", "bias", "act_scale")
+FIXED = ("qweight", "w_scale", "bias", "act_scale")  # every layer's own datasets besides its stages
 # Which tool release first wrote each format version (for "built by X" messages).
 FORMAT_WRITERS = {1: "0.1", 2: "0.2"}
 # Format 2 adds in_scale and makes r_in optional: a format-1 reader would ignore in_scale and
 # compute wrong numbers, so the version is bumped and this reader reads both.
 READABLE_FORMATS = (1, 2)
+FIX = "rebuild it with `duquant-packs build`"
 
 
 @dataclass
 class LayerPack:
-    """Everything the runtime needs for one layer; produced offline, stored as-is."""
+    """Everything the runtime needs for one layer; produced offline, stored as-is.
+
+    ``stages`` / ``out_stages`` list the transform in order; ``stage_values`` holds each
+    stage's array under its key (float32 scales and rotation blocks, int32 permutations).
+    """
 
     name: str
     in_features: int
     out_features: int
     weight_bits: int
     storage: str
-    block_size: int
-    block_out_size: int
-    perm: np.ndarray | None
-    r_in: np.ndarray | None
-    r_out: np.ndarray | None
     qweight: np.ndarray
     w_scale: np.ndarray
     bias: np.ndarray | None
     source_dtype: str
     source_sum: float
     source_sumsq: float
-    perm2: np.ndarray | None = None
-    r_in2: np.ndarray | None = None
+    stages: tuple[StageSpec, ...] = ()
+    out_stages: tuple[StageSpec, ...] = ()
+    stage_values: dict[str, np.ndarray] = field(default_factory=dict)
     act_scale: np.ndarray | None = None
     quality: dict[str, float] | None = None
-    in_scale: np.ndarray | None = None
     choice: str | None = None
 
+    def array(self, key: str) -> np.ndarray | None:
+        """A stage's array (``"r_in"``, ``"perm"``...) or a fixed dataset, None when absent."""
+        return self.stage_values.get(key) if key not in FIXED else getattr(self, key)
+
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in DATASETS if getattr(self, k) is not None}
+        """Every dataset of the layer, stages first in order."""
+        out = {s.key: self.stage_values[s.key] for s in (*self.stages, *self.out_stages)}
+        out.update((k, getattr(self, k)) for k in FIXED if getattr(self, k) is not None)
+        return out
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays().values())
@@ -125,59 +122,12 @@ class BundleHeader:
         return str(self.config.get("name", "?"))
 
 
-def crc32(array: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
-
-
-def _crc_of_file(fh: object, start: int) -> tuple[int, int]:
-    """(crc32, byte count) of a file from ``start`` to its end, in bounded chunks."""
-    fh.seek(start)  # type: ignore[attr-defined]
-    crc, n = 0, 0
-    while chunk := fh.read(SEAL_CHUNK):  # type: ignore[attr-defined]
-        crc = zlib.crc32(chunk, crc)
-        n += len(chunk)
-    return crc, n
+crc32 = h5file.crc32
 
 
 def seal(path: str | Path) -> None:
-    """Write the seal of a closed bundle created with ``userblock_size=USERBLOCK``."""
-    with open(path, "r+b") as fh:
-        crc, n = _crc_of_file(fh, USERBLOCK)
-        fh.seek(0)
-        fh.write(SEAL.pack(SEAL_MAGIC, n, crc))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def check_seal(path: Path) -> bool:
-    """True when the file carries a valid seal, False when it has none (format 1 or not a
-    bundle); raises BundleReadError when the seal does not match the bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(SEAL.size)
-        if len(head) < SEAL.size or not head.startswith(SEAL_MAGIC):
-            fh.seek(USERBLOCK)
-            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:  # a user block without our seal
-                raise BundleReadError(
-                    f"{path}: the bundle's seal is damaged, so its contents cannot be trusted — rebuild it with "
-                    "`duquant-packs build`",
-                    field="file",
-                )
-            return False
-        _, length, want = SEAL.unpack(head)
-        crc, n = _crc_of_file(fh, USERBLOCK)
-    if n != length:
-        raise BundleReadError(
-            f"{path}: the file holds {n + USERBLOCK} bytes, its seal says {length + USERBLOCK}: it is truncated or "
-            "was extended — rebuild it with `duquant-packs build`",
-            field="file",
-        )
-    if crc != want:
-        raise BundleReadError(
-            f"{path}: the file fails its checksum (crc32 {crc:08x}, sealed {want:08x}); it is damaged — "
-            "rebuild it with `duquant-packs build`",
-            field="file",
-        )
-    return True
+    """Write the seal of a closed bundle made by ``h5file.create``."""
+    h5file.seal(Path(path), SEAL_MAGIC)
 
 
 # ---------------------------------------------------------------- writing
@@ -205,41 +155,51 @@ def write_header(
     f.require_group(LAYERS)
 
 
-INT_FIELDS = ("in_features", "out_features", "weight_bits", "block_size", "block_out_size")
-
-
 SHARED = "shared"  # datasets identical across layers (e.g. one Hadamard per width), stored once
-SHAREABLE = ("r_in", "r_in2", "perm", "perm2")
+SHAREABLE_KINDS = ("perm", "rotate")
+
+
+def _block(specs: tuple[StageSpec, ...], values: dict[str, np.ndarray]) -> int:
+    """The first rotation's block size (0 without one): written for readers of 0.2.0."""
+    return next((int(values[s.key].shape[1]) for s in specs if s.kind == "rotate"), 0)
 
 
 def write_layer(f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndarray, str]] | None = None) -> None:
     """One group per layer; all its metadata in one JSON attribute (h5py attribute reads
     cost ~0.1 ms each, which dominated load time when every field was its own).
 
-    ``shared`` (a dict kept across one bundle) stores rotation and permutation arrays that
+    ``shared`` (a dict kept across one bundle) stores permutation and rotation arrays that
     are identical to an earlier layer's once, under ``/shared``, hard-linked from each layer:
     readers see an ordinary dataset, checked by the same per-layer crc32."""
+    check_plan(pack.stages, pack.out_stages)
     g = f[LAYERS].create_group(pack.name)
     arrays = pack.arrays()
-    meta = {k: int(getattr(pack, k)) for k in INT_FIELDS}
-    meta.update(
-        storage=pack.storage,
-        source_dtype=pack.source_dtype,
-        source_sum=float(pack.source_sum),
-        source_sumsq=float(pack.source_sumsq),
-        crc32={k: crc32(a) for k, a in arrays.items()},
-    )
+    meta: dict[str, Any] = {
+        "in_features": int(pack.in_features),
+        "out_features": int(pack.out_features),
+        "weight_bits": int(pack.weight_bits),
+        "block_size": _block(pack.stages, pack.stage_values) or 1,
+        "block_out_size": _block(pack.out_stages, pack.stage_values) or 1,
+        "storage": pack.storage,
+        "source_dtype": pack.source_dtype,
+        "source_sum": float(pack.source_sum),
+        "source_sumsq": float(pack.source_sumsq),
+        "stages": [[s.kind, s.key] for s in pack.stages],
+        "out_stages": [[s.kind, s.key] for s in pack.out_stages],
+        "crc32": {k: crc32(a) for k, a in arrays.items()},
+    }
     if pack.quality:
         meta["quality"] = pack.quality
     if pack.choice:
         meta["choice"] = pack.choice
     g.attrs["meta"] = json.dumps(meta, sort_keys=True)
+    kinds = {s.key: s.kind for s in (*pack.stages, *pack.out_stages)}
     for key, array in arrays.items():
         data = np.ascontiguousarray(array)
-        if shared is None or key not in SHAREABLE:
+        if shared is None or kinds.get(key) not in SHAREABLE_KINDS:
             g.create_dataset(key, data=data)
             continue
-        ident = (key, data.shape, data.dtype.str, meta["crc32"][key])
+        ident = (kinds[key], data.shape, data.dtype.str, meta["crc32"][key])
         hit = shared.get(ident)
         if hit is None or not np.array_equal(hit[0], data):
             path = f"{SHARED}/{key}-{len(shared)}"
@@ -251,30 +211,30 @@ def write_layer(f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndar
 # ---------------------------------------------------------------- reading
 
 
-@contextlib.contextmanager
-def _translated(path: Path, what: str) -> Iterator[None]:
-    """Turn any low-level failure while reading into one BundleReadError sentence."""
-    try:
-        yield
-    except (BundleReadError, BundleVersionError):
-        raise
-    except (
-        OSError,
-        KeyError,
-        ValueError,
-        TypeError,
-        RuntimeError,
-        AttributeError,
-        IndexError,
-        OverflowError,
-        UnicodeDecodeError,
-        json.JSONDecodeError,
-    ) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleReadError(
-            f"{path}: cannot read {what} ({detail}); the file is damaged or not a "
-            "duquant bundle — rebuild it with `duquant-packs build`"
-        ) from None
+def _translated(path: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    return h5file.translated(
+        path,
+        what,
+        BundleReadError,
+        "the file is damaged or not a duquant bundle",
+        FIX,
+        passthrough=(BundleVersionError,),
+    )
+
+
+def _plan(meta: dict[str, Any], present: dict[str, Any], version: int) -> tuple[tuple, tuple]:
+    """The layer's (input, output) stage lists: stored in the metadata, or for bundles written
+    before stages were listed, the legacy datasets present, in their fixed order."""
+    if "stages" in meta:
+        inputs = tuple(StageSpec(str(k), str(n)) for k, n in meta["stages"])
+        outputs = tuple(StageSpec(str(k), str(n)) for k, n in meta.get("out_stages", []))
+    else:
+        inputs = tuple(StageSpec(k, n) for k, n in LEGACY_INPUT if n in present)
+        outputs = tuple(StageSpec(k, n) for k, n in LEGACY_OUTPUT if n in present)
+        if version < 2 and not any(s.key == "r_in" for s in inputs):
+            raise ValueError("a format-1 layer must hold 'r_in'")
+    check_plan(inputs, outputs)
+    return inputs, outputs
 
 
 class BundleReader:
@@ -285,7 +245,7 @@ class BundleReader:
         if not self.path.is_file():
             raise BundleReadError(f"bundle not found: {self.path}")
         with _translated(self.path, "the file"):
-            self.sealed = check_seal(self.path)
+            self.sealed = h5file.check_seal(self.path, SEAL_MAGIC)
             self._linked: dict[int, np.ndarray] = {}  # object address -> array of a /shared dataset
             if not h5py.is_hdf5(self.path):
                 raise BundleReadError(f"{self.path} is not an HDF5 file, so not a duquant bundle")
@@ -307,31 +267,32 @@ class BundleReader:
             raise BundleReadError(
                 f"{self.path}: header attribute {key!r} is missing; the file is not a complete duquant bundle"
             )
-        return _read_attr(self._f, key)
+        return h5file.read_attr(self._f, key)
+
+    def _check_version(self, version: int, tool: str) -> None:
+        if version not in READABLE_FORMATS:
+            reader = FORMAT_WRITERS.get(FORMAT_VERSION, "?")
+            raise BundleVersionError(
+                f"{self.path} was built by duquant-packs {tool} (format {version}); this runtime "
+                f"reads formats {', '.join(map(str, READABLE_FORMATS))} (duquant-packs {reader}): "
+                f"install a duquant-packs that reads format {version}, or rebuild the bundle with this one",
+                field="format_version",
+            )
+        if version >= 2 and not self.sealed:
+            raise BundleReadError(
+                f"{self.path}: a format-{version} bundle must carry its seal and this one does not; the file "
+                f"is damaged — {FIX}"
+            )
 
     def _read_header(self) -> BundleHeader:
         with _translated(self.path, "the header"):
-            fmt = _read_attr(self._f, "format") if "format" in self._f.attrs else None
+            fmt = h5file.read_attr(self._f, "format") if "format" in self._f.attrs else None
             if fmt != FORMAT_NAME:
                 raise BundleReadError(
                     f"{self.path} is an HDF5 file but not a duquant bundle (format attribute {fmt!r})"
                 )
-            version = int(self._attr("format_version"))
-            tool = str(self._attr("tool_version"))
-            if version not in READABLE_FORMATS:
-                reader = FORMAT_WRITERS.get(FORMAT_VERSION, "?")
-                raise BundleVersionError(
-                    f"{self.path} was built by duquant-packs {tool} (format {version}); this runtime "
-                    f"reads formats {', '.join(map(str, READABLE_FORMATS))} (duquant-packs {reader}): "
-                    f"install a duquant-packs "
-                    f"that reads format {version}, or rebuild the bundle with this one",
-                    field="format_version",
-                )
-            if version >= 2 and not self.sealed:
-                raise BundleReadError(
-                    f"{self.path}: a format-{version} bundle must carry its seal and this one does not; the file "
-                    "is damaged — rebuild it with `duquant-packs build`"
-                )
+            version, tool = int(self._attr("format_version")), str(self._attr("tool_version"))
+            self._check_version(version, tool)
             fp = str(self._attr("fingerprint"))
             fp_doc = json.loads(self._attr("fingerprint_json"))
             if digest(fp_doc) != fp:
@@ -366,10 +327,16 @@ class BundleReader:
                 layer_names=tuple(sorted(self._f[LAYERS].keys())),
             )
 
-    def _read(self, ds: h5py.Dataset, key: str) -> np.ndarray:
+    def _group(self, name: str) -> h5py.Group:
+        g = self._f[LAYERS].get(name)
+        if not isinstance(g, h5py.Group):
+            raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
+        return g
+
+    def _read(self, ds: h5py.Dataset, shareable: bool) -> np.ndarray:
         """A dataset's values; one linked from several layers (/shared) is read once per reader
         and the same array is returned to each (callers only read it)."""
-        if key not in SHAREABLE:
+        if not shareable:
             return ds[()]
         info = h5py.h5o.get_info(ds.id)
         if info.rc < 2:
@@ -384,12 +351,8 @@ class BundleReader:
         the ``meta`` JSON plus ``datasets`` {dataset: [bytes, object address]} from the
         datasets' shapes (a dataset shared by several layers has one address)."""
         with _translated(self.path, f"layer {name!r}"):
-            g = self._f[LAYERS].get(name)
-            if not isinstance(g, h5py.Group):
-                raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
-            meta = json.loads(_text(_read_attr(g, "meta")))
-            if not isinstance(meta, dict):
-                raise ValueError("malformed layer metadata")
+            g = self._group(name)
+            meta = h5file.json_attr(g, "meta")
             meta["datasets"] = {
                 k: [int(ds.size) * ds.dtype.itemsize, int(h5py.h5o.get_info(ds.id).addr)]
                 for k, ds in g.items()
@@ -405,70 +368,57 @@ class BundleReader:
         read, so a damaged header can never make us allocate a huge array.
         """
         with _translated(self.path, f"layer {name!r}"):
-            g = self._f[LAYERS].get(name)
-            if not isinstance(g, h5py.Group):
-                raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
-            meta = json.loads(_text(_read_attr(g, "meta")))
-            ints = {k: int(meta[k]) for k in INT_FIELDS}
-            storage = str(meta["storage"])
-            crcs = meta["crc32"]
-            expected = _expected_datasets(ints, storage)
+            g = self._group(name)
+            meta = h5file.json_attr(g, "meta")
+            n_in, n_out = int(meta["in_features"]), int(meta["out_features"])
+            storage, crcs = str(meta["storage"]), meta["crc32"]
             present = dict(g.items())
-            arrays: dict[str, np.ndarray | None] = {}
-            for key in DATASETS:
+            inputs, outputs = _plan(meta, present, self.header.format_version)
+            kinds = {s.key: s.kind for s in (*inputs, *outputs)}
+            stray = sorted(set(present) - set(kinds) - set(FIXED))
+            if stray:
+                raise BundleReadError(f"{self.path}: layer {name!r} has an unknown dataset {stray[0]!r}", layer=name)
+            arrays: dict[str, np.ndarray] = {}
+            for key in (*kinds, *FIXED):
                 ds = present.get(key)
                 if ds is None:
-                    if key in ("qweight", "w_scale") or (key == "r_in" and self.header.format_version < 2):
+                    if key in kinds or key in ("qweight", "w_scale"):
                         raise BundleReadError(
                             f"{self.path}: layer {name!r} has no {key!r} dataset", layer=name, field=key
                         )
-                    arrays[key] = None
                     continue
-                shape, dtypes = expected[key]
-                if not isinstance(ds, h5py.Dataset) or ds.shape != shape or ds.dtype not in dtypes:
-                    got = (getattr(ds, "shape", None), str(getattr(ds, "dtype", type(ds).__name__)))
-                    raise BundleReadError(
-                        f"{self.path}: layer {name!r} dataset {key!r} has shape/dtype {got}, "
-                        f"expected {shape}; the bundle is inconsistent",
-                        layer=name,
-                        field=key,
-                    )
-                data = self._read(ds, key)
+                width = n_out if key in {s.key for s in outputs} or key in ("w_scale", "bias") else n_in
+                _check_dataset(self.path, name, key, ds, kinds.get(key), width, n_out, storage)
+                data = self._read(ds, key in kinds)
                 if check and not self.sealed and int(crcs[key]) != crc32(data):
                     raise BundleReadError(
                         f"{self.path}: layer {name!r} dataset {key!r} fails its checksum; the file is "
-                        "corrupted — rebuild it with `duquant-packs build`",
+                        f"corrupted — {FIX}",
                         layer=name,
                         field=key,
                     )
                 arrays[key] = data
             pack = LayerPack(
                 name=name,
+                in_features=n_in,
+                out_features=n_out,
+                weight_bits=int(meta["weight_bits"]),
                 storage=storage,
+                qweight=arrays["qweight"],
+                w_scale=arrays["w_scale"],
+                bias=arrays.get("bias"),
+                act_scale=arrays.get("act_scale"),
                 source_dtype=str(meta["source_dtype"]),
                 source_sum=float(meta["source_sum"]),
                 source_sumsq=float(meta["source_sumsq"]),
+                stages=inputs,
+                out_stages=outputs,
+                stage_values={k: arrays[k] for k in kinds},
                 quality=_quality(meta.get("quality")),
                 choice=str(meta["choice"]) if "choice" in meta else None,
-                **ints,
-                **arrays,  # type: ignore[arg-type]
             )
         _check_pack_values(self.path, pack)
         return pack
-
-
-# No legitimate attribute comes near this; a damaged header can claim gigabytes, which
-# HDF5 would try to allocate and read before we could look at the value.
-MAX_ATTR_BYTES = 64 << 20
-
-
-def _read_attr(obj: h5py.Group, key: str) -> Any:
-    aid = h5py.h5a.open(obj.id, key.encode())
-    size = aid.get_storage_size()
-    if size > MAX_ATTR_BYTES or (aid.shape is not None and int(np.prod(aid.shape)) > MAX_ATTR_BYTES):
-        raise ValueError(f"attribute {key!r} claims {size} bytes")
-    value = obj.attrs[key]
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _quality(value: Any) -> dict[str, float] | None:
@@ -479,44 +429,62 @@ def _quality(value: Any) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in value.items()}
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+F32 = (np.dtype(np.float32),)
+INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def _expected_datasets(meta: dict[str, int], storage: str) -> dict[str, tuple[tuple[int, ...], tuple[np.dtype, ...]]]:
-    """Shape and allowed dtypes of every dataset, from the layer attributes alone."""
-    n_in, n_out, b, bo = meta["in_features"], meta["out_features"], meta["block_size"], meta["block_out_size"]
-    if min(n_in, n_out, b, bo) < 1 or max(n_in, n_out) > 1 << 24 or max(b, bo) > 1 << 12:
-        raise ValueError(f"implausible layer attributes {meta}")
+def _expected(key: str, kind: str | None, ds: h5py.Dataset, width: int, n_out: int, storage: str) -> tuple:
+    """(shape, allowed dtypes) of a dataset, from the layer's attributes and, for a
+    rotation, its block size (the dataset's second dimension, bounded)."""
+    if kind == "rotate":
+        b = int(ds.shape[1]) if len(ds.shape) == 3 else 0
+        if not 1 <= b <= 1 << 12:
+            raise ValueError(f"implausible rotation block size {b}")
+        return (-(-width // b), b, b), F32
+    if kind == "perm":
+        return (width,), INDEX
+    if key == "qweight":
+        if storage == INT4:
+            return (n_out, (width + 1) // 2), (np.dtype(np.uint8),)
+        return (n_out, width), (np.dtype(np.int8),)
+    return (width,), F32  # scales, w_scale, bias, act_scale
+
+
+def _check_dataset(
+    path: Path, name: str, key: str, ds: Any, kind: str | None, width: int, n_out: int, storage: str
+) -> None:
+    if min(width, n_out) < 1 or max(width, n_out) > 1 << 24:
+        raise ValueError(f"implausible layer size {n_out}x{width}")
     if storage not in (INT4, INT8):
         raise ValueError(f"unknown storage {storage!r}")
-    f32 = (np.dtype(np.float32),)
-    q_shape = (n_out, (n_in + 1) // 2) if storage == INT4 else (n_out, n_in)
-    return {
-        "in_scale": ((n_in,), f32),
-        "perm": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
-        "r_in": ((-(-n_in // b), b, b), f32),
-        "perm2": ((n_in,), (np.dtype(np.int32), np.dtype(np.int64))),
-        "r_in2": ((-(-n_in // b), b, b), f32),
-        "act_scale": ((n_in,), f32),
-        "r_out": ((-(-n_out // bo), bo, bo), f32),
-        "qweight": (q_shape, (np.dtype(np.uint8) if storage == INT4 else np.dtype(np.int8),)),
-        "w_scale": ((n_out,), f32),
-        "bias": ((n_out,), f32),
-    }
+    if not isinstance(ds, h5py.Dataset):
+        raise BundleReadError(f"{path}: layer {name!r} {key!r} is not a dataset", layer=name, field=key)
+    shape, dtypes = _expected(key, kind, ds, width, n_out, storage)
+    if ds.shape != shape or ds.dtype not in dtypes:
+        raise BundleReadError(
+            f"{path}: layer {name!r} dataset {key!r} has shape/dtype {(ds.shape, str(ds.dtype))}, "
+            f"expected {shape}; the bundle is inconsistent",
+            layer=name,
+            field=key,
+        )
 
 
 def _check_pack_values(path: Path, p: LayerPack) -> None:
-    """Values that shapes cannot vouch for: a permutation must be one, numbers finite."""
-    for key in ("perm", "perm2"):
-        perm = getattr(p, key)
-        if perm is not None and not np.array_equal(np.sort(perm), np.arange(p.in_features)):
+    """Values that shapes cannot vouch for: a permutation must be one, numbers finite,
+    scales positive."""
+    for spec in (*p.stages, *p.out_stages):
+        value = p.stage_values[spec.key]
+        if spec.kind == "perm" and not np.array_equal(np.sort(value), np.arange(p.in_features)):
             raise BundleReadError(
-                f"{path}: layer {p.name!r} {key} is not a permutation of the input channels", layer=p.name, field=key
+                f"{path}: layer {p.name!r} {spec.key} is not a permutation of the input channels",
+                layer=p.name,
+                field=spec.key,
             )
-    for key in ("in_scale", "r_in", "r_in2", "r_out", "w_scale", "bias", "act_scale"):
+        if spec.kind != "perm" and not np.isfinite(value).all():
+            raise BundleReadError(f"{path}: layer {p.name!r} {spec.key} holds NaN/Inf", layer=p.name, field=spec.key)
+        if spec.kind == "scale" and not (value > 0).all():
+            raise BundleReadError(f"{path}: layer {p.name!r} {spec.key} is not positive", layer=p.name, field=spec.key)
+    for key in ("w_scale", "bias", "act_scale"):
         value = getattr(p, key)
         if value is not None and not np.isfinite(value).all():
             raise BundleReadError(f"{path}: layer {p.name!r} {key} holds NaN/Inf", layer=p.name, field=key)
-    if p.in_scale is not None and not (p.in_scale > 0).all():
-        raise BundleReadError(f"{path}: layer {p.name!r} in_scale is not positive", layer=p.name, field="in_scale")

@@ -1,9 +1,9 @@
 """Static activation scales: an explicit calibration step, saved and reloaded by fingerprint.
 
 Semantics follow the seed: per input channel of the transformed basis, the
-``act_percentile`` of |x| over ``calib_steps`` batches, scale = p / qmax. Each batch's
-per-channel percentile (linear interpolation, as torch.quantile) is averaged over the
-batches, so memory stays O(channels) however many tokens are seen.
+``act_percentile`` of |x| over ``calib_steps`` batches, scale = p / qmax — the one rule of
+``actquant.StaticScaleObserver``, which build also uses. Memory stays O(channels) however
+many tokens are seen. Scales files are sealed and written atomically by ``h5file``.
 """
 
 from __future__ import annotations
@@ -17,42 +17,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import HDF5_LIBVER, crc32
+from . import h5file
+from .actquant import StaticScaleObserver
 from .errors import ActScalesError, DuQuantError
 from .layer import DuQuantLinear
-from .packing import qmax
 
 SCALES_FORMAT = "duquant-packs-act-scales"
-SCALES_VERSION = 1
-
-
-def percentile_per_channel(x2d: torch.Tensor, pct: float) -> torch.Tensor:
-    """torch.quantile(x2d, pct/100, dim=0) with linear interpolation, for any size."""
-    values = x2d.sort(dim=0).values
-    pos = (pct / 100.0) * (values.shape[0] - 1)
-    lo, hi = int(pos), min(int(pos) + 1, values.shape[0] - 1)
-    frac = pos - lo
-    return values[lo] + (values[hi] - values[lo]) * frac
+SCALES_VERSION = 2  # 2: sealed; 1 is still read
+SEAL_MAGIC = b"duquant-scales\x00\x02"  # 16 bytes
 
 
 class _Observer:
+    """Feeds the layer's transformed inputs of the first ``steps`` batches to the rule."""
+
     def __init__(self, layer: DuQuantLinear, steps: int, pct: float) -> None:
-        self.steps, self.pct = steps, pct
-        self.total: torch.Tensor | None = None
-        self.batches = 0
+        self.steps = steps
+        self.rule = StaticScaleObserver(pct, layer.act_bits)
         self.handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, layer: DuQuantLinear, args: tuple[torch.Tensor, ...]) -> None:
-        if self.batches >= self.steps:
-            return
-        with torch.no_grad():
-            x_t = layer.rotate_input(args[0].detach())
-            p = percentile_per_channel(x_t.float().abs().reshape(-1, layer.in_features), self.pct)
-        self.total = p if self.total is None else self.total + p
-        self.batches += 1
+        if self.rule.batches < self.steps:
+            with torch.no_grad():
+                self.rule.observe(layer.rotate_input(args[0].detach()))
 
     def result(self) -> torch.Tensor | None:
-        return None if self.total is None else self.total / self.batches
+        return self.rule.scales()
 
 
 def static_layers(model: nn.Module) -> dict[str, DuQuantLinear]:
@@ -76,7 +65,7 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
         )
     observers = {}
     for name, layer in layers.items():
-        cfg_steps, cfg_pct = getattr(layer, "calib_defaults", (32, 99.9))
+        cfg_steps, cfg_pct = layer.calib_defaults
         observers[name] = _Observer(layer, steps or cfg_steps, percentile or cfg_pct)
         layer.calibrating = True
     try:
@@ -88,7 +77,7 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
                 "run inputs that reach every quantized layer"
             )
         for name, layer in layers.items():
-            layer.set_act_scale(observers[name].result() / qmax(layer.act_bits))  # type: ignore[operator]
+            layer.set_act_scale(observers[name].result())  # type: ignore[arg-type]
     finally:
         for name, layer in layers.items():
             observers[name].handle.remove()
@@ -106,13 +95,12 @@ def save_act_scales(model: nn.Module, path: str | Path) -> Path:
             f"save_act_scales(): {len(uncalibrated)} layer(s) are not calibrated yet "
             f"(e.g. {uncalibrated[0]}); run `with calibrate(model): ...` first"
         )
-    fingerprints = {getattr(m, "bundle_fingerprint", None) for m in layers.values()}
+    fingerprints = {m.bundle_fingerprint for m in layers.values()}
     if len(fingerprints) != 1 or None in fingerprints:
         raise DuQuantError("save_act_scales(): the static layers do not come from one loaded bundle")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
+    with h5file.atomic_file(path) as out:
+        with h5file.create(out.tmp) as f:
             f.attrs["format"] = SCALES_FORMAT
             f.attrs["format_version"] = SCALES_VERSION
             f.attrs["bundle_fingerprint"] = fingerprints.pop()
@@ -120,11 +108,8 @@ def save_act_scales(model: nn.Module, path: str | Path) -> Path:
             for layer in layers.values():
                 data = layer.act_scale.detach().float().cpu().numpy()
                 ds = g.create_dataset(layer.bundle_name, data=data)
-                ds.attrs["crc32"] = crc32(data)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                ds.attrs["crc32"] = h5file.crc32(data)
+        h5file.seal(out.tmp, SEAL_MAGIC)
     return path
 
 
@@ -132,37 +117,39 @@ def apply_act_scales(layers: Mapping[str, DuQuantLinear], path: str | Path, fing
     """Load a scales file into prepared (not yet swapped) layers; refuse any other bundle's file."""
     path = Path(path)
     static = {t: m for t, m in layers.items() if m.act_scale is not None}
-    try:
+    with h5file.translated(path, "the activation scales", ActScalesError, "the file is damaged", "calibrate again"):
+        if not path.is_file():
+            raise ActScalesError(f"activation scales file not found: {path}")
+        sealed = h5file.check_seal(path, SEAL_MAGIC)
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != SCALES_FORMAT:
+            if "format" not in f.attrs or h5file.read_attr(f, "format") != SCALES_FORMAT:
                 raise ActScalesError(f"{path} is not a duquant activation-scales file", field="format")
-            theirs = str(f.attrs.get("bundle_fingerprint"))
+            if int(h5file.read_attr(f, "format_version")) >= 2 and not sealed:
+                raise ActScalesError(f"{path} has lost its seal; the file is damaged — calibrate again", field="format")
+            theirs = str(h5file.read_attr(f, "bundle_fingerprint"))
             if theirs != fingerprint:
                 raise ActScalesError(
                     f"{path} holds activation scales calibrated for bundle {theirs[:12]}, not for "
                     f"this bundle {fingerprint[:12]}: recalibrate with this bundle",
                     field="bundle_fingerprint",
                 )
-            scales = {}
-            for target, layer in static.items():
-                key = f"scales/{layer.bundle_name}"
-                if key not in f:
-                    raise ActScalesError(
-                        f"{path} has no scales for layer {layer.bundle_name}", layer=target, field="scales"
-                    )
-                data = np.asarray(f[key][()], dtype=np.float32)
-                if data.shape != (layer.in_features,) or int(f[key].attrs["crc32"]) != crc32(data):
-                    raise ActScalesError(
-                        f"{path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales"
-                    )
-                scales[target] = data
-    except ActScalesError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise ActScalesError(f"cannot read activation scales {path} ({exc})") from None
+            scales = {target: _read_scales(f, path, target, layer, sealed) for target, layer in static.items()}
     if not static:
         raise ActScalesError(
             f"act_scales={path} given, but the bundle's layers use no static activation scales", field="act_mode"
         )
     for target, data in scales.items():
         static[target].set_act_scale(torch.from_numpy(data))
+
+
+def _read_scales(f: h5py.File, path: Path, target: str, layer: DuQuantLinear, sealed: bool) -> np.ndarray:
+    key = f"scales/{layer.bundle_name}"
+    if key not in f:
+        raise ActScalesError(f"{path} has no scales for layer {layer.bundle_name}", layer=target, field="scales")
+    ds = f[key]
+    if ds.shape != (layer.in_features,):
+        raise ActScalesError(f"{path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
+    data = np.asarray(ds[()], dtype=np.float32)
+    if not sealed and int(h5file.read_attr(ds, "crc32")) != h5file.crc32(data):
+        raise ActScalesError(f"{path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
+    return data

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .bundle import BundleHeader, BundleReader
-from .config import DuQuantConfig
+from .config import CONFIG_SCHEMA, DuQuantConfig
 from .errors import BundleReadError
-from .fingerprint import diff
+from .fingerprint import diff_fields
 
 
 def expected_layers(header: BundleHeader) -> set[str]:
@@ -15,10 +17,23 @@ def expected_layers(header: BundleHeader) -> set[str]:
     }
 
 
-def config_problems(header: BundleHeader, expected: DuQuantConfig) -> list[str]:
+class ConfigProblem(NamedTuple):
+    """One field where a bundle's config differs from the expected one."""
+
+    field: str  # e.g. "transform.block_size"
+    text: str  # the whole sentence, e.g. "config transform.block_size: bundle 16, expected 64"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def config_problems(header: BundleHeader, expected: DuQuantConfig) -> list[ConfigProblem]:
     """Field-by-field differences between the bundle's config and ``expected`` (empty: match)."""
-    lines = diff(header.fingerprint_doc.get("config", {}), expected.fingerprint_fields())
-    return [f"config {line}" for line in lines]
+    schema = header.fingerprint_doc.get("schema", 1)  # bundles of 0.1 and 0.2 wrote schema 1
+    if schema not in (1, CONFIG_SCHEMA):
+        return [ConfigProblem("schema", f"config schema {schema!r} is not one this tool knows (1, {CONFIG_SCHEMA})")]
+    bundle, want = header.fingerprint_doc.get("config", {}), expected.fingerprint_fields(schema)
+    return [ConfigProblem(path, f"config {line}") for path, line in diff_fields(bundle, want)]
 
 
 def integrity_problems(reader: BundleReader) -> list[str]:

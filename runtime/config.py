@@ -9,6 +9,7 @@ pipeline code, so eval environments stay slim.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import re
 import tomllib
@@ -17,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SelectionError
 
 ROW_ROT_MODES = ("0", "restore")
 ACT_MODES = ("per_token_dynamic", "per_channel_static")
-METHODS = ("svd", "hadamard", "duquant")
 WEIGHT_SEARCHES = ("alpha", "mse")
 
 
@@ -43,7 +43,7 @@ class QuantConfig:
     act_percentile: float = 99.9
     calib_steps: int = 32
     # "alpha": the seed's 5 clip ratios; "mse": 9 clip ratios (5 coarse, 4 refined), activation-weighted with --calib
-    weight_search: str = "alpha"
+    weight_search: str = "mse"
     gptq: bool = False  # GPTQ error compensation (needs --calib statistics)
     gptq_damp: float = 0.01
     # Layers whose measured SQNR (output SQNR with --calib, else the weight's) stays below
@@ -58,27 +58,33 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class TransformConfig:
-    block_size: int = 16
+    """Defaults are the recommended settings (README "Presets"); the seed's are in
+    ``full_w4a8_seed.toml``."""
+
+    block_size: int = 64
     block_out_size: int = 16
-    permute: bool = True
-    row_rot: str = "restore"
+    permute: bool = False
+    row_rot: str = "0"
     lambda_smooth: float = 0.15
-    method: str = "svd"
+    method: str = "hadamard"  # a handler of duquant_pipeline.methods
     hadamard_signs: bool = False  # hadamard: a seeded random +-1 diagonal before H
     max_rotation_step: int = 16  # duquant: greedy steps per rotation
     seed: int = 0  # hadamard signs and duquant's random inner rotations
     smooth_alpha: float = 0.0  # SmoothQuant migration strength with --calib; 0 = off
     # Per-layer choice (build keeps the candidate with the lowest measured error):
     # data-free equalization strengths beta tried (column scale ||W_:,j||^-beta; 0 = none),
-    equalize: tuple[float, ...] = ()
+    equalize: tuple[float, ...] = (0.0, 0.5, 1.0)
     # SmoothQuant strengths alpha tried with --calib (chosen by output error on the sample),
     smooth_search: tuple[float, ...] = ()
     # and whether "no rotation" (plain per-row round-to-nearest, after equalization) competes.
-    rtn_candidate: bool = False
+    rtn_candidate: bool = True
 
 
-# Fields added after the first release: they enter the fingerprint only when set to a
-# non-default value, so bundles built before they existed keep their fingerprints.
+# The fingerprint document's config schema. 1 (bundles of 0.1 and 0.2): fields added after
+# the first release appear only when they differ from the value they had before they
+# existed (LATER_FIELDS). 2: every field, always. Schema-1 documents stay reproducible, so
+# older bundles keep verifying against a config.
+CONFIG_SCHEMA = 2
 LATER_FIELDS = {
     "quant": {"weight_search": "alpha", "gptq": False, "gptq_damp": 0.01, "min_sqnr_db": 0.0},
     "transform": {
@@ -118,14 +124,16 @@ class DuQuantConfig:
         t = self.transform
         return bool(t.equalize or t.smooth_search or t.rtn_candidate)
 
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """Every field that changes the packs or the runtime numerics: all but the name."""
+    def fingerprint_fields(self, schema: int = CONFIG_SCHEMA) -> dict[str, Any]:
+        """Every field that changes the packs or the runtime numerics: all but the name,
+        as config schema ``schema`` writes them."""
         d = self.to_dict()
         del d["name"]
-        for section, defaults in LATER_FIELDS.items():
-            for key, default in defaults.items():
-                if d[section][key] == default:
-                    del d[section][key]
+        if schema == 1:
+            for section, defaults in LATER_FIELDS.items():
+                for key, default in defaults.items():
+                    if d[section][key] == default:
+                        del d[section][key]
         return d
 
     def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
@@ -176,16 +184,9 @@ def validate(cfg: DuQuantConfig) -> None:
     )
     _check(t.row_rot in ROW_ROT_MODES, f"transform.row_rot must be '0' or 'restore', got {t.row_rot!r}")
     _check(0.0 <= t.lambda_smooth <= 1.0, f"transform.lambda_smooth must be in [0, 1], got {t.lambda_smooth}")
-    _check(t.method in METHODS, f"transform.method must be one of {', '.join(METHODS)}, got {t.method!r}")
-    _check(
-        t.method == "svd" or t.row_rot == "0",
-        f"transform.row_rot = {t.row_rot!r} is only defined for method 'svd' (its output-row rotation); "
-        f"set row_rot = '0' for method {t.method!r}, or method = 'svd'",
-    )
-    _check(
-        t.method != "hadamard" or t.block_size & (t.block_size - 1) == 0,
-        f"transform.block_size must be a power of two for method 'hadamard' (16, 32, 64, 128), got {t.block_size}",
-    )
+    # The method's own rules live with its handler (duquant_pipeline.methods), which the
+    # pipeline runs on every config it builds with; the runtime only applies stages.
+    _check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", t.method)), f"transform.method must be a name, got {t.method!r}")
     _check(
         0 <= t.max_rotation_step <= 4096,
         f"transform.max_rotation_step must be in [0, 4096], got {t.max_rotation_step}",
@@ -226,10 +227,25 @@ NEVER_UNLESS_LISTED = re.compile(r"(?:^|\.)action_out_proj$")
 
 
 def matches(select: SelectConfig, names: Iterable[str]) -> list[str]:
-    """The names a selection picks, sorted: the whitelist if given, else scope/include/exclude."""
+    """The names a selection picks, sorted — the one implementation of the rules:
+
+    * ``select.layers`` non-empty: exactly those names, each of which must be among ``names``
+      (a missing one is refused, with the nearest real name);
+    * otherwise: starts with ``scope``, matches ``include`` and not ``exclude`` (re.search),
+      and is never the policy's last layer (``action_out_proj``) unless whitelisted.
+    """
+    names = list(names)
     if select.layers:
-        wanted = set(select.layers)
-        return sorted(n for n in names if n in wanted)
+        known = set(names)
+        missing = [n for n in select.layers if n not in known]
+        if missing:
+            near = difflib.get_close_matches(missing[0], names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise SelectionError(
+                f"select.layers names {len(missing)} layer(s) that are not Linear layers here, "
+                f"e.g. {missing[0]!r}{hint}"
+            )
+        return sorted(set(select.layers))
     include, exclude = re.compile(select.include), re.compile(select.exclude) if select.exclude else None
     return sorted(
         n
@@ -286,13 +302,17 @@ def _typed(section: str, key: str, value: Any, default: Any) -> Any:
 
 
 def from_dict(data: Mapping[str, Any], *, default_name: str | None = None) -> DuQuantConfig:
-    """Build a config from a parsed TOML/JSON mapping; unknown keys are refused."""
-    unknown = set(data) - {"name", *_SECTIONS}
+    """Build a config from a parsed TOML/JSON mapping; unknown keys are refused.
+
+    ``base = "<preset>"`` starts from that preset's fields (its name aside), so a preset says
+    only what differs from it; anything else starts from the schema's defaults."""
+    unknown = set(data) - {"name", "base", *_SECTIONS}
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(sorted(unknown))}; "
-            f"allowed top-level keys are name, {', '.join(_SECTIONS)}"
+            f"allowed top-level keys are name, base, {', '.join(_SECTIONS)}"
         )
+    data = _with_base(data, set())
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise ConfigError("config needs a non-empty string 'name'")
@@ -311,6 +331,25 @@ def from_dict(data: Mapping[str, Any], *, default_name: str | None = None) -> Du
     return DuQuantConfig(name=name, **sections)
 
 
+def _with_base(data: Mapping[str, Any], seen: set[str]) -> Mapping[str, Any]:
+    """``data`` with its ``base`` preset's sections merged under it (recursively)."""
+    base = data.get("base")
+    if base is None:
+        return data
+    if not isinstance(base, str) or not (presets_dir() / f"{base}.toml").is_file():
+        raise ConfigError(f"base must name a preset ({', '.join(preset_names())}), got {base!r}")
+    if base in seen:
+        raise ConfigError(f"presets extend each other in a cycle through {base!r}")
+    parent = _with_base(_read_toml(presets_dir() / f"{base}.toml"), seen | {base})
+    merged: dict[str, Any] = {k: data[k] for k in ("name",) if k in data}
+    for section in _SECTIONS:
+        parent_section, own = parent.get(section, {}), data.get(section, {})
+        if not isinstance(own, Mapping) or not isinstance(parent_section, Mapping):
+            raise ConfigError(f"[{section}] must be a table")
+        merged[section] = {**parent_section, **own}
+    return merged
+
+
 def presets_dir() -> Path:
     """Where the preset TOMLs live, found without importing duquant_pipeline."""
     spec = importlib.util.find_spec("duquant_pipeline")
@@ -323,16 +362,19 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.toml"))
 
 
-def load_toml(path: str | Path) -> DuQuantConfig:
-    path = Path(path)
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return from_dict(data, default_name=path.stem)
+
+
+def load_toml(path: str | Path) -> DuQuantConfig:
+    path = Path(path)
+    return from_dict(_read_toml(path), default_name=path.stem)
 
 
 def resolve(config: str | Path | DuQuantConfig) -> DuQuantConfig:

@@ -11,6 +11,10 @@ class ConfigError(DuQuantError, ValueError):
     """A config (preset, TOML file or environment override) is invalid."""
 
 
+class SelectionError(ConfigError):
+    """A config selects no layer, or names layers the checkpoint or model lacks."""
+
+
 class BundleError(DuQuantError):
     """A bundle cannot be used. ``layer`` and ``field`` name what is wrong, when known."""
 

@@ -1,22 +1,19 @@
 """Fingerprint: sha256 over the canonical JSON of everything a bundle's numbers depend on.
 
 The document hashed is stored verbatim in the bundle, so a mismatch can be explained
-field by field, and the hash can be recomputed to detect an edited header.
+field by field, and the hash can be recomputed to detect an edited header. The pipeline
+writes it (``duquant_pipeline.fingerprints``); the runtime only reads and compares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import DuQuantConfig
-
 FORMAT_VERSION = 2
-# Bump when the pack algorithm's numbers change for the same config and weights.
-ALGORITHM_VERSIONS = {"svd": 1, "hadamard": 1, "duquant": 1}
 SHORT_LEN = 12
 
 
@@ -37,52 +34,31 @@ class SourceTensor:
         return [self.name, self.dtype, list(self.shape), self.sha256]
 
 
-def fingerprint_document(
-    config: DuQuantConfig,
-    tensors: Iterable[SourceTensor],
-    calib_digest: str | None = None,
-    choices: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """``choices`` (layer -> the candidate build kept, e.g. "hadamard+eq0.5" or
-    "rtn+eq1+w8") binds the per-layer decisions too: two bundles that differ in any
-    layer's transform never share a fingerprint. It is known only after the packs."""
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "algorithm": {"method": config.transform.method, "version": ALGORITHM_VERSIONS[config.transform.method]},
-        "config": config.fingerprint_fields(),
-        "source": sorted((t.to_json() for t in tensors), key=lambda row: row[0]),
-        "calib": calib_digest,
-    }
-    if choices:
-        doc["choices"] = sorted([name, str(choice)] for name, choice in choices.items())
-    return doc
-
-
-def inputs_of(document: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a fingerprint document known before a build (all but the choices)."""
-    return {k: v for k, v in document.items() if k != "choices"}
-
-
 def digest(document: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(document).encode()).hexdigest()
 
 
-def diff(bundle: Any, expected: Any, path: str = "") -> list[str]:
-    """Field-by-field differences between two JSON-like values, as readable lines."""
+def diff_fields(bundle: Any, expected: Any, path: str = "") -> list[tuple[str, str]]:
+    """Field-by-field differences between two JSON-like values: (dotted path, readable line)."""
     if isinstance(bundle, Mapping) and isinstance(expected, Mapping):
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         for key in sorted(set(bundle) | set(expected)):
             sub = f"{path}.{key}" if path else str(key)
             if key not in bundle:
-                out.append(f"{sub}: missing in bundle, expected {expected[key]!r}")
+                out.append((sub, f"{sub}: missing in bundle, expected {expected[key]!r}"))
             elif key not in expected:
-                out.append(f"{sub}: bundle has {bundle[key]!r}, not expected")
+                out.append((sub, f"{sub}: bundle has {bundle[key]!r}, not expected"))
             else:
-                out.extend(diff(bundle[key], expected[key], sub))
+                out.extend(diff_fields(bundle[key], expected[key], sub))
         return out
     if bundle != expected:
-        return [f"{path}: bundle {bundle!r}, expected {expected!r}"]
+        return [(path, f"{path}: bundle {bundle!r}, expected {expected!r}")]
     return []
+
+
+def diff(bundle: Any, expected: Any) -> list[str]:
+    """The lines of ``diff_fields``."""
+    return [line for _, line in diff_fields(bundle, expected)]
 
 
 def diff_sources(bundle_rows: list[list[Any]], live_rows: list[list[Any]]) -> list[str]:

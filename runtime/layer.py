@@ -3,16 +3,19 @@
 Forward (DESIGN.md §5), purely functional (no attribute assignment, no in-place edit
 of inputs), so it works under no_grad, autograd and ``torch.compile(fullgraph=True)``::
 
-    x [-> x·in_scale]   (per-channel equalization, format 2; optional)
-      [-> x[..., perm]] -> [blockwise x·R_in (one bmm over the stacked blocks)]
-      [-> x[..., perm2] -> blockwise x·R_in2]   (duquant's second rotation)
+    x -> the input stages in order (``stages.py``: scale, permutation, block rotation)
       -> activation fake-quant -> linear with the dequantized transformed weight
-      -> blockwise y·R_out (one bmm) -> + bias
+      -> the output stages (svd's row rotation) -> + bias
+
+Each stage's array is a buffer named by its key (``in_scale``, ``perm``, ``r_in``...), so
+a state dict names what a bundle names.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import stages as st
+from .actquant import ACT_EPS, fake_quant, per_token_scale
 from .bundle import LayerPack
 from .errors import NotCalibratedError
 from .lazy_weight import LazyWeight
-from .packing import qmax
+from .stages import StageSpec
 
 WEIGHT_STORAGES = ("int4", "dequant")
-ACT_EPS = 1e-8
+__all__ = ["ACT_EPS", "WEIGHT_STORAGES", "DuQuantLinear", "unpack_codes"]
 
 
 def unpack_codes(stored: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -38,45 +43,25 @@ def unpack_codes(stored: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(stored.shape[0], -1)[:, :in_features]
 
 
-def block_rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x[..., n] · blockdiag(blocks) with ``blocks`` [nb, B, B] identity-padded past n.
-
-    One batched matmul over all blocks (the short last block included, via zero padding).
-    """
-    nb, b, _ = blocks.shape
-    n = x.shape[-1]
-    pad = nb * b - n
-    if pad:
-        x = F.pad(x, (0, pad))
-    lead = x.shape[:-1]
-    xb = x.reshape(-1, nb, b).transpose(0, 1)  # [nb, tokens, B]
-    y = torch.bmm(xb, blocks).transpose(0, 1).reshape(*lead, nb * b)
-    return y[..., :n] if pad else y
-
-
-def same_block_rotate(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """x · blockdiag(block, ..., block) for a width that is a multiple of B: one GEMM over
-    [tokens·nb, B] rows, no transposed copies (every hadamard layer without signs)."""
-    return (x.reshape(-1, block.shape[0]) @ block).view(x.shape)
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric fake quantization with a straight-through gradient (identity backward)."""
-    q = qmax(bits)
-    xf = x.float()
-    quantized = torch.clamp(torch.round(xf / scale), -q - 1, q) * scale
-    return x + (quantized.to(x.dtype) - x).detach()
+def _stage_buffer(spec: StageSpec, width: int, block: int, fkw: dict[str, Any]) -> torch.Tensor:
+    if spec.kind == "perm":  # int32 indices: half the bytes of int64, and index_select accepts them
+        return torch.zeros(width, dtype=torch.int32, device=fkw["device"])
+    if spec.kind == "scale":
+        return torch.ones(width, dtype=torch.float32, device=fkw["device"])
+    return torch.zeros(-(-width // block), block, block, **fkw)
 
 
 class DuQuantLinear(nn.Module):
     """A quantized Linear. Attributes ``in_features``, ``out_features``, ``bias`` and
     ``weight`` behave as on nn.Linear (``weight`` is computed on access; see its doc).
 
-    Buffers: ``in_scale`` (float32 [in], optional: the input equalization), ``perm``
-    (int32, optional), ``r_in`` [nb, B, B] (optional: absent = no rotation), ``r_out`` (optional),
-    either ``qweight`` (packed codes) + ``w_scale`` (``weight_storage="int4"``: real
-    4-bit memory, dequantized on each call) or ``w_t`` (``"dequant"``: unpacked once at
-    load, for speed), ``bias`` (optional) and ``act_scale`` (static activations).
+    Buffers: one per stage, named by its key (float32 [in] scales, int32 [in] permutations,
+    [nb, B, B] rotation blocks in the compute dtype), either ``qweight`` (packed codes) +
+    ``w_scale`` (``weight_storage="int4"``: real 4-bit memory, dequantized on each call) or
+    ``w_t`` (``"dequant"``: unpacked once at load, for speed), ``bias`` (optional) and
+    ``act_scale`` (static activations). ``stages`` / ``out_stages`` are
+    :class:`~duquant_runtime.stages.StageSpec` lists; ``blocks`` gives each rotation's
+    block size by key.
     """
 
     def __init__(
@@ -87,15 +72,10 @@ class DuQuantLinear(nn.Module):
         weight_bits: int,
         act_bits: int,
         act_mode: str,
-        block_size: int,
-        block_out_size: int,
-        permute: bool,
-        row_rot: bool,
         bias: bool,
-        second_stage: bool = False,
-        second_perm: bool = False,
-        rotate: bool = True,
-        equalize: bool = False,
+        stages: Sequence[StageSpec] = (),
+        out_stages: Sequence[StageSpec] = (),
+        blocks: dict[str, int] | None = None,
         weight_storage: str = "int4",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -103,31 +83,28 @@ class DuQuantLinear(nn.Module):
         super().__init__()
         if weight_storage not in WEIGHT_STORAGES:
             raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
+        self.stages, self.out_stages = tuple(stages), tuple(out_stages)
+        st.check_plan(self.stages, self.out_stages)
+        blocks = blocks or {}
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.act_bits, self.act_mode = weight_bits, act_bits, act_mode
         self.weight_storage = weight_storage
-        # Python flags, set by calibrate()/load_bundle outside forward (never inside it):
-        # torch.compile guards on them instead of tracing a mutation.
+        # Python state, set by calibrate()/load_bundle outside forward (never inside it):
+        # torch.compile guards on it instead of tracing a mutation. Saved by get_extra_state.
         self.act_calibrated = False
-        # Set by from_pack when every r_in block is the same matrix and tiles the width exactly.
-        self.uniform_r_in = False
         self.calibrating = False
-        nb, nbo = -(-in_features // block_size), -(-out_features // block_out_size)
+        self.uniform: frozenset[str] = frozenset()  # rotations whose blocks are all one matrix
+        self.bundle_name: str | None = None  # the layer's name in its bundle
+        self.bundle_fingerprint: str | None = None
+        self.calib_defaults = (32, 99.9)  # the bundle config's calib_steps, act_percentile
         fkw: dict[str, Any] = {"dtype": dtype, "device": device}
         # An empty tensor in the compute dtype: it follows .to() like every buffer, so the
         # layer knows its dtype even when it holds no float buffer of that dtype (int4 RTN).
         self.register_buffer("dtype_ref", torch.empty(0, **fkw))
-        self.register_buffer(
-            "in_scale", torch.ones(in_features, dtype=torch.float32, device=device) if equalize else None
-        )
-        # int32 indices: half the bytes of int64, and index_select accepts them
-        self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int32, device=device) if permute else None)
-        self.register_buffer("r_in", torch.zeros(nb, block_size, block_size, **fkw) if rotate else None)
-        self.register_buffer(
-            "perm2", torch.zeros(in_features, dtype=torch.int32, device=device) if second_perm else None
-        )
-        self.register_buffer("r_in2", torch.zeros(nb, block_size, block_size, **fkw) if second_stage else None)
-        self.register_buffer("r_out", torch.zeros(nbo, block_out_size, block_out_size, **fkw) if row_rot else None)
+        for spec in self.stages:
+            self.register_buffer(spec.key, _stage_buffer(spec, in_features, blocks.get(spec.key, 1), fkw))
+        for spec in self.out_stages:
+            self.register_buffer(spec.key, _stage_buffer(spec, out_features, blocks.get(spec.key, 1), fkw))
         if weight_storage == "int4":
             cols = in_features if weight_bits > 4 else (in_features + 1) // 2
             code_dtype = torch.int8 if weight_bits > 4 else torch.uint8
@@ -167,15 +144,9 @@ class DuQuantLinear(nn.Module):
             weight_bits=pack.weight_bits,
             act_bits=act_bits,
             act_mode=act_mode,
-            block_size=pack.block_size,
-            block_out_size=pack.block_out_size,
-            permute=pack.perm is not None,
-            row_rot=pack.r_out is not None,
             bias=pack.bias is not None,
-            second_stage=pack.r_in2 is not None,
-            second_perm=pack.perm2 is not None,
-            rotate=pack.r_in is not None,
-            equalize=pack.in_scale is not None,
+            stages=pack.stages,
+            out_stages=pack.out_stages,
             weight_storage=weight_storage,
             dtype=dtype,
             device="meta",
@@ -194,27 +165,25 @@ class DuQuantLinear(nn.Module):
             return out
 
         layer.dtype_ref = torch.empty(0, dtype=dtype, **fdev)
-        if pack.in_scale is not None:
-            layer.in_scale = torch.from_numpy(pack.in_scale).to(dtype=torch.float32, **fdev)
-        if pack.perm is not None:
-            layer.perm = tensor(pack.perm.astype("int32"), torch.int32)
-        if pack.r_in is not None:
-            layer.r_in = tensor(pack.r_in, dtype)
-            layer.uniform_r_in = pack.in_features % pack.block_size == 0 and bool((pack.r_in == pack.r_in[:1]).all())
-        if pack.perm2 is not None:
-            layer.perm2 = tensor(pack.perm2.astype("int32"), torch.int32)
-        if pack.r_in2 is not None:
-            layer.r_in2 = tensor(pack.r_in2, dtype)
-        if pack.r_out is not None:
-            layer.r_out = torch.from_numpy(pack.r_out).to(dtype=dtype, **fdev)
-        qweight = torch.from_numpy(pack.qweight)
-        w_scale = torch.from_numpy(pack.w_scale)
+        uniform = set()
+        for spec in (*pack.stages, *pack.out_stages):
+            value = pack.stage_values[spec.key]
+            if spec.kind == "perm":
+                setattr(layer, spec.key, tensor(value.astype("int32"), torch.int32))
+            elif spec.kind == "scale":
+                setattr(layer, spec.key, torch.from_numpy(value).to(dtype=torch.float32, **fdev))
+            else:
+                setattr(layer, spec.key, tensor(value, dtype))
+                width = pack.out_features if spec in pack.out_stages else pack.in_features
+                if st.is_uniform(torch.from_numpy(value), width):
+                    uniform.add(spec.key)
+        layer.uniform = frozenset(uniform)
         if weight_storage == "int4":
-            layer.qweight = qweight.to(**fdev)
-            layer.w_scale = w_scale.to(**fdev)
+            layer.qweight = torch.from_numpy(pack.qweight).to(**fdev)
+            layer.w_scale = torch.from_numpy(pack.w_scale).to(**fdev)
         else:
-            codes = unpack_codes(qweight, pack.in_features)
-            layer.w_t = (codes.float() * w_scale[:, None]).to(dtype=dtype, **fdev)
+            codes = unpack_codes(torch.from_numpy(pack.qweight), pack.in_features)
+            layer.w_t = (codes.float() * torch.from_numpy(pack.w_scale)[:, None]).to(dtype=dtype, **fdev)
         if pack.bias is not None:
             layer.bias = torch.from_numpy(pack.bias).to(dtype=dtype, **fdev)
         if layer.act_scale is not None:
@@ -225,22 +194,16 @@ class DuQuantLinear(nn.Module):
 
     # ------------------------------------------------------------ forward pieces
 
+    def stage(self, key: str) -> torch.Tensor | None:
+        """A stage's buffer by key (``"perm"``, ``"r_in"``...), None when the layer has no such stage."""
+        return getattr(self, key) if any(s.key == key for s in (*self.stages, *self.out_stages)) else None
+
+    def _plan(self, specs: tuple[StageSpec, ...]) -> list[tuple[str, torch.Tensor, bool]]:
+        return [(s.kind, getattr(self, s.key), s.key in self.uniform) for s in specs]
+
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x in the transformed basis: equalize, permute channels, then rotate each block."""
-        if self.in_scale is not None:
-            x = x * self.in_scale.to(x.dtype)
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        if self.r_in is not None:
-            if self.uniform_r_in:
-                x = same_block_rotate(x, self.r_in[0].to(x.dtype))
-            else:
-                x = block_rotate(x, self.r_in.to(x.dtype))
-        if self.perm2 is not None:
-            x = x.index_select(-1, self.perm2)
-        if self.r_in2 is not None:
-            x = block_rotate(x, self.r_in2.to(x.dtype))
-        return x
+        """x in the transformed basis: the input stages, in order."""
+        return st.forward(self._plan(self.stages), x)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The transformed-basis weight [out, in] in ``dtype``."""
@@ -260,14 +223,11 @@ class DuQuantLinear(nn.Module):
                 )
             return fake_quant(x_t, self.act_scale, self.act_bits)
         # per-token dynamic (also used while calibrating, so later layers see quantized inputs)
-        scale = (x_t.detach().float().abs().amax(dim=-1, keepdim=True) / qmax(self.act_bits)).clamp_min(ACT_EPS)
-        return fake_quant(x_t, scale, self.act_bits)
+        return fake_quant(x_t, per_token_scale(x_t, self.act_bits), self.act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_t = self.quantize_activations(self.rotate_input(x))
-        y = F.linear(x_t, self.dequantized_weight(x_t.dtype))
-        if self.r_out is not None:
-            y = block_rotate(y, self.r_out.to(y.dtype))
+        y = st.forward(self._plan(self.out_stages), F.linear(x_t, self.dequantized_weight(x_t.dtype)))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -292,49 +252,51 @@ class DuQuantLinear(nn.Module):
         return self.effective_weight(self.dtype_ref.dtype)
 
     def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight in the original basis, in ``dtype`` (float64 for exact quality checks)."""
+        """The dense weight in the original basis, in ``dtype`` (float64 for exact quality checks):
+        W_t·Tᵀ, the stages walked backwards, then the output rotations undone on the rows."""
         with torch.no_grad():
-            w = self.dequantized_weight(dtype)
-            # W_eff = W_t · Tᵀ for the input transform T = D·P·A1[·P2·A2] (D the equalization,
-            # A1 need not be orthogonal: it carries the smoothing), applied right to left.
-            if self.r_in2 is not None:
-                w = block_rotate(w, self.r_in2.to(dtype).transpose(1, 2))
-            if self.perm2 is not None:
-                w = torch.empty_like(w).index_copy_(1, self.perm2.long(), w)
-            if self.r_in is not None and self.uniform_r_in:  # one GEMM, as in the forward
-                w = same_block_rotate(w, self.r_in[0].to(dtype).t())
-            elif self.r_in is not None:
-                w = block_rotate(w, self.r_in.to(dtype).transpose(1, 2))  # W_t · blockdiag(R_in)ᵀ
-            if self.perm is not None:
-                w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)  # undo the permutation
-            if self.in_scale is not None:
-                w = w * self.in_scale.to(dtype)[None, :]
-            if self.r_out is not None:  # blockdiag(R_out)ᵀ · W
-                w = block_rotate(w.t(), self.r_out.to(dtype)).t()
-            return w.contiguous()
+            w = st.weight_from_basis(self._plan(self.stages), self.dequantized_weight(dtype))
+            return st.rows_from_basis(self._plan(self.out_stages), w).contiguous()
 
     def extra_repr(self) -> str:
+        plan = " -> ".join(f"{s.kind}:{s.key}" for s in self.stages) or "none"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"w{self.weight_bits}a{self.act_bits} ({self.act_mode}), storage={self.weight_storage}"
-            + (f", block={self.r_in.shape[1]}" if self.r_in is not None else ", no rotation")
-            + f", permute={self.perm is not None}, row_rot={self.r_out is not None}"
-            + (", equalized" if self.in_scale is not None else "")
-            + (", two-stage" if self.r_in2 is not None else "")
+            f"w{self.weight_bits}a{self.act_bits} ({self.act_mode}), storage={self.weight_storage}, stages={plan}"
+            + (f", out_stages={','.join(s.key for s in self.out_stages)}" if self.out_stages else "")
         )
 
     def get_extra_state(self) -> torch.Tensor:
-        """The two flags as a uint8 tensor [act_calibrated, uniform_r_in]: a state dict of
-        tensors only, so ``safetensors.torch.save_model`` can save a loaded model."""
-        return torch.tensor([self.act_calibrated, self.uniform_r_in], dtype=torch.uint8)
+        """The layer's Python state as UTF-8 JSON in a uint8 tensor: a state dict of tensors
+        only, so ``safetensors.torch.save_model`` can save a loaded model, and a layer rebuilt
+        from it can still save activation scales for its bundle."""
+        state = {
+            "act_calibrated": self.act_calibrated,
+            "uniform": sorted(self.uniform),
+            "bundle_name": self.bundle_name,
+            "bundle_fingerprint": self.bundle_fingerprint,
+            "calib_defaults": list(self.calib_defaults),
+        }
+        return torch.frombuffer(bytearray(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: torch.Tensor | dict[str, Any]) -> None:
         if isinstance(state, dict):  # state dicts saved by 0.1
-            self.act_calibrated = bool(state.get("act_calibrated", False))
-            self.uniform_r_in = bool(state.get("uniform_r_in", False))
-            return
-        flags = [bool(v) for v in state.tolist()]
-        self.act_calibrated, self.uniform_r_in = flags[0], flags[1]
+            state = {
+                "act_calibrated": state.get("act_calibrated"),
+                "uniform": ["r_in"] * bool(state.get("uniform_r_in")),
+            }
+        elif state.numel() == 2:  # 0.2: [act_calibrated, uniform_r_in]
+            flags = [bool(v) for v in state.tolist()]
+            state = {"act_calibrated": flags[0], "uniform": ["r_in"] * flags[1]}
+        else:
+            state = json.loads(bytes(state.tolist()).decode())
+        keys = {s.key for s in (*self.stages, *self.out_stages)}
+        self.act_calibrated = bool(state.get("act_calibrated", False))
+        self.uniform = frozenset(k for k in state.get("uniform", []) if k in keys)
+        self.bundle_name = state.get("bundle_name")
+        self.bundle_fingerprint = state.get("bundle_fingerprint")
+        steps, pct = state.get("calib_defaults", self.calib_defaults)
+        self.calib_defaults = (int(steps), float(pct))
 
     def set_act_scale(self, scale: torch.Tensor) -> None:
         """Freeze static activation scales (called outside forward by calibrate/load)."""

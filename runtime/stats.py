@@ -2,9 +2,7 @@
 
 For every selected Linear's input, over all batches run inside ``capture_stats``:
 
-* ``absmax``     per-channel max |x|;
-* ``percentile`` per-channel ``act_percentile`` of |x|, averaged over batches (the seed's
-  static-scale statistic);
+* ``absmax``     per-channel max |x| (SmoothQuant's statistic);
 * ``gram``       the mean second-moment matrix XᵀX / tokens, kept as diagonal blocks of
   ``gram_block`` channels (full when in_features <= gram_block): memory is bounded by
   in_features x gram_block per layer, not in_features²;
@@ -12,9 +10,11 @@ For every selected Linear's input, over all batches run inside ``capture_stats``
   which build derives static activation scales in the transformed basis and estimates
   each layer's output SQNR.
 
-The file (HDF5) records each layer's weight signature (float64 sum and sum of squares),
-so a build refuses statistics captured on another checkpoint, and a content digest,
-which enters the bundle's fingerprint.
+The file (HDF5, sealed and written atomically by ``h5file``) records each layer's weight
+signature (float64 sum and sum of squares), so a build refuses statistics captured on
+another checkpoint, and a content digest, which enters the bundle's fingerprint. Static
+activation scales are not captured here: build derives them from the sample in each
+candidate's basis, with the runtime's one rule (``actquant``).
 """
 
 from __future__ import annotations
@@ -31,21 +31,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import HDF5_LIBVER, crc32
-from .calibration import percentile_per_channel
+from . import h5file
 from .config import DuQuantConfig, matches, resolve
 from .errors import StatsError
-from .loader import weight_signature
+from .signature import weight_signature
 
 STATS_FORMAT = "duquant-packs-stats"
-STATS_VERSION = 1
-DATASETS = ("absmax", "percentile", "gram", "sample")
+STATS_VERSION = 2  # 2: sealed, no percentile dataset; 1 is still read
+SEAL_MAGIC = b"duquant-stats\x00\x00\x02"  # 16 bytes
+DATASETS = ("absmax", "gram", "sample")
+FIX = "capture the statistics again"
 
 
 @dataclass
 class LayerStats:
     absmax: np.ndarray  # float32 [in]
-    percentile: np.ndarray  # float32 [in]
     gram: np.ndarray  # float32 [n_gram_blocks, G, G], mean xᵀx per diagonal block
     sample: np.ndarray  # float32 [rows, in]
     tokens: int
@@ -73,7 +73,6 @@ class LayerStats:
         fb = fp.reshape(nblk, g)
         return LayerStats(
             absmax=(self.absmax * f).astype(np.float32),
-            percentile=(self.percentile * f).astype(np.float32),
             gram=(self.gram * fb[:, :, None] * fb[:, None, :]).astype(np.float32),
             sample=(self.sample * f).astype(np.float32),
             tokens=self.tokens,
@@ -83,16 +82,14 @@ class LayerStats:
 class _LayerObserver:
     """Accumulates one layer's statistics from its forward inputs."""
 
-    def __init__(self, module: nn.Linear, pct: float, gram_block: int, sample_rows: int, seed: int) -> None:
+    def __init__(self, module: nn.Linear, gram_block: int, sample_rows: int, seed: int) -> None:
         n = module.in_features
-        self.n, self.pct, self.g = n, pct, min(gram_block, n)
+        self.n, self.g = n, min(gram_block, n)
         self.sample_rows = sample_rows
         self.tokens = 0
-        self.batches = 0
         nblk = -(-n // self.g)
         dev = module.weight.device
         self.absmax = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.pct_sum = torch.zeros(n, dtype=torch.float64, device=dev)
         self.gram = torch.zeros(nblk, self.g, self.g, dtype=torch.float64, device=dev)
         self.sample = torch.zeros(0, n, dtype=torch.float32)
         self.sample_keys = torch.zeros(0, dtype=torch.float64)
@@ -105,13 +102,11 @@ class _LayerObserver:
             x = args[0].detach().reshape(-1, self.n)
             xf = x.float()
             self.absmax = torch.maximum(self.absmax, xf.abs().amax(dim=0))
-            self.pct_sum += percentile_per_channel(xf.abs(), self.pct).double()
             xd = torch.nn.functional.pad(x.double(), (0, self.gram.shape[0] * self.g - self.n))
             blocks = xd.reshape(-1, self.gram.shape[0], self.g).transpose(0, 1)  # [nblk, tokens, G]
             self.gram += torch.bmm(blocks.transpose(1, 2), blocks)
             self._reservoir(xf.cpu())
             self.tokens += x.shape[0]
-            self.batches += 1
 
     def _reservoir(self, rows: torch.Tensor) -> None:
         """Keep the sample_rows rows with the smallest random keys: a uniform sample of all rows."""
@@ -126,7 +121,6 @@ class _LayerObserver:
             raise StatsError("no batch reached this layer inside capture_stats")
         return LayerStats(
             absmax=self.absmax.cpu().numpy(),
-            percentile=(self.pct_sum / self.batches).float().cpu().numpy(),
             gram=(self.gram / self.tokens).float().cpu().numpy(),
             sample=self.sample.numpy(),
             tokens=self.tokens,
@@ -140,13 +134,6 @@ class StatsCapture:
         self._observers = observers
         self.config = config
 
-    @property
-    def layer_names(self) -> list[str]:
-        return sorted(self._observers)
-
-    def layer(self, name: str) -> LayerStats:
-        return self._observers[name].result()
-
     def save(self, path: str | Path) -> Path:
         """Write the statistics file (temp file + rename); returns its path."""
         silent = [n for n, o in self._observers.items() if not o.tokens]
@@ -157,9 +144,8 @@ class StatsCapture:
             )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
+        with h5file.atomic_file(path) as out:
+            with h5file.create(out.tmp) as f:
                 f.attrs["format"] = STATS_FORMAT
                 f.attrs["format_version"] = STATS_VERSION
                 index = {}
@@ -172,18 +158,14 @@ class StatsCapture:
                         "tokens": stats.tokens,
                         "weight_sum": obs.weight_sum,
                         "weight_sumsq": obs.weight_sumsq,
-                        "percentile": obs.pct,
-                        "crc32": {k: crc32(a) for k, a in arrays.items()},
+                        "crc32": {k: h5file.crc32(a) for k, a in arrays.items()},
                     }
                     g.attrs["meta"] = json.dumps(meta, sort_keys=True)
                     for key, array in arrays.items():
                         g.create_dataset(key, data=np.ascontiguousarray(array))
                     index[name] = meta
                 f.attrs["digest"] = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            h5file.seal(out.tmp, SEAL_MAGIC)
         return path
 
 
@@ -215,8 +197,7 @@ def capture_stats(
             f"config {cfg.name!r} selects none of this model's {len(linears)} nn.Linear modules "
             f"(e.g. {next(iter(linears), 'none')}); check name_prefix and the config's scope"
         )
-    pct = cfg.quant.act_percentile
-    observers = {n: _LayerObserver(linears[n], pct, gram_block, sample_rows, seed) for n in names}
+    observers = {n: _LayerObserver(linears[n], gram_block, sample_rows, seed) for n in names}
     try:
         yield StatsCapture(observers, cfg)
     finally:
@@ -231,33 +212,32 @@ class StatsReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise StatsError(f"statistics file not found: {self.path}")
-        try:
+        with self._translated("the statistics file"):
+            self.sealed = h5file.check_seal(self.path, SEAL_MAGIC)
             with h5py.File(self.path, "r") as f:
-                fmt = f.attrs.get("format")
-                fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+                fmt = h5file.read_attr(f, "format") if "format" in f.attrs else None
                 if fmt != STATS_FORMAT:
                     raise StatsError(f"{self.path} is not a duquant statistics file (format {fmt!r})")
-                if int(f.attrs["format_version"]) != STATS_VERSION:
+                version = int(h5file.read_attr(f, "format_version"))
+                if version not in (1, STATS_VERSION) or (version >= 2 and not self.sealed):
                     raise StatsError(
-                        f"{self.path} has statistics format {int(f.attrs['format_version'])}; this tool reads "
-                        f"format {STATS_VERSION}: capture the statistics again"
+                        f"{self.path} has statistics format {version}{'' if self.sealed else ' without its seal'}; "
+                        f"this tool reads formats 1 and {STATS_VERSION}: {FIX}"
                     )
-                self.digest = str(f.attrs["digest"])
-                self.meta = {name: json.loads(g.attrs["meta"]) for name, g in f["layers"].items()}
-        except StatsError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise StatsError(f"{self.path}: cannot read the statistics file ({exc}); capture it again") from None
+                self.digest = str(h5file.read_attr(f, "digest"))
+                self.meta = {name: h5file.json_attr(g, "meta") for name, g in f["layers"].items()}
+
+    def _translated(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return h5file.translated(self.path, what, StatsError, "the file is damaged", FIX)
 
     def layer(self, name: str) -> LayerStats:
-        try:
+        with self._translated(f"the statistics of {name}"):
             with h5py.File(self.path, "r") as f:
                 g = f["layers"][name]
                 arrays = {k: g[k][()] for k in DATASETS}
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise StatsError(f"{self.path}: cannot read the statistics of {name} ({exc}); capture again") from None
-        meta = self.meta[name]
-        for key, array in arrays.items():
-            if crc32(array) != int(meta["crc32"][key]):
-                raise StatsError(f"{self.path}: {name}/{key} fails its checksum; the file is corrupted")
-        return LayerStats(tokens=int(meta["tokens"]), **arrays)
+            meta = self.meta[name]
+            if not self.sealed:  # a sealed file's bytes are vouched for by its seal
+                for key, array in arrays.items():
+                    if h5file.crc32(array) != int(meta["crc32"][key]):
+                        raise StatsError(f"{self.path}: {name}/{key} fails its checksum; the file is corrupted")
+            return LayerStats(tokens=int(meta["tokens"]), **arrays)

@@ -10,23 +10,39 @@ from conftest import outlier_weight, write_checkpoint
 from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import build_bundle, pack_layer
 from duquant_pipeline.cli import main
+from duquant_pipeline.fingerprints import fingerprint_document
+from duquant_pipeline.methods import check
 from duquant_pipeline.rotations import balanced_zigzag, greedy_rotation, hadamard_blocks
 from duquant_pipeline.select import SelectedLayer
-from duquant_pipeline.weightquant import gptq_codes, rtn_codes, search_scales
+from duquant_pipeline.weightquant import gptq_codes, quantize_weight
 from duquant_runtime import DuQuantLinear, StatsError, capture_stats, load_bundle
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import DuQuantConfig, QuantConfig, TransformConfig, from_dict
-from duquant_runtime.fingerprint import digest, fingerprint_document
+from duquant_runtime.fingerprint import digest
 from duquant_runtime.stats import LayerStats
 from torch import nn
 
+# One candidate each (no per-layer choice), so the pack holds exactly compute_transform's stages.
+ONE = {"equalize": (), "rtn_candidate": False}
 METHODS = {
-    "svd": {"method": "svd"},
-    "hadamard": {"method": "hadamard", "row_rot": "0", "permute": False},
-    "hadamard_signs_zigzag": {"method": "hadamard", "row_rot": "0", "hadamard_signs": True},
-    "duquant": {"method": "duquant", "row_rot": "0"},
-    "duquant_no_perm": {"method": "duquant", "row_rot": "0", "permute": False, "max_rotation_step": 3},
+    "svd": {"method": "svd", "permute": True, "row_rot": "restore", **ONE},
+    "hadamard": {"method": "hadamard", "row_rot": "0", "permute": False, **ONE},
+    "hadamard_signs_zigzag": {"method": "hadamard", "row_rot": "0", "permute": True, "hadamard_signs": True, **ONE},
+    "duquant": {"method": "duquant", "row_rot": "0", "permute": True, **ONE},
+    "duquant_no_perm": {"method": "duquant", "row_rot": "0", "permute": False, "max_rotation_step": 3, **ONE},
 }
+
+
+def rtn(w: torch.Tensor, s: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Round-to-nearest codes of rows w with scales s (written here, as the reference)."""
+    q = 2 ** (bits - 1) - 1
+    return (w / s[:, None]).round().clamp(-q - 1, q).to(torch.int8)
+
+
+def scales_of(w: torch.Tensor, search: str, cw: torch.Tensor | None = None) -> torch.Tensor:
+    """The pipeline's per-row scales (float64) for a search, channel-weighted by cw."""
+    hessian = None if cw is None else torch.diag(cw.double())
+    return torch.from_numpy(quantize_weight(w, 4, search=search, hessian=hessian)[1]).double()
 
 
 def _stats(x: np.ndarray, gram_block: int | None = None) -> LayerStats:
@@ -40,7 +56,7 @@ def _stats(x: np.ndarray, gram_block: int | None = None) -> LayerStats:
         lo, hi = b * g, min(n, (b + 1) * g)
         gram[b, : hi - lo, : hi - lo] = full[lo:hi, lo:hi]
     absmax = np.abs(x).max(axis=0).astype(np.float32)
-    return LayerStats(absmax, absmax * 0.9, gram, x.astype(np.float32), x.shape[0])
+    return LayerStats(absmax, gram, x.astype(np.float32), x.shape[0])
 
 
 def _correlated_inputs(rng: np.random.Generator, tokens: int, n: int) -> np.ndarray:
@@ -115,8 +131,8 @@ def test_mse_search_is_no_worse_than_the_seed_alpha_search():
     for cw in (None, torch.from_numpy(rng.uniform(0.1, 10, 128))):
         errs = {}
         for search in ("alpha", "mse"):
-            s = search_scales(w, 4, search, cw)
-            deq = rtn_codes(w, s, 4).double() * s[:, None]
+            s = scales_of(w, search, cw)
+            deq = rtn(w, s).double() * s[:, None]
             e = (deq - w).square() * (1 if cw is None else cw)
             errs[search] = float(e.sum())
         assert errs["mse"] <= errs["alpha"] * 1.0001
@@ -125,8 +141,8 @@ def test_mse_search_is_no_worse_than_the_seed_alpha_search():
 def test_gptq_with_identity_hessian_is_rtn():
     rng = np.random.default_rng(0)
     w = torch.from_numpy(outlier_weight(rng, 32, 70))
-    s = search_scales(w, 4, "mse")
-    assert torch.equal(gptq_codes(w, s, 4, torch.eye(70, dtype=torch.float64), damp=0.01, group=16), rtn_codes(w, s, 4))
+    s = scales_of(w, "mse")
+    assert torch.equal(gptq_codes(w, s, 4, torch.eye(70, dtype=torch.float64), damp=0.01, group=16), rtn(w, s))
 
 
 def test_gptq_lowers_output_error_on_correlated_inputs():
@@ -136,9 +152,9 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     x = _correlated_inputs(rng, 2048, n)
     h = torch.from_numpy(x.T @ x / x.shape[0])
     wt = torch.from_numpy(w)
-    s = search_scales(wt, 4, "mse")
+    s = scales_of(wt, "mse")
     errors = {}
-    for label, codes in (("rtn", rtn_codes(wt, s, 4)), ("gptq", gptq_codes(wt, s, 4, h, damp=0.01, group=32))):
+    for label, codes in (("rtn", rtn(wt, s)), ("gptq", gptq_codes(wt, s, 4, h, damp=0.01, group=32))):
         w_hat = codes.double().numpy() * s.numpy()[:, None]
         errors[label] = np.linalg.norm(x @ (w - w_hat).T)  # output error, computed here
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
@@ -153,9 +169,10 @@ def test_fingerprint_changes_with_method_and_with_stats():
     assert docs["svd"] != docs["hadamard"]
     a = digest(fingerprint_document(base, [], "a" * 64))
     assert a != digest(fingerprint_document(base, [], "b" * 64)) and a != digest(fingerprint_document(base, []))
-    # fields added after the first release stay out of the fingerprint at their defaults
-    assert "gptq" not in base.fingerprint_fields()["quant"]
-    assert base.replace("quant", gptq=True).fingerprint_fields()["quant"]["gptq"] is True
+    # schema 2 lists every field; schema 1 (bundles of 0.1/0.2) left later fields out at their old defaults
+    assert base.fingerprint_fields()["quant"]["gptq"] is False
+    assert "gptq" not in base.fingerprint_fields(1)["quant"]
+    assert base.replace("quant", gptq=True).fingerprint_fields(1)["quant"]["gptq"] is True
 
 
 class Tiny(nn.Module):
@@ -260,11 +277,13 @@ def test_stats_from_another_checkpoint_are_refused(tiny_model_ckpt, tmp_path):
 
 def test_quant_config_validation():
     with pytest.raises(ValueError, match="power of two"):
-        DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", block_size=24, row_rot="0"))
+        check(DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", block_size=24)))
     with pytest.raises(ValueError, match="weight_search"):
         DuQuantConfig(name="x", quant=QuantConfig(weight_search="grid"))
     with pytest.raises(ValueError, match="only defined for method 'svd'"):
-        DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", row_rot="restore"))
+        check(DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", row_rot="restore", **ONE)))
+    with pytest.raises(ValueError, match=r"transform\.method must be one of svd, hadamard, duquant"):
+        check(DuQuantConfig(name="x", transform=TransformConfig(method="quarot")))
 
 
 def test_presets_default_to_the_measured_method_and_keep_the_seed_reproducible():
@@ -274,8 +293,8 @@ def test_presets_default_to_the_measured_method_and_keep_the_seed_reproducible()
     assert (full.transform.method, full.transform.block_size, full.quant.weight_search) == ("hadamard", 64, "mse")
     seed = resolve("full_w4a8_seed")
     assert (seed.transform.method, seed.transform.row_rot, seed.quant.weight_search) == ("svd", "restore", "alpha")
-    # the seed preset's fingerprint fields are exactly the first release's (no later fields)
-    assert set(seed.fingerprint_fields()["quant"]) == {
+    # the seed preset's schema-1 fingerprint fields are exactly the first release's (no later fields)
+    assert set(seed.fingerprint_fields(1)["quant"]) == {
         "weight_bits",
         "act_bits",
         "act_mode",
@@ -288,13 +307,13 @@ def test_presets_default_to_the_measured_method_and_keep_the_seed_reproducible()
 def test_uniform_hadamard_fast_path_matches_the_block_path():
     rng = np.random.default_rng(2)
     w = outlier_weight(rng, 24, 64)
-    t = TransformConfig(block_size=16, **METHODS["hadamard"])
-    pack = pack_layer(w, None, SelectedLayer("l", "l.weight", None, 24, 64, "F32", 4), "F32", t)
+    cfg = DuQuantConfig(name="x", transform=TransformConfig(block_size=16, **METHODS["hadamard"]))
+    pack = pack_layer(w, None, SelectedLayer("l", "l.weight", None, 24, 64, "F32", 4), "F32", cfg)
     layer = DuQuantLinear.from_pack(pack, act_bits=8, act_mode="per_token_dynamic")
-    assert layer.uniform_r_in
+    assert layer.uniform == {"r_in"}
     x = torch.from_numpy(_correlated_inputs(rng, 32, 64)).float()
     with torch.no_grad():
         fast = layer(x)
-        layer.uniform_r_in = False
+        layer.uniform = frozenset()
         slow = layer(x)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -15,13 +15,14 @@ from conftest import write_checkpoint
 from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.cli import main
+from duquant_pipeline.fingerprints import fingerprint_document
 from duquant_pipeline.pack import LayerPacker, candidates, pack_layer
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import DuQuantLinear, load_bundle
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import DuQuantConfig, TransformConfig, resolve
-from duquant_runtime.fingerprint import digest, fingerprint_document
-from duquant_runtime.loader import weight_signature
+from duquant_runtime.fingerprint import digest
+from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 from reference import blocks_from_stacked, reference_forward, unpack_int4
 
@@ -62,7 +63,7 @@ def stats_of(x: np.ndarray) -> LayerStats:
     """Statistics computed here (not by capture_stats): max |x|, mean xᵀx, all rows."""
     absmax = np.abs(x).max(axis=0).astype(np.float32)
     gram = (x.T @ x / x.shape[0])[None].astype(np.float32)
-    return LayerStats(absmax, absmax, gram, x.astype(np.float32), x.shape[0])
+    return LayerStats(absmax, gram, x.astype(np.float32), x.shape[0])
 
 
 def signature(w: np.ndarray) -> tuple[float, float]:
@@ -97,8 +98,8 @@ def test_equalization_preserves_output_with_quantization_off(rotate, method, str
         equalize=value if kind == "equalize" else 0.0,
         smooth=value if kind == "smooth" else 0.0,
     )
-    assert tr.in_scale is not None and not np.allclose(tr.in_scale, 1.0)
-    assert (tr.r_in is None) != rotate
+    assert tr.stages[0][0].kind == "scale" and not np.allclose(tr.value("in_scale"), 1.0)
+    assert (tr.value("r_in") is None) != rotate
     packer = LayerPacker(w, None, selected(w), "F32", DuQuantConfig(name="x", transform=t), None, signature(w))
     pack = packer.assemble(tr, np.zeros(w.shape, dtype=np.int8), np.ones(w.shape[0], dtype=np.float32), 4)
     layer = DuQuantLinear.from_pack(pack, act_bits=0, act_mode="per_token_dynamic", weight_storage="dequant")
@@ -121,16 +122,16 @@ def test_format2_forward_matches_the_reference(storage):
     for cand in candidates(config.transform, calibrated=False):
         packer = LayerPacker(w.astype(np.float32), None, selected(w), "F32", config, None, signature(w))
         pack = packer.candidate(cand, 4).pack
-        seen.add((pack.r_in is None, pack.in_scale is None))
+        seen.add((pack.array("r_in") is None, pack.array("in_scale") is None))
         w_t = unpack_int4(pack.qweight, 100) * pack.w_scale.astype(np.float64)[:, None]
         want = reference_forward(
             x,
-            perm=pack.perm,
-            r_in=None if pack.r_in is None else blocks_from_stacked(pack.r_in, 100),
+            perm=pack.array("perm"),
+            r_in=None if pack.array("r_in") is None else blocks_from_stacked(pack.array("r_in"), 100),
             r_out=None,
             w_t=w_t,
             act_bits=8,
-            in_scale=pack.in_scale,
+            in_scale=pack.array("in_scale"),
         )
         assert rel(run_layer(pack, x, storage=storage), want) <= 2e-4
     assert seen == {(True, True), (True, False), (False, True), (False, False)}
@@ -165,7 +166,7 @@ def test_choice_keeps_rtn_when_rotation_cannot_help():
     rng = np.random.default_rng(1)
     w = rng.uniform(-1, 1, size=(64, 128)) / np.sqrt(128)
     pack = pack_layer(w.astype(np.float32), None, selected(w), "F32", DEFAULT)
-    assert pack.choice is not None and pack.choice.startswith("rtn") and pack.r_in is None
+    assert pack.choice is not None and pack.choice.startswith("rtn") and pack.array("r_in") is None
     assert pack.quality["weight_sqnr_db"] >= pack.quality["rtn_weight_sqnr_db"]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import outlier_weight
-from duquant_pipeline.algorithm import svd_transform
+from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import pack_layer
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import (
@@ -21,19 +21,42 @@ from duquant_runtime import (
     load_bundle,
     save_act_scales,
 )
-from duquant_runtime.config import TransformConfig
+from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.stages import StageSpec
 from reference import blocks_from_stacked, reference_forward, unpack_int4
 
 torch.manual_seed(0)
+
+
+# The seed's transform (svd, 16x16 blocks, zigzag, row rotation), one candidate.
+SEED = {
+    "method": "svd",
+    "block_size": 16,
+    "permute": True,
+    "row_rot": "restore",
+    "equalize": (),
+    "rtn_candidate": False,
+}
+
+
+def seed_transform(**transform) -> TransformConfig:
+    return TransformConfig(**{**SEED, **transform})
+
+
+def seed_plan(permute: bool, row_rot: bool, block: int = 16) -> dict:
+    """DuQuantLinear constructor arguments for the seed's stage layout."""
+    stages = ([StageSpec("perm", "perm")] if permute else []) + [StageSpec("rotate", "r_in")]
+    out_stages = [StageSpec("rotate", "r_out")] if row_rot else []
+    return {"stages": stages, "out_stages": out_stages, "blocks": {"r_in": block, "r_out": 16}}
 
 
 def make_pack(out=40, inp=37, bits=4, bias=True, seed=0, **transform):
     rng = np.random.default_rng(seed)
     w = outlier_weight(rng, out, inp)
     b = rng.standard_normal(out) if bias else None
-    t = TransformConfig(**{"block_size": 16, "block_out_size": 16, **transform})
+    cfg = DuQuantConfig(name="l", transform=seed_transform(**transform))
     layer = SelectedLayer("l", "l.weight", "l.bias" if bias else None, out, inp, "F32", bits)
-    return pack_layer(w, b, layer, "F32", t), w, b
+    return pack_layer(w, b, layer, "F32", cfg), w, b
 
 
 def reference(pack, x: torch.Tensor, act_bits: int = 0, act_scale=None) -> np.ndarray:
@@ -41,9 +64,9 @@ def reference(pack, x: torch.Tensor, act_bits: int = 0, act_scale=None) -> np.nd
     w_t = codes.astype(np.float64) * pack.w_scale.astype(np.float64)[:, None]
     return reference_forward(
         x.double().numpy(),
-        perm=pack.perm,
-        r_in=blocks_from_stacked(pack.r_in, pack.in_features),
-        r_out=None if pack.r_out is None else blocks_from_stacked(pack.r_out, pack.out_features),
+        perm=pack.array("perm"),
+        r_in=blocks_from_stacked(pack.array("r_in"), pack.in_features),
+        r_out=None if pack.array("r_out") is None else blocks_from_stacked(pack.array("r_out"), pack.out_features),
         w_t=w_t,
         bias=pack.bias,
         act_bits=act_bits,
@@ -111,7 +134,7 @@ def test_forward_matches_reference_static(storage):
 
 def exact_layer(w: np.ndarray, b: np.ndarray | None, act_bits: int = 0, **transform) -> DuQuantLinear:
     """A DuQuantLinear holding the unquantized transformed weight: quantization fully off."""
-    t = svd_transform(w, TransformConfig(**{"block_size": 16, "block_out_size": 16, **transform}))
+    t = compute_transform(w, seed_transform(**transform))
     out, inp = w.shape
     layer = DuQuantLinear(
         inp,
@@ -119,19 +142,14 @@ def exact_layer(w: np.ndarray, b: np.ndarray | None, act_bits: int = 0, **transf
         weight_bits=8,
         act_bits=act_bits,
         act_mode="per_token_dynamic",
-        block_size=16,
-        block_out_size=16,
-        permute=t.perm is not None,
-        row_rot=t.r_out is not None,
         bias=b is not None,
         weight_storage="dequant",
+        **seed_plan(t.value("perm") is not None, t.value("r_out") is not None),
     )
     with torch.no_grad():
-        if t.perm is not None:
-            layer.perm.copy_(torch.from_numpy(t.perm))
-        layer.r_in.copy_(torch.from_numpy(t.r_in))
-        if t.r_out is not None:
-            layer.r_out.copy_(torch.from_numpy(t.r_out))
+        for key in ("perm", "r_in", "r_out"):
+            if t.value(key) is not None:
+                getattr(layer, key).copy_(torch.from_numpy(t.value(key)))
         layer.w_t.copy_(torch.from_numpy(t.w_t))
         if b is not None:
             layer.bias.copy_(torch.from_numpy(b))
@@ -194,11 +212,8 @@ def test_state_dict_round_trip_and_to_dtype():
         weight_bits=4,
         act_bits=8,
         act_mode="per_channel_static",
-        block_size=16,
-        block_out_size=16,
-        permute=True,
-        row_rot=True,
         bias=True,
+        **seed_plan(permute=True, row_rot=True),
     )
     with pytest.raises(NotCalibratedError):
         fresh(x)
@@ -206,7 +221,7 @@ def test_state_dict_round_trip_and_to_dtype():
     assert fresh.act_calibrated
     assert torch.equal(fresh(x), layer(x))
     half = copy.deepcopy(layer).to(torch.bfloat16)
-    assert half.r_in.dtype == torch.bfloat16 and half.qweight.dtype == torch.uint8
+    assert half.stage("r_in").dtype == torch.bfloat16 and half.qweight.dtype == torch.uint8
     assert rel(half(x.bfloat16()).float().detach(), layer(x).detach()) <= 5e-2
     assert layer.weight.shape == (40, 37) and layer.in_features == 37 and layer.out_features == 40
     assert "w4a8" in repr(layer)
@@ -233,17 +248,17 @@ def own_int4_bytes(layer: DuQuantLinear) -> int:
     """Independent accounting of what a layer holds alone: nibble codes + fp32 scales +
     int32 perm + fp32 equalization + output rotation + bias (input rotations: ``input_rotation_bytes``)."""
     o, i, b = layer.out_features, layer.in_features, layer.dtype_ref.element_size()
-    perm = 4 * i if layer.perm is not None else 0
-    equalization = 4 * i if layer.in_scale is not None else 0
-    r_out = -(-o // 16) * 256 * b if layer.r_out is not None else 0
+    perm = 4 * i if layer.stage("perm") is not None else 0
+    equalization = 4 * i if layer.stage("in_scale") is not None else 0
+    r_out = -(-o // 16) * 256 * b if layer.stage("r_out") is not None else 0
     return o * ((i + 1) // 2) + 4 * o + perm + equalization + r_out + (b * o if layer.bias is not None else 0)
 
 
 def input_rotation_bytes(layer: DuQuantLinear) -> int:
-    if layer.r_in is None:
+    if layer.stage("r_in") is None:
         return 0
-    blk = layer.r_in.shape[1]
-    return -(-layer.in_features // blk) * blk * blk * layer.r_in.element_size()
+    blk = layer.stage("r_in").shape[1]
+    return -(-layer.in_features // blk) * blk * blk * layer.stage("r_in").element_size()
 
 
 def expected_int4_bytes(layer: DuQuantLinear) -> int:
@@ -269,10 +284,7 @@ def test_int4_memory_at_full_pi05_shapes(block, seed_style):
                 weight_bits=4,
                 act_bits=8,
                 act_mode="per_token_dynamic",
-                block_size=block,
-                block_out_size=16,
-                permute=seed_style,
-                row_rot=seed_style,
+                **seed_plan(permute=seed_style, row_rot=seed_style, block=block),
                 bias=name.replace(".weight", ".bias") in dict(tensor_specs(FULL)),
                 dtype=torch.bfloat16,
                 device="meta",
@@ -299,7 +311,7 @@ def test_load_full_bundle_int4_memory_and_numbers(demo_model, demo_bundles):
     held = sum(unique.values())
     # Nothing beyond the accounted buffers is resident (no fp copy, no transformed fp weight),
     # and the hadamard rotation is held once per input width, not once per layer.
-    widths = {m.in_features: m for m in layers if m.r_in is not None}
+    widths = {m.in_features: m for m in layers if m.stage("r_in") is not None}
     expected = sum(own_int4_bytes(m) for m in layers) + sum(input_rotation_bytes(m) for m in widths.values())
     assert held == expected == report.bytes_after
     assert held <= 0.30 * bf16, f"int4 layers hold {held / bf16:.3f}x their bf16 bytes"

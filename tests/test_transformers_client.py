@@ -168,11 +168,13 @@ def test_save_model_of_a_loaded_model_round_trips(client, tmp_path):
     load_bundle(restored, bundles["dit_w4a8"], "dit_w4a8", progress=False)
     for module in restored.modules():
         if isinstance(module, DuQuantLinear):
-            module.uniform_r_in = False  # must come back from the file
+            module.uniform, module.bundle_fingerprint = frozenset(), None  # must come back from the file
     load_model(restored, str(tmp_path / "q.safetensors"))
     x = pi05_inputs(batch=1, seed=5)
     assert torch.equal(quantized.components(x)["expert"], restored.components(x)["expert"])
-    assert any(m.uniform_r_in for m in restored.modules() if isinstance(m, DuQuantLinear))
+    layers = [m for m in restored.modules() if isinstance(m, DuQuantLinear)]
+    assert any(m.uniform == {"r_in"} for m in layers)
+    assert all(m.bundle_fingerprint is not None and m.bundle_name for m in layers)  # act scales can be saved
 
 
 def test_progress_line_on_request(client, capsys):

@@ -1,0 +1,44 @@
+"""The fingerprint document of a build: everything a bundle's numbers depend on.
+
+format version, config schema, the method's name and version (from its handler), every
+config field that changes the packs or the runtime numerics, the selected source tensors'
+digests, the calibration digest, and — known only after the packs — each layer's choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from duquant_runtime.config import CONFIG_SCHEMA, DuQuantConfig
+from duquant_runtime.fingerprint import FORMAT_VERSION, SourceTensor
+
+from .methods import handler
+
+
+def fingerprint_document(
+    config: DuQuantConfig,
+    tensors: Iterable[SourceTensor],
+    calib_digest: str | None = None,
+    choices: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``choices`` (layer -> the candidate build kept, e.g. "hadamard+eq0.5" or
+    "rtn+eq1+w8") binds the per-layer decisions too: two bundles that differ in any
+    layer's transform never share a fingerprint."""
+    method = handler(config.transform.method)
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "schema": CONFIG_SCHEMA,
+        "algorithm": {"method": method.name, "version": method.version},
+        "config": config.fingerprint_fields(CONFIG_SCHEMA),
+        "source": sorted((t.to_json() for t in tensors), key=lambda row: row[0]),
+        "calib": calib_digest,
+    }
+    if choices:
+        doc["choices"] = sorted([name, str(choice)] for name, choice in choices.items())
+    return doc
+
+
+def inputs_of(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a fingerprint document known before a build (all but the choices)."""
+    return {k: v for k, v in document.items() if k != "choices"}

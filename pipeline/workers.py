@@ -1,0 +1,192 @@
+"""Worker-side work and process setup: pack one layer in a worker, run the pool, stream results.
+
+Workers (joblib, loky by default) open the checkpoint themselves, so no weight is pickled
+to them; each returns a finished LayerPack (a quarter of the weight's bytes) to the one
+writer in the parent as soon as it is done. Nothing here leaves the calling process changed:
+the threading backend's one-thread cap is restored when the pool is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from duquant_runtime.bundle import LayerPack
+from duquant_runtime.config import DuQuantConfig
+from duquant_runtime.errors import DuQuantError
+from duquant_runtime.signature import signature_matches, weight_signature
+from duquant_runtime.stats import LayerStats, StatsError, StatsReader
+
+from .checkpoint import Checkpoint, CheckpointError
+from .methods import handler
+from .pack import pack_layer, readonly_tensor
+from .select import SelectedLayer
+
+# loky: processes (default); threading: one process; dask: a dask.distributed cluster.
+# (joblib's "multiprocessing" backend cannot stream results as they finish.)
+BACKENDS = ("loky", "threading", "sequential", "dask")
+# Statistics may be captured on a model holding a rounded copy (bf16/fp16) of the
+# checkpoint's weights; another checkpoint's weights differ far more than this.
+STATS_RTOL = 1e-4
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(stats_path: str, mtime_ns: int, size: int) -> StatsReader:
+    return StatsReader(stats_path)
+
+
+def _stats_reader(stats_path: str) -> StatsReader:
+    """One reader (header and index parsed once) per worker process, not one per layer;
+    keyed on the file's mtime and size, so a rewritten file is read again."""
+    st = os.stat(stats_path)
+    return _cached_reader(stats_path, st.st_mtime_ns, st.st_size)
+
+
+def _layer_stats(stats_path: str, layer: SelectedLayer, signature: tuple[float, float], size: int) -> LayerStats:
+    """The layer's statistics, refused when they were captured on other weights."""
+    reader = _stats_reader(stats_path)
+    meta = reader.meta.get(layer.name)
+    if meta is None:
+        raise StatsError(f"{stats_path} has no statistics for {layer.name}; capture them with the same config")
+    if not signature_matches(*signature, meta["weight_sum"], meta["weight_sumsq"], size, STATS_RTOL):
+        raise StatsError(
+            f"{stats_path} was captured on another checkpoint: the weight of {layer.name} differs from the one "
+            "the statistics were recorded with; capture statistics on this checkpoint's model"
+        )
+    return reader.layer(layer.name)
+
+
+@functools.cache
+def keep_large_temporaries() -> None:
+    """Ask glibc to keep freed large blocks in the heap (once per process).
+
+    By default every temporary over ~32 MB is mmap'ed and unmapped on free, so each layer
+    page-faults its float32 copies back in: on 2 cores that was 19 s of system time in a
+    73 s full-model build (8 s and 63 s with this). Peak memory is unchanged: the same
+    temporaries are reused instead of re-faulted. A no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
+    libc.mallopt(m_top_pad, 256 << 20)
+
+
+def pack_job(
+    ckpt_path: str,
+    layer: SelectedLayer,
+    config: DuQuantConfig,
+    stats_path: str | None = None,
+    worker: bool = False,
+) -> LayerPack:
+    """Runs in a worker: open the checkpoint here, so only names cross the process boundary.
+
+    ``worker``: this is a pool process of our own (loky, dask), so it may be tuned: one torch
+    thread (2 workers x 2 threads would oversubscribe 2 cores; loky also caps BLAS through
+    ``inner_max_num_threads``) and large temporaries kept. In-process jobs change nothing.
+    """
+    if worker:
+        torch.set_num_threads(1)
+        keep_large_temporaries()
+    ckpt = Checkpoint.open(ckpt_path)
+    # A float64 method (the seed's svd reproduces its float64 numbers) reads float64; the
+    # others float32, which holds bf16/fp16/fp32 sources exactly.
+    exact64 = handler(config.transform.method).dtype == torch.float64 or layer.dtype == "F64"
+    weight = ckpt.read(layer.weight, np.float64 if exact64 else np.float32)
+    if not np.isfinite(weight).all():
+        bad = int((~np.isfinite(weight)).sum())
+        raise CheckpointError(
+            f"layer {layer.name} has {bad} NaN/Inf value(s) in {layer.weight}; fix the checkpoint or exclude the layer"
+        )
+    bias = ckpt.read(layer.bias) if layer.bias else None
+    if bias is not None and not np.isfinite(bias).all():
+        raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
+    signature = weight_signature(readonly_tensor(weight))
+    stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
+    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, config, stats, signature)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Cap this process's torch threads for the block, then put the caller's setting back."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_jobs(
+    ckpt: Checkpoint,
+    layers: list[SelectedLayer],
+    config: DuQuantConfig,
+    stats_path: str | None,
+    jobs: int,
+    backend: str,
+) -> Iterator[LayerPack]:
+    """Yield packs as workers finish them (unordered), largest layers first for balance."""
+    order = sorted(layers, key=lambda la: -la.out_features * la.in_features)
+    if backend == "sequential" or jobs == 1:
+        for layer in order:
+            yield pack_job(str(ckpt.path), layer, config, stats_path)
+        return
+    from joblib import Parallel, delayed, parallel_config
+
+    if backend == "dask":
+        try:
+            import distributed  # noqa: F401  (registers joblib's dask backend)
+        except ImportError:
+            raise DuQuantError(
+                "--backend dask needs dask.distributed: pip install 'duquant-packs[dask]' and start "
+                "a dask.distributed Client (or use the default loky backend)"
+            ) from None
+    # loky caps each worker's BLAS threads itself; the threading backend runs in this process,
+    # whose torch threads are capped for the pool's life only; dask workers cap their own.
+    cap = {"inner_max_num_threads": 1} if backend == "loky" else {}
+    in_process = backend == "threading"
+    with parallel_config(backend=backend, n_jobs=jobs, **cap), _torch_threads(1) if in_process else nullcontext():
+        if backend == "loky":
+            _spawn_workers_deaf_to_ctrl_c(jobs)
+        runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
+        jobs_ = (delayed(pack_job)(str(ckpt.path), la, config, stats_path, not in_process) for la in order)
+        yield from runner(jobs_)
+
+
+def _worker_pid() -> int:
+    return os.getpid()
+
+
+def _spawn_workers_deaf_to_ctrl_c(jobs: int) -> None:
+    """Start the pool's (reusable) workers with SIGINT ignored.
+
+    A terminal's Ctrl-C signals the whole foreground process group; workers that got it
+    would each die with a traceback. An ignored disposition survives exec, and Python
+    keeps it at startup, so Ctrl-C reaches only this process, whose KeyboardInterrupt
+    makes joblib terminate the workers and the build remove its temp file. (A blocked
+    mask would not do: loky clears it when it spawns.) This process's own handler is
+    restored as soon as the workers are forked.
+    """
+    from joblib import Parallel, delayed
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        # loky forks and execs the workers synchronously while dispatching the first tasks,
+        # so the parent ignores Ctrl-C only for those milliseconds, not while they import.
+        pids = Parallel(n_jobs=jobs, return_as="generator")(delayed(_worker_pid)() for _ in range(jobs))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    list(pids)
