@@ -87,5 +87,5 @@ full-checkpoint: $(STAMP)
 	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)
 
 clean:
-	rm -rf $(OUT)/*/ .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(OUT)/*/ .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

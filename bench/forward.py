@@ -27,6 +27,7 @@ from duquant_pipeline.rotations import hadamard_blocks
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear, unpack_codes
 from duquant_runtime.packing import pack_codes, storage_for_bits
+from duquant_runtime.stages import StageSpec
 from torch import nn
 
 # (component, layer, out, in, tokens)
@@ -62,17 +63,18 @@ def random_pack(
         r_in = hadamard_blocks(inp, block, signs=False, seed=0).astype(np.float32)
     r_out = np.linalg.qr(rng.standard_normal((nbo, block, block)))[0].astype(np.float32)
     codes = rng.integers(-8, 8, size=(out, inp))
+    values = {"r_in": r_in}
+    if seed_layout:
+        values.update(perm=rng.permutation(inp).astype(np.int32), r_out=r_out)
     return LayerPack(
         name="bench",
         in_features=inp,
         out_features=out,
         weight_bits=bits,
         storage=storage_for_bits(bits),
-        block_size=block,
-        block_out_size=block,
-        perm=rng.permutation(inp).astype(np.int32) if seed_layout else None,
-        r_in=r_in,
-        r_out=r_out if seed_layout else None,
+        stages=((StageSpec("perm", "perm"),) if seed_layout else ()) + (StageSpec("rotate", "r_in"),),
+        out_stages=(StageSpec("rotate", "r_out"),) if seed_layout else (),
+        stage_values=values,
         qweight=pack_codes(codes, bits),
         w_scale=(rng.random(out) * 0.01 + 1e-3).astype(np.float32),
         bias=None,
@@ -89,12 +91,12 @@ class NaiveBlockLoop(nn.Module):
 
     def __init__(self, pack: LayerPack, dtype: torch.dtype) -> None:
         super().__init__()
-        self.perm = torch.from_numpy(pack.perm.astype(np.int64))
-        self.r_in = list(pack.r_in)  # NumPy, as the seed kept them
-        self.r_out = list(pack.r_out)
+        self.perm = torch.from_numpy(pack.array("perm").astype(np.int64))
+        self.r_in = list(pack.array("r_in"))  # NumPy, as the seed kept them
+        self.r_out = list(pack.array("r_out"))
         codes = unpack_codes(torch.from_numpy(pack.qweight), pack.in_features).float()
         self.w_t = (codes * torch.from_numpy(pack.w_scale)[:, None]).to(dtype)
-        self.block = pack.block_size
+        self.block = pack.array("r_in").shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_t = x[..., self.perm].clone()

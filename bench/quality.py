@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from duquant_pipeline.algorithm import Transform
+from duquant_pipeline.methods import handler
 from duquant_pipeline.pack import LayerPacker, pack_layer
 from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scales
 from duquant_pipeline.select import SelectedLayer
@@ -60,7 +61,6 @@ def stats_of(x: np.ndarray) -> LayerStats:
     xd = x.astype(np.float64)
     return LayerStats(
         absmax=np.abs(x).max(axis=0),
-        percentile=np.percentile(np.abs(x), 99.9, axis=0).astype(np.float32),
         gram=(xd.T @ xd / x.shape[0])[None].astype(np.float32),
         sample=x,
         tokens=x.shape[0],
@@ -68,7 +68,8 @@ def stats_of(x: np.ndarray) -> LayerStats:
 
 
 def pack_case(layer: SyntheticLayer, config: DuQuantConfig | None, calib: bool) -> LayerPack:
-    w = layer.weight.astype(np.float64 if config and config.transform.method == "svd" else np.float32)
+    exact64 = config is not None and handler(config.transform.method).dtype == torch.float64
+    w = layer.weight.astype(np.float64 if exact64 else np.float32)
     sel = SelectedLayer(layer.name, f"{layer.name}.weight", None, w.shape[0], w.shape[1], "F32", 4)
     stats = stats_of(layer.calib) if calib else None
     if config is None:
@@ -76,7 +77,7 @@ def pack_case(layer: SyntheticLayer, config: DuQuantConfig | None, calib: bool) 
         q = 7
         scales = np.maximum(np.abs(w).max(axis=1) / q, 1e-10).astype(np.float32)
         codes = np.clip(np.round(w / scales[:, None].astype(np.float64)), -q - 1, q).astype(np.int8)
-        return packer.measure(Transform(None, None, None, w), codes, scales, 4).pack
+        return packer.measure(Transform(w_t=w), codes, scales, 4).pack
     return pack_layer(w, None, sel, "F32", config, stats)
 
 

@@ -104,19 +104,6 @@ def _search(
     return scales, codes, sq_err
 
 
-def search_scales(
-    w_t: torch.Tensor, bits: int, search: str = "alpha", channel_weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-row scales (float32 values, float64 tensor) minimizing Σ_j c_j (w_j - s·round(w_j/s))²,
-    c = ``channel_weight`` (1 when None). Ties keep the earlier candidate."""
-    return _search(w_t, bits, search, channel_weight)[0]
-
-
-def rtn_codes(w_t: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    q = qmax(bits)
-    return (w_t / scales[:, None]).round().clamp(-q - 1, q).to(torch.int8)
-
-
 def gptq_codes(
     w_t: torch.Tensor, scales: torch.Tensor, bits: int, hessian: torch.Tensor, damp: float, group: int = 128
 ) -> torch.Tensor:

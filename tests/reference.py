@@ -152,3 +152,41 @@ def blocks_from_stacked(stacked: np.ndarray, n: int) -> list[np.ndarray]:
     """Stacked identity-padded [nb, B, B] -> list of square blocks covering n channels."""
     b = stacked.shape[1]
     return [stacked[i, : min(b, n - i * b), : min(b, n - i * b)].astype(np.float64) for i in range(stacked.shape[0])]
+
+
+def reference_stages(x: np.ndarray, stages: list[tuple[str, object]]) -> np.ndarray:
+    """x·T for a transform given as (kind, value) stages, applied in order with plain loops:
+    "scale" multiplies channel j by value[j]; "perm" takes channel value[j] into position j;
+    "rotate" multiplies consecutive channel blocks by the square matrices in ``value`` (a list)."""
+    x = np.asarray(x, dtype=np.float64).copy()
+    for kind, value in stages:
+        if kind == "scale":
+            for j in range(x.shape[1]):
+                x[:, j] = x[:, j] * float(value[j])
+        elif kind == "perm":
+            x = np.stack([x[:, int(value[j])] for j in range(x.shape[1])], axis=1)
+        else:
+            out, start = np.zeros_like(x), 0
+            for u in value:
+                b = u.shape[0]
+                out[:, start : start + b] = x[:, start : start + b] @ u
+                start += b
+            x = out
+    return x
+
+
+def reference_hadamard(b: int) -> np.ndarray:
+    """The normalized b x b Sylvester-Hadamard matrix, entry by entry: (-1)^popcount(i & j) / sqrt(b)."""
+    h = np.zeros((b, b))
+    for i in range(b):
+        for j in range(b):
+            h[i, j] = (-1) ** bin(i & j).count("1") / np.sqrt(b)
+    return h
+
+
+def reference_equalization(w: np.ndarray, beta: float) -> np.ndarray:
+    """Data-free equalization factors s_j = rms(W[:, j])^-beta, scaled to geometric mean 1
+    (the equalized weight is W·diag(s); the stored input scale is 1/s)."""
+    w = np.asarray(w, dtype=np.float64)
+    s = np.array([np.sqrt(np.mean(w[:, j] ** 2)) ** -beta for j in range(w.shape[1])])
+    return s / np.exp(np.mean(np.log(s)))
