@@ -155,7 +155,13 @@ def test_env_override_changes_fingerprint(tiny_ckpt, tmp_path, monkeypatch):
 def test_backends_build_identical_packs(tiny_ckpt, tmp_path, backend):
     path, _ = tiny_ckpt
     loky = build_bundle(tiny_config(), path, tmp_path / "loky", jobs=2)
-    other = build_bundle(tiny_config(), path, tmp_path / backend, jobs=2, backend=backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        other = build_bundle(tiny_config(), path, tmp_path / backend, jobs=2, backend=backend)
+        assert torch.get_num_threads() == 2  # an in-process build leaves the caller's threads as they were
+    finally:
+        torch.set_num_threads(threads)
     assert other.fingerprint == loky.fingerprint
     with BundleReader(loky.path) as a, BundleReader(other.path) as b:
         for name in a.header.layer_names:
