@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
     model.net.up_proj = nn.Linear(48, 64, bias=False)
     model.net.down_proj = nn.Linear(64, 40, bias=True)
     model.load_state_dict(torch.load({weights!r}))
-    x = torch.randn(5, 48)
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(0))
     want = model.net.down_proj(model.net.up_proj(x))
     report = load_bundle(model, {bundle!r}, expect_config={config!r})
     got = model.net.down_proj(model.net.up_proj(x))
