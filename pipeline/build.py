@@ -32,7 +32,7 @@ from .output import OutputError, bundle_path, check_space, output_error, output_
 from .pack import pack_layer
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import reader_problems
-from .workers import BACKENDS, run_jobs
+from .workers import BACKENDS, block_ctrl_c, run_jobs
 
 Progress = Callable[[int, int, int, int], None]
 
@@ -126,11 +126,14 @@ def build_bundle(
     force: bool = False,
     progress: Progress | None = None,
     calib: str | Path | None = None,
+    scheduler: str | None = None,
 ) -> BuildResult:
     """Build (or reuse) the bundle of ``config`` for ``checkpoint``; returns where it is.
 
     ``calib`` is a statistics file from ``duquant_runtime.capture_stats``; its digest enters
-    the fingerprint. ``progress(layers_done, layers_total, bytes_done, bytes_total)`` is
+    the fingerprint. ``backend="dask"`` runs on the dask scheduler at ``scheduler`` (workers
+    need the checkpoint at the same path), or on a local cluster of ``jobs`` workers.
+    ``progress(layers_done, layers_total, bytes_done, bytes_total)`` is
     called as layers finish.
     """
     start = time.perf_counter()
@@ -144,7 +147,7 @@ def build_bundle(
     total_bytes = sum(la.weight_bytes for la in layers)
     out_cfg = Path(out_dir) / config.name
     hashing: Future[list[SourceTensor]] | None = None
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = ThreadPoolExecutor(max_workers=1, initializer=block_ctrl_c)
     if not force and any(out_cfg.glob(f"{config.name}-*.h5")):
         # A bundle of this config exists: the fingerprint's inputs decide whether it can be reused.
         sources = source_tensors(ckpt, layers, jobs)
@@ -160,7 +163,9 @@ def build_bundle(
         remove_stale_temps(out_cfg)
     check_space(layers, config, out_cfg)
     stats_path = None if calib is None else str(calib)
-    packs = run_jobs(ckpt, layers, config, stats_path, jobs, backend)
+    if scheduler and backend != "dask":
+        raise ValueError("a scheduler address is for backend 'dask'")
+    packs = run_jobs(ckpt, layers, config, stats_path, jobs, backend, scheduler)
     closing = False  # set once only the temp file's fsync and rename are left
     try:
         with h5file.atomic_file(out_cfg / f"{config.name}.h5") as out:

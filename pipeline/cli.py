@@ -120,7 +120,16 @@ def main() -> None:
     type=click.Choice(["loky", "threading", "sequential", "dask"]),
     default="loky",
     show_default=True,
-    help="joblib backend; 'dask' uses an active dask.distributed Client.",
+    help="Where layers are packed: loky worker processes, threads, one by one, or a dask.distributed "
+    "cluster (see --scheduler).",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="With --backend dask: the scheduler to connect to, e.g. tcp://10.0.0.5:8786. Its workers must see "
+    "the checkpoint (and --calib file) at the same path: a shared filesystem. Without it, a local cluster of "
+    "--jobs worker processes is started.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when a verified bundle already exists.")
 @click.option(
@@ -151,6 +160,7 @@ def build(
     out_dir: str,
     jobs: int | None,
     backend: str,
+    scheduler: str | None,
     force: bool,
     calib: str | None,
     min_sqnr: float | None,
@@ -170,6 +180,8 @@ def build(
     from .build import build_bundle
     from .workers import keep_large_temporaries
 
+    if scheduler and backend != "dask":
+        _fail("--scheduler is for --backend dask: add --backend dask, or drop --scheduler")
     cfg = load_config(config, use_env)
     keep_large_temporaries()  # this process is the CLI's own: tune its allocator for in-process jobs
     if min_sqnr is not None:
@@ -194,7 +206,15 @@ def build(
 
     try:
         result = build_bundle(
-            cfg, checkpoint, out_dir, jobs=jobs, backend=backend, force=force, progress=progress, calib=calib
+            cfg,
+            checkpoint,
+            out_dir,
+            jobs=jobs,
+            backend=backend,
+            force=force,
+            progress=progress,
+            calib=calib,
+            scheduler=scheduler,
         )
     finally:
         if bar is not None:

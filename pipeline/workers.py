@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig
-from duquant_runtime.errors import DuQuantError
 from duquant_runtime.signature import signature_matches, weight_signature
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
@@ -30,7 +29,7 @@ from .methods import handler
 from .pack import pack_layer, readonly_tensor
 from .select import SelectedLayer
 
-# loky: processes (default); threading: one process; dask: a dask.distributed cluster.
+# loky: processes (default); threading: one process; dask: a dask.distributed cluster (dask_backend.py).
 # (joblib's "multiprocessing" backend cannot stream results as they finish.)
 BACKENDS = ("loky", "threading", "sequential", "dask")
 # Statistics may be captured on a model holding a rounded copy (bf16/fp16) of the
@@ -135,23 +134,22 @@ def run_jobs(
     stats_path: str | None,
     jobs: int,
     backend: str,
+    scheduler: str | None = None,
 ) -> Iterator[LayerPack]:
-    """Yield packs as workers finish them (unordered), largest layers first for balance."""
+    """Yield packs as workers finish them (unordered), largest layers first for balance.
+    ``scheduler``: a dask scheduler address (backend "dask"; none: a local cluster)."""
     order = sorted(layers, key=lambda la: -la.out_features * la.in_features)
+    if backend == "dask":
+        from .dask_backend import run_dask
+
+        yield from run_dask(str(ckpt.path), order, config, stats_path, jobs, scheduler)
+        return
     if backend == "sequential" or jobs == 1:
         for layer in order:
             yield pack_job(str(ckpt.path), layer, config, stats_path)
         return
     from joblib import Parallel, delayed, parallel_config
 
-    if backend == "dask":
-        try:
-            import distributed  # noqa: F401  (registers joblib's dask backend)
-        except ImportError:
-            raise DuQuantError(
-                "--backend dask needs dask.distributed: pip install 'duquant-packs[dask]' and start "
-                "a dask.distributed Client (or use the default loky backend)"
-            ) from None
     # loky caps each worker's BLAS threads itself; the threading backend runs in this process,
     # whose torch threads are capped for the pool's life only; dask workers cap their own.
     cap = {"inner_max_num_threads": 1} if backend == "loky" else {}
@@ -168,6 +166,12 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
+def block_ctrl_c() -> None:
+    """Keep SIGINT away from the calling thread (a helper thread's initializer): the kernel
+    then delivers a Ctrl-C to the main thread, the one Python handles it in."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 def _spawn_workers_deaf_to_ctrl_c(jobs: int) -> None:
     """Start the pool's (reusable) workers with SIGINT ignored.
 
@@ -175,18 +179,24 @@ def _spawn_workers_deaf_to_ctrl_c(jobs: int) -> None:
     would each die with a traceback. An ignored disposition survives exec, and Python
     keeps it at startup, so Ctrl-C reaches only this process, whose KeyboardInterrupt
     makes joblib terminate the workers and the build remove its temp file. (A blocked
-    mask would not do: loky clears it when it spawns.) This process's own handler is
-    restored as soon as the workers are forked.
+    mask alone would not do: loky clears it when it spawns.)
+
+    While the workers are forked this thread both blocks and ignores SIGINT: on Linux a
+    blocked signal stays pending even when ignored, so a Ctrl-C pressed in that window is
+    delivered as soon as the handler is restored and the mask lifted — never lost.
+    Helper threads block SIGINT (``block_ctrl_c``), so it cannot land on one of them.
     """
     from joblib import Parallel, delayed
 
     if threading.current_thread() is not threading.main_thread():
         return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # loky forks and execs the workers synchronously while dispatching the first tasks,
-        # so the parent ignores Ctrl-C only for those milliseconds, not while they import.
+        # so the window lasts those milliseconds, not while they import.
         pids = Parallel(n_jobs=jobs, return_as="generator")(delayed(_worker_pid)() for _ in range(jobs))
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     list(pids)

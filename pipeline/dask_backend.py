@@ -1,0 +1,104 @@
+"""Builds on a dask.distributed cluster: a LocalCluster sized to the machine, or an existing
+cluster by scheduler address. Workers open the checkpoint by path (the cluster needs a shared
+filesystem where it has the same path); finished packs stream back to the one writer.
+
+A worker that dies mid-build has its layers rescheduled on the others (dask retries a task
+whose worker died, up to ``distributed.scheduler.allowed-failures`` times); when that is not
+possible the build ends with one sentence and no bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+
+from duquant_runtime.bundle import LayerPack
+from duquant_runtime.config import DuQuantConfig
+from duquant_runtime.errors import DuQuantError
+
+from .checkpoint import CheckpointError
+from .select import SelectedLayer
+from .workers import pack_job
+
+
+class ClusterError(DuQuantError):
+    """The dask cluster cannot be reached, or lost the work."""
+
+
+def _pack_on_worker(ckpt_path: str, layer: SelectedLayer, config: DuQuantConfig, stats_path: str | None) -> LayerPack:
+    for path, what in ((ckpt_path, "checkpoint"), (stats_path, "statistics file")):
+        if path is not None and not os.path.exists(path):
+            raise CheckpointError(
+                f"dask worker on {socket.gethostname()} cannot open the {what} {path}: the cluster's workers need "
+                "a shared filesystem where it has the same path"
+            )
+    return pack_job(ckpt_path, layer, config, stats_path, worker=True)
+
+
+def _client(scheduler: str | None, jobs: int):
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise DuQuantError(
+            "--backend dask needs dask.distributed: pip install 'duquant-packs[dask]' (or use the default loky backend)"
+        ) from None
+    if scheduler:
+        try:
+            return Client(scheduler, timeout=10), None
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"cannot reach the dask scheduler at {scheduler} ({exc}); start one (`dask scheduler`) or drop "
+                "--scheduler to run a local cluster"
+            ) from None
+    cluster = LocalCluster(
+        n_workers=jobs,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    return Client(cluster), cluster
+
+
+def run_dask(
+    ckpt_path: str,
+    order: list[SelectedLayer],
+    config: DuQuantConfig,
+    stats_path: str | None,
+    jobs: int,
+    scheduler: str | None,
+) -> Iterator[LayerPack]:
+    """Yield packs as the cluster finishes them; the local cluster (if any) is closed after."""
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+
+    client, cluster = _client(scheduler, jobs)
+    try:
+        futures = [
+            client.submit(_pack_on_worker, ckpt_path, layer, config, stats_path, pure=False, key=f"pack-{layer.name}")
+            for layer in order
+        ]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except DuQuantError:
+            raise
+        except (FutureCancelledError, OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"the dask cluster lost the build ({type(exc).__name__}: {exc}); no bundle was written"
+            ) from None
+        except Exception as exc:
+            if type(exc).__name__ != "KilledWorker":
+                raise
+            raise ClusterError(
+                f"dask workers died while packing ({exc}); no bundle was written — check the workers' memory "
+                "(each holds one layer's float32 weight and temporaries) or rerun"
+            ) from None
+        finally:
+            client.cancel(futures)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
