@@ -32,7 +32,7 @@ from .output import OutputError, bundle_path, check_space, output_error, output_
 from .pack import pack_layer
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import reader_problems
-from .workers import BACKENDS, block_ctrl_c, run_jobs
+from .workers import BACKENDS, block_ctrl_c, run_jobs, start_pool
 
 Progress = Callable[[int, int, int, int], None]
 
@@ -165,6 +165,7 @@ def build_bundle(
     stats_path = None if calib is None else str(calib)
     if scheduler and backend != "dask":
         raise ValueError("a scheduler address is for backend 'dask'")
+    start_pool(backend, jobs)
     packs = run_jobs(ckpt, layers, config, stats_path, jobs, backend, scheduler)
     closing = False  # set once only the temp file's fsync and rename are left
     try:

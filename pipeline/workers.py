@@ -162,6 +162,18 @@ def run_jobs(
         yield from runner(jobs_)
 
 
+def start_pool(backend: str, jobs: int) -> None:
+    """Start loky's reusable workers now, before the build writes anything: the short window
+    in which this process ignores Ctrl-C then never overlaps the writing of a bundle (``run_jobs``
+    finds the same pool and reuses it)."""
+    if backend != "loky" or jobs == 1:
+        return
+    from joblib import parallel_config
+
+    with parallel_config(backend="loky", n_jobs=jobs, inner_max_num_threads=1):
+        _spawn_workers_deaf_to_ctrl_c(jobs)
+
+
 def _worker_pid() -> int:
     return os.getpid()
 
