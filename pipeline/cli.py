@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,41 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+class _CtrlC:
+    """Ctrl-C during a build: KeyboardInterrupt at once, as usual, and remembered. Python may
+    raise it inside a garbage-collection callback, which swallows it ("Exception ignored");
+    the build's per-layer progress call raises it again, so no Ctrl-C is lost. A process that
+    was started with SIGINT ignored (a background job) keeps ignoring it."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):  # ours is raised again by check()
+            self.hook(unraisable)
+
+    def __enter__(self) -> _CtrlC:
+        self.hook = sys.unraisablehook
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+            sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            sys.unraisablehook = self.hook
 
 
 def load_config(config: str, use_env: bool) -> DuQuantConfig:
@@ -187,9 +223,11 @@ def build(
     if min_sqnr is not None:
         cfg = cfg.replace("quant", min_sqnr_db=min_sqnr)
     bar: tqdm | None = None
+    ctrl_c = _CtrlC()
 
     def progress(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
         nonlocal bar
+        ctrl_c.check()
         if quiet:
             return
         if bar is None:
@@ -205,17 +243,18 @@ def build(
         bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights", refresh=False)
 
     try:
-        result = build_bundle(
-            cfg,
-            checkpoint,
-            out_dir,
-            jobs=jobs,
-            backend=backend,
-            force=force,
-            progress=progress,
-            calib=calib,
-            scheduler=scheduler,
-        )
+        with ctrl_c:
+            result = build_bundle(
+                cfg,
+                checkpoint,
+                out_dir,
+                jobs=jobs,
+                backend=backend,
+                force=force,
+                progress=progress,
+                calib=calib,
+                scheduler=scheduler,
+            )
     finally:
         if bar is not None:
             bar.close()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,16 @@ def start_build_and_wait_for_temp(config: str, ckpt: Path, out: Path, jobs: int)
         str(jobs),
         "-q",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A foreground command: Ctrl-C is SIGINT's default. (Run from a background job of a
+    # non-interactive shell, pytest itself starts with SIGINT ignored, and children inherit that.)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / config).glob(".*.tmp")):
         time.sleep(0.05)
