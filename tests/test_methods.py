@@ -317,3 +317,39 @@ def test_uniform_hadamard_fast_path_matches_the_block_path():
         layer.uniform = frozenset()
         slow = layer(x)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_files_of_0_2_are_still_read(tmp_path):
+    """An unsealed format-1 statistics file (0.2 wrote a percentile dataset too) reads; a
+    damaged byte in it is caught by its per-dataset crc32."""
+    import json
+    import zlib
+
+    import h5py
+    from duquant_runtime.stats import StatsReader
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    arrays = {
+        "absmax": np.abs(x).max(axis=0),
+        "percentile": np.abs(x).max(axis=0) * 0.9,
+        "gram": (x.T @ x / 20)[None].astype(np.float32),
+        "sample": x,
+    }
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="duquant-packs-stats", format_version=1, digest="d" * 64)
+        g = f.create_group("layers/net.fc1")
+        crcs = {k: zlib.crc32(a.tobytes()) for k, a in arrays.items()}
+        g.attrs["meta"] = json.dumps(
+            {"in_features": 8, "tokens": 20, "weight_sum": 0.0, "weight_sumsq": 1.0, "crc32": crcs}
+        )
+        for key, array in arrays.items():
+            g.create_dataset(key, data=array)
+    stats = StatsReader(path).layer("net.fc1")
+    np.testing.assert_array_equal(stats.sample, x)
+    assert stats.tokens == 20 and stats.gram.shape == (1, 8, 8)
+    with h5py.File(path, "r+") as f:
+        f["layers/net.fc1/sample"][0, 0] = 123.0
+    with pytest.raises(StatsError, match="fails its checksum"):
+        StatsReader(path).layer("net.fc1")
