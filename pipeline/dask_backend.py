@@ -71,34 +71,27 @@ def run_dask(
     scheduler: str | None,
 ) -> Iterator[LayerPack]:
     """Yield packs as the cluster finishes them; the local cluster (if any) is closed after."""
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
     from distributed.client import FutureCancelledError
 
     client, cluster = _client(scheduler, jobs)
+    # No explicit keys: dask makes them unique (pure=False), so two builds sharing a cluster
+    # never share a task.
+    futures = [client.submit(_pack_on_worker, ckpt_path, la, config, stats_path, pure=False) for la in order]
     try:
-        futures = [
-            client.submit(_pack_on_worker, ckpt_path, layer, config, stats_path, pure=False, key=f"pack-{layer.name}")
-            for layer in order
-        ]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        except DuQuantError:
-            raise
-        except (FutureCancelledError, OSError, TimeoutError) as exc:
-            raise ClusterError(
-                f"the dask cluster lost the build ({type(exc).__name__}: {exc}); no bundle was written"
-            ) from None
-        except Exception as exc:
-            if type(exc).__name__ != "KilledWorker":
-                raise
-            raise ClusterError(
-                f"dask workers died while packing ({exc}); no bundle was written — check the workers' memory "
-                "(each holds one layer's float32 weight and temporaries) or rerun"
-            ) from None
-        finally:
-            client.cancel(futures)
+        for future in as_completed(futures):
+            yield future.result()
+    except KilledWorker as exc:
+        raise ClusterError(
+            f"dask workers died while packing ({exc}); no bundle was written — check the workers' memory "
+            "(each holds one layer's float32 weight and temporaries) or rerun"
+        ) from None
+    except (FutureCancelledError, OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"the dask cluster lost the build ({type(exc).__name__}: {exc}); no bundle was written"
+        ) from None
     finally:
+        client.cancel(futures)
         client.close()
         if cluster is not None:
             cluster.close()

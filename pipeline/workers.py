@@ -39,7 +39,8 @@ STATS_RTOL = 1e-4
 
 @functools.lru_cache(maxsize=4)
 def _cached_reader(stats_path: str, mtime_ns: int, size: int) -> StatsReader:
-    return StatsReader(stats_path)
+    # The build checked the whole file's seal once; a worker checks only its layers' datasets.
+    return StatsReader(stats_path, whole_file=False)
 
 
 def _stats_reader(stats_path: str) -> StatsReader:
@@ -137,7 +138,8 @@ def run_jobs(
     scheduler: str | None = None,
 ) -> Iterator[LayerPack]:
     """Yield packs as workers finish them (unordered), largest layers first for balance.
-    ``scheduler``: a dask scheduler address (backend "dask"; none: a local cluster)."""
+    ``scheduler``: a dask scheduler address (backend "dask"; none: a local cluster). Call
+    ``start_pool`` first: the loky workers it starts ignore Ctrl-C, and are reused here."""
     order = sorted(layers, key=lambda la: -la.out_features * la.in_features)
     if backend == "dask":
         from .dask_backend import run_dask
@@ -155,8 +157,6 @@ def run_jobs(
     cap = {"inner_max_num_threads": 1} if backend == "loky" else {}
     in_process = backend == "threading"
     with parallel_config(backend=backend, n_jobs=jobs, **cap), _torch_threads(1) if in_process else nullcontext():
-        if backend == "loky":
-            _spawn_workers_deaf_to_ctrl_c(jobs)
         runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
         jobs_ = (delayed(pack_job)(str(ckpt.path), la, config, stats_path, not in_process) for la in order)
         yield from runner(jobs_)

@@ -56,11 +56,6 @@ def diff_fields(bundle: Any, expected: Any, path: str = "") -> list[tuple[str, s
     return []
 
 
-def diff(bundle: Any, expected: Any) -> list[str]:
-    """The lines of ``diff_fields``."""
-    return [line for _, line in diff_fields(bundle, expected)]
-
-
 def diff_sources(bundle_rows: list[list[Any]], live_rows: list[list[Any]]) -> list[str]:
     """Which source tensors differ (by name), for 'built from another checkpoint' messages."""
     have = {r[0]: r for r in bundle_rows}

@@ -206,20 +206,24 @@ def capture_stats(
 
 
 class StatsReader:
-    """Read a statistics file; every failure is one :class:`StatsError` sentence."""
+    """Read a statistics file; every failure is one :class:`StatsError` sentence.
 
-    def __init__(self, path: str | Path) -> None:
+    ``whole_file``: check the seal (a crc32 of every byte) on open, which then vouches for
+    every dataset. Without it (build workers, once the build has checked the seal) each
+    layer's datasets are checked against their own crc32 when read."""
+
+    def __init__(self, path: str | Path, *, whole_file: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise StatsError(f"statistics file not found: {self.path}")
         with self._translated("the statistics file"):
-            self.sealed = h5file.check_seal(self.path, SEAL_MAGIC)
+            self.sealed = h5file.check_seal(self.path, SEAL_MAGIC) if whole_file else False
             with h5py.File(self.path, "r") as f:
                 fmt = h5file.read_attr(f, "format") if "format" in f.attrs else None
                 if fmt != STATS_FORMAT:
                     raise StatsError(f"{self.path} is not a duquant statistics file (format {fmt!r})")
                 version = int(h5file.read_attr(f, "format_version"))
-                if version not in (1, STATS_VERSION) or (version >= 2 and not self.sealed):
+                if version not in (1, STATS_VERSION) or (version >= 2 and whole_file and not self.sealed):
                     raise StatsError(
                         f"{self.path} has statistics format {version}{'' if self.sealed else ' without its seal'}; "
                         f"this tool reads formats 1 and {STATS_VERSION}: {FIX}"
