@@ -25,6 +25,8 @@ from duquant_runtime.config import TransformConfig
 from duquant_runtime.stages import StageSpec
 from duquant_runtime.stats import LayerStats
 
+from . import kernels
+
 Plan = list[tuple[str, torch.Tensor, bool]]
 
 
@@ -45,6 +47,17 @@ class Transform:
 
     def plan(self) -> Plan:
         return [(s.kind, _as_tensor(s.kind, v), False) for s, v in self.stages]
+
+    def runtime_plan(self, dtype: torch.dtype) -> Plan:
+        """The input stages as a loaded layer runs them: values in ``dtype``, uniform rotations
+        flagged for the one-GEMM path."""
+        width = self.w_t.shape[1]
+        plan: Plan = []
+        for s, v in self.stages:
+            t = _as_tensor(s.kind, v)
+            t = t if s.kind == "perm" else t.to(dtype)
+            plan.append((s.kind, t, s.kind == "rotate" and st.is_uniform(t, width)))
+        return plan
 
     def apply_input(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] in the transformed basis, exactly as the runtime computes it."""
@@ -153,15 +166,22 @@ def smoothing_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np
     return _normalized(a**alpha / wmax ** (1.0 - alpha))
 
 
-def equalization_factors(w: np.ndarray, beta: float) -> np.ndarray:
+def column_rms(w: np.ndarray) -> np.ndarray:
+    """rms(W[:, j]) per input column, float64 (what equalization is computed from)."""
+    return np.sqrt(kernels.column_sum_squares(np.ascontiguousarray(w)) / max(1, w.shape[0]))
+
+
+def equalization_factors(w: np.ndarray, beta: float, rms: np.ndarray | None = None) -> np.ndarray:
     """Data-free equalization: s_j = rms(W[:, j])^-β, so W·s has columns of equal size at β = 1.
 
     In trained networks a tiny weight column usually meets a large activation channel (the
     consumer compensates its producer), so x/s shrinks exactly the channels that a rotation
     must not spread; with independent outliers β = 0.5 is the choice that balances weight and
     activation error (Cauchy-Schwarz on ‖x/s‖·‖W·s‖). Build measures which β each layer wants.
+    ``rms``: ``column_rms(w)`` when already known (a build computes it once per layer, and
+    ranks candidates on a sample of rows with the whole weight's factors).
     """
-    rms = np.sqrt(np.mean(np.square(w, dtype=np.float64), axis=0))
+    rms = column_rms(w) if rms is None else rms
     floor = max(float(rms.max()) * 1e-6, 1e-30)  # all-zero columns keep factor ~1
     return _normalized(np.maximum(rms, floor) ** -beta)
 
@@ -174,10 +194,12 @@ def compute_transform(
     rotate: bool = True,
     equalize: float = 0.0,
     smooth: float | None = None,
+    rms: np.ndarray | None = None,
 ) -> Transform:
     """One candidate transform and the weight in its basis: an equalization (data-free
     strength ``equalize``, or SmoothQuant ``smooth``, default the config's smooth_alpha)
-    followed by the config's method, or by nothing when ``rotate`` is False."""
+    followed by the config's method, or by nothing when ``rotate`` is False. ``rms``: the
+    column RMS equalization uses (default: ``w``'s own)."""
     from .methods import handler
 
     method = handler(t.method)
@@ -190,7 +212,7 @@ def compute_transform(
             raise ValueError("SmoothQuant smoothing needs calibration statistics (--calib)")
         s = smoothing_factors(stats.absmax, w, smooth)
     elif equalize > 0:
-        s = equalization_factors(w, equalize)
+        s = equalization_factors(w, equalize, rms)
     if s is not None:
         basis.add("scale", "in_scale", 1.0 / s)
         stats = None if stats is None else stats.scaled(1.0 / s)

@@ -14,7 +14,7 @@ def main() -> None:
         from .cli import main as cli
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
-        if missing not in ("click", "joblib", "tqdm", "safetensors"):
+        if missing not in ("click", "joblib", "tqdm", "safetensors", "numba"):
             raise
         sys.stderr.write(
             f"duquant-packs needs the build extra ({missing} is not installed): pip install 'duquant-packs[build]'\n"

@@ -28,12 +28,19 @@ from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
-from .algorithm import Transform, compute_transform, transformed_hessian
-from .quality import output_sqnr_db, runtime_layer, static_scales, weight_sqnr_db
+from . import kernels
+from .algorithm import Transform, column_rms, compute_transform, transformed_hessian
+from .quality import db, output_sqnr_db, runtime_layer, static_scales, weight_error, weight_sqnr_db
 from .select import SelectedLayer
 from .weightquant import gptq_codes, quantize_weight
 
 FALLBACK_BITS = 8  # quant.min_sqnr_db: layers that cannot reach it are packed at 8 bits
+# Data-free ranking sample: every k-th row, 1/RANK_FRACTION of the rows but at least
+# RANK_MIN_ROWS; layers with fewer than 2·RANK_MIN_ROWS rows are ranked on all of them.
+# (``choose``; README "Quality" gives how often this changes a choice, and by how much.)
+RANK_FRACTION = 8
+RANK_MIN_ROWS = 512
+RANK_MARGIN_DB = 0.5  # the sample's runner-up within this of the leader is packed on all rows too
 
 
 def readonly_tensor(array: np.ndarray) -> torch.Tensor:
@@ -71,10 +78,13 @@ def candidates(t: TransformConfig, calibrated: bool) -> list[Candidate]:
 
 @dataclass
 class Measured:
-    pack: LayerPack
     tr: Transform
+    codes: np.ndarray  # int8 [out, in]
+    scales: np.ndarray  # float32 [out]
+    bits: int
     sqnr: float  # what the choice maximizes: output SQNR with a sample, else weight SQNR
     figures: dict[str, float]
+    pack: LayerPack | None = None  # assembled already when the figures needed the runtime layer
 
 
 class LayerPacker:
@@ -89,13 +99,33 @@ class LayerPacker:
         config: DuQuantConfig,
         stats: LayerStats | None,
         signature: tuple[float, float],
+        rms: np.ndarray | None = None,
     ) -> None:
         self.weight, self.bias, self.layer, self.config, self.stats = weight, bias, layer, config, stats
         self.source_dtype, self.signature = source_dtype, signature
+        self._rms = rms
         # float64 for the seed's bit-exact svd; float32 is exact enough to rank 4-bit errors
         self.w_ref = readonly_tensor(weight).to(torch.float64 if weight.dtype == np.float64 else torch.float32)
         self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
         self.signal = signature[1]  # ‖W‖², the float64 sum of squares the signature already holds
+
+    @property
+    def rms(self) -> np.ndarray:
+        """Column RMS of the weight, for every equalization candidate: computed once."""
+        if self._rms is None:
+            self._rms = column_rms(self.weight)
+        return self._rms
+
+    def row_sample(self) -> LayerPacker:
+        """A packer for every k-th row (at least RANK_MIN_ROWS, 1/RANK_FRACTION of a large layer),
+        with the whole weight's equalization; this packer itself when the layer is small."""
+        rows = self.weight.shape[0]
+        wanted = max(RANK_MIN_ROWS, rows // RANK_FRACTION)
+        if 2 * wanted > rows:
+            return self
+        sample = np.ascontiguousarray(self.weight[:: rows // wanted])
+        signature = weight_signature(readonly_tensor(sample))
+        return LayerPacker(sample, None, self.layer, self.source_dtype, self.config, None, signature, self.rms)
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
         stored = {
@@ -131,7 +161,18 @@ class LayerPacker:
         if self.sample is not None:
             figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
         key = "output_sqnr_db" if self.sample is not None else "weight_sqnr_db"
-        return Measured(pack, tr, figures[key], figures)
+        return Measured(tr, codes, scales, bits, figures[key], figures, pack)
+
+    def measure_weight(
+        self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int, sq_err: float
+    ) -> Measured:
+        """Data-free: the effective weight's SQNR from the codes' error mapped back through the
+        runtime's stages (``quality.weight_error``), without assembling a pack per candidate."""
+        sqnr = db(self.signal, weight_error(tr, codes, scales, sq_err))
+        return Measured(tr, codes, scales, bits, sqnr, {"weight_sqnr_db": sqnr})
+
+    def finished(self, m: Measured) -> LayerPack:
+        return m.pack if m.pack is not None else self.assemble(m.tr, m.codes, m.scales, m.bits)
 
     def hessian(self, tr: Transform) -> torch.Tensor | None:
         return None if self.stats is None else transformed_hessian(tr, self.stats.hessian())
@@ -144,13 +185,17 @@ class LayerPacker:
             rotate=cand.rotate,
             equalize=cand.equalize,
             smooth=cand.smooth,
+            rms=self.rms if cand.equalize else None,
         )
         return self.quantized(tr, bits)
 
     def quantized(self, tr: Transform, bits: int) -> Measured:
         """The transform's weight quantized at ``bits`` (scale search, RTN codes), measured."""
         w_t = torch.from_numpy(np.ascontiguousarray(tr.w_t))
-        codes, scales, _ = quantize_weight(w_t, bits, search=self.config.quant.weight_search, hessian=self.hessian(tr))
+        search = self.config.quant.weight_search
+        codes, scales, sq_err = quantize_weight(w_t, bits, search=search, hessian=self.hessian(tr))
+        if self.stats is None:
+            return self.measure_weight(tr, codes, scales, bits, sq_err)
         return self.measure(tr, codes, scales, bits)
 
     def with_gptq(self, best: Measured, bits: int) -> Measured:
@@ -160,22 +205,55 @@ class LayerPacker:
         assert hessian is not None  # checked before the build starts
         codes = gptq_codes(
             torch.from_numpy(best.tr.w_t).double(),
-            torch.from_numpy(best.pack.w_scale).double(),
+            torch.from_numpy(best.scales).double(),
             bits,
             hessian,
             q.gptq_damp,
         ).numpy()
-        refined = self.measure(best.tr, codes, best.pack.w_scale, bits)
+        refined = self.measure(best.tr, codes, best.scales, bits)
         return refined if refined.sqnr > best.sqnr or self.sample is None else best
 
     def rtn_figures(self) -> dict[str, float]:
         """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""
         w = self.w_ref
         q = 2 ** (self.layer.bits - 1) - 1
+        if self.stats is None:  # the weight figure alone: one fused pass, no codes kept
+            return {"rtn_weight_sqnr_db": db(self.signal, kernels.absmax_rtn_error(w.numpy(), q))}
         scale = (w.abs().amax(dim=1, keepdim=True) / q).clamp_min(1e-10).float().to(w.dtype)
         codes = torch.clamp(torch.round(w / scale), -q - 1, q).to(torch.int8).numpy()
         m = self.measure(Transform(w_t=w.numpy()), codes, scale[:, 0].float().numpy(), self.layer.bits)
         return {f"rtn_{k}": v for k, v in m.figures.items()}
+
+
+def choose(packer: LayerPacker, options: list[Candidate], bits: int, data_free: bool) -> tuple[Measured, int]:
+    """The best candidate, measured on the whole layer, and its index (ties keep the first).
+
+    Data-free candidates are first ranked on a sample of rows (``row_sample``): a row's error
+    depends only on that row and the transform, and the transform is the one of the whole
+    layer. The leader is then packed on all rows, and so is the runner-up when the sample
+    puts it within RANK_MARGIN_DB, so a near tie is settled on the whole weight.
+    """
+    ranker = packer.row_sample() if data_free and len(options) > 1 else packer
+    best: Measured | None = None
+    best_index, scores = 0, []
+    for index, option in enumerate(options):  # only the best so far is kept: one layer's temporaries at a time
+        m = ranker.candidate(option, bits)
+        scores.append(m.sqnr)
+        if best is None or m.sqnr > best.sqnr:
+            best, best_index = m, index
+        del m
+    assert best is not None
+    if ranker is packer:
+        return best, best_index
+    order = sorted(range(len(options)), key=lambda i: -scores[i])
+    finalists = sorted(i for i in order[:2] if scores[best_index] - scores[i] < RANK_MARGIN_DB)
+    best = None
+    for index in finalists:
+        m = packer.candidate(options[index], bits)
+        if best is None or m.sqnr > best.sqnr:
+            best, best_index = m, index
+    assert best is not None
+    return best, best_index
 
 
 def pack_layer(
@@ -194,12 +272,7 @@ def pack_layer(
     packer = LayerPacker(weight, bias, layer, source_dtype, config, stats, signature)
     bits = layer.bits
     options = candidates(config.transform, stats is not None)
-    best, best_index = packer.candidate(options[0], bits), 0
-    for index in range(1, len(options)):  # only the best so far is kept: one layer's temporaries at a time
-        m = packer.candidate(options[index], bits)
-        if m.sqnr > best.sqnr:
-            best, best_index = m, index
-        del m
+    best, best_index = choose(packer, options, bits, stats is None)
     q = config.quant
     choice = options[best_index].label(config.transform.method)
     if q.gptq:
@@ -212,7 +285,7 @@ def pack_layer(
         if q.gptq:
             best = packer.with_gptq(best, bits)
         choice += f"+w{bits}"
-    pack = best.pack
+    pack = packer.finished(best)
     figures = dict(best.figures)
     if config.per_layer_choice or q.min_sqnr_db > 0:
         figures.update(packer.rtn_figures())

@@ -16,9 +16,13 @@ import math
 
 import numpy as np
 import torch
+from duquant_runtime import stages as st
 from duquant_runtime.actquant import StaticScaleObserver
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear
+
+from . import kernels
+from .algorithm import Transform
 
 CHUNK = 1 << 20  # elements per step: temporaries stay cache-sized, no full float64 copies
 
@@ -35,13 +39,38 @@ def _sum_squares(x: torch.Tensor, y: torch.Tensor | None = None) -> float:
     return total
 
 
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor, signal: float | None = None) -> float:
-    """10·log10(‖ref‖² / ‖ref - approx‖²); +inf for an exact match. ``signal`` = ‖ref‖² when known."""
-    signal = _sum_squares(reference) if signal is None else signal
-    noise = _sum_squares(reference, approx)
+def db(signal: float, noise: float) -> float:
+    """10·log10(signal / noise); +inf for no noise."""
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(max(signal, 1e-300) / noise)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor, signal: float | None = None) -> float:
+    """10·log10(‖ref‖² / ‖ref - approx‖²); +inf for an exact match. ``signal`` = ‖ref‖² when known."""
+    signal = _sum_squares(reference) if signal is None else signal
+    return db(signal, _sum_squares(reference, approx))
+
+
+def weight_error(tr: Transform, codes: np.ndarray, scales: np.ndarray, transformed_error: float) -> float:
+    """‖W_eff - W‖² for the effective weight W_eff = (codes·s)·Tᵀ, given the transformed-basis
+    error ‖codes·s - W_t‖². The map back is linear, so W_eff - W = (codes·s - W_t)·Tᵀ up to
+    the float rounding of W = W_t·Tᵀ (~1e-7, far below a 4-bit step): the error rows go
+    through the runtime's ``weight_from_basis`` in cache-sized chunks. Permutations and
+    rotations keep norms, so only a transform with a scale stage pays for the mapping."""
+    if all(s.kind in ("perm", "rotate") for s, _ in tr.stages):
+        return transformed_error
+    w_t = np.ascontiguousarray(tr.w_t)
+    plan = tr.runtime_plan(torch.from_numpy(w_t[:0]).dtype)
+    s = scales.astype(w_t.dtype)
+    step = max(1, CHUNK // max(1, w_t.shape[1]))
+    buffer = np.empty((min(step, w_t.shape[0]), w_t.shape[1]), dtype=w_t.dtype)
+    total = 0.0
+    for start in range(0, w_t.shape[0], step):
+        stop = min(start + step, w_t.shape[0])
+        e_t = kernels.dequantized_error(w_t[start:stop], codes[start:stop], s[start:stop], buffer[: stop - start])
+        total += kernels.sum_squares(st.weight_from_basis(plan, torch.from_numpy(e_t)).numpy())
+    return total
 
 
 def runtime_layer(pack: LayerPack, act_bits: int, act_mode: str, dtype: torch.dtype) -> DuQuantLinear:

@@ -14,33 +14,26 @@ Three steps, each optional beyond the first:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from duquant_runtime.packing import qmax
+
+from . import kernels
 
 SEED_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
 # "mse": clip ratios 1.0 .. 0.6 in steps of 0.1, then +-0.025 and +-0.05 around the best:
 # the same answer as a 0.025 grid on these unimodal curves at 9 passes instead of 17.
 MSE_COARSE = (1.0, 0.9, 0.8, 0.7, 0.6)
 MSE_REFINE = (-0.05, -0.025, 0.025, 0.05)
+MSE_COARSE_F32 = np.array(MSE_COARSE, dtype=np.float32)
+MSE_REFINE_F32 = np.array(MSE_REFINE, dtype=np.float32)
 # Scale floor: an all-zero row gets this scale and all-zero codes, never a division by 0.
 SCALE_FLOOR = 1e-10
-ROW_CHUNK = 256  # rows per step of a search: temporaries stay cache-sized
+ROW_CHUNK = 256  # rows per step of the seed's search: temporaries stay cache-sized
 
 
 def _row_error(rows: torch.Tensor, s: torch.Tensor, q: int) -> torch.Tensor:
     return (rows / s[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows).square_().sum(dim=1)
-
-
-def _row_error_fast(rows: torch.Tensor, s: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
-    """_row_error with a multiply by 1/s (a division costs several multiplies); the codes it
-    implies can differ from rows/s only on exact .5 ties, so it only ranks candidates."""
-    diff = torch.mul(rows, (1.0 / s)[:, None]).round_().clamp_(-q - 1, q).mul_(s[:, None]).sub_(rows)
-    if cw is None:
-        return torch.linalg.vector_norm(diff, dim=1).square_()
-    return diff.square_().mul_(cw).sum(dim=1)
 
 
 def _seed_alpha_scales(rows: torch.Tensor, q: int) -> torch.Tensor:
@@ -57,45 +50,33 @@ def _seed_alpha_scales(rows: torch.Tensor, q: int) -> torch.Tensor:
     return best_s
 
 
-def _mse_scales(rows: torch.Tensor, q: int, cw: torch.Tensor | None) -> torch.Tensor:
-    """Clip ratio per row minimizing the (channel-weighted) squared error, in float32."""
-    rows = rows.float()
-    cw = None if cw is None else cw.float()
-    peak = rows.abs().amax(dim=1)
-    best_err = torch.full_like(peak, float("inf"))
-    best_clip = torch.ones_like(peak)
-
-    def consider(clip: torch.Tensor) -> None:
-        nonlocal best_err, best_clip
-        err = _row_error_fast(rows, (peak * clip / q).clamp_min(SCALE_FLOOR), q, cw)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_clip = torch.where(better, clip, best_clip)
-
-    for clip in MSE_COARSE:
-        consider(torch.full_like(peak, clip))
-    center = best_clip.clone()
-    for delta in MSE_REFINE:
-        consider((center + delta).clamp(0.05, 1.0))
-    return (peak * best_clip / q).clamp_min(SCALE_FLOOR).double()
-
-
 def _search(
     w_t: torch.Tensor, bits: int, search: str, channel_weight: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Scales, RTN codes and the unweighted squared weight error, chunk by chunk: each
-    chunk's codes are computed while its rows are still in cache."""
+    """Scales (float64 holding float32 values), RTN codes and the unweighted squared weight
+    error. "mse" runs the fused per-row loops of ``kernels.py`` on a float32 copy for the
+    ranking; codes divide in ``w_t``'s own precision."""
     q = qmax(bits)
+    if search == "alpha":
+        return _seed_search(w_t, q)
+    w32 = np.ascontiguousarray(w_t.numpy(), dtype=np.float32)
+    cw = np.empty(0, np.float32) if channel_weight is None else channel_weight.numpy().astype(np.float32)
+    scales32 = kernels.mse_scales(w32, q, MSE_COARSE_F32, MSE_REFINE_F32, cw)
+    codes = np.empty(w_t.shape, dtype=np.int8)
+    rows = np.ascontiguousarray(w_t.numpy())
+    row_err = kernels.round_codes(rows, scales32.astype(rows.dtype), q, codes)
+    return torch.from_numpy(scales32).double(), torch.from_numpy(codes), float(row_err.sum())
+
+
+def _seed_search(w_t: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The seed's "alpha" search in float64, chunk by chunk: each chunk's codes are computed
+    while its rows are still in cache."""
     scales = torch.empty(w_t.shape[0], dtype=torch.float64)
     codes = torch.empty(w_t.shape, dtype=torch.int8)
     sq_err = 0.0
-    cw = None if channel_weight is None else channel_weight.double()[None, :]
     for start in range(0, w_t.shape[0], ROW_CHUNK):
         rows = w_t[start : start + ROW_CHUNK]
-        if search == "alpha":
-            s = _seed_alpha_scales(rows.double(), q)  # bit for bit the seed's, in float64
-        else:
-            s = _mse_scales(rows, q, cw).float().double()
+        s = _seed_alpha_scales(rows.double(), q)  # bit for bit the seed's, in float64
         s_rows = s.to(rows.dtype)[:, None]
         c = (rows / s_rows).round_().clamp_(-q - 1, q)
         sq_err += float(c.mul(s_rows).sub_(rows).square_().sum())
@@ -148,8 +129,9 @@ def quantize_weight(
     gptq: bool = False,
     damp: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(codes int8 [out, in], scales float32 [out], weight SQNR dB) for the transformed
-    weight ``w_t`` (float64 for the seed's bit-exact search, float32 is enough otherwise).
+    """(codes int8 [out, in], scales float32 [out], Σ (codes·scale - w_t)²) for the
+    transformed weight ``w_t`` (float64 for the seed's bit-exact search, float32 is enough
+    otherwise).
 
     ``hessian`` (transformed-basis XᵀX) makes the search activation-aware via its diagonal
     and is what GPTQ compensates with.
@@ -161,7 +143,4 @@ def quantize_weight(
             raise ValueError("GPTQ needs the input second-moment matrix (calibration statistics)")
         codes = gptq_codes(w_t.double(), scales, bits, hessian, damp)
         sq_err = float((codes.double() * scales[:, None] - w_t.double()).square().sum())
-    flat = w_t.reshape(-1)
-    signal = float(torch.dot(flat, flat)) if w_t.numel() else 0.0
-    sqnr = 10.0 * math.log10(max(signal, 1e-300) / sq_err) if sq_err > 0 else math.inf
-    return codes.numpy(), scales.float().numpy(), sqnr
+    return codes.numpy(), scales.float().numpy(), sq_err

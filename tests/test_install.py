@@ -1,6 +1,6 @@
 """The slim runtime: ``duquant_runtime`` loads a bundle with only torch, numpy and h5py.
 
-The child process makes click, joblib, tqdm and safetensors (the ``[build]`` extra) and the
+The child process makes click, joblib, tqdm, safetensors and numba (the ``[build]`` extra) and the
 pipeline unimportable, then loads a bundle onto a model and runs it.
 """
 
@@ -16,7 +16,7 @@ from conftest import outlier_weight, write_checkpoint
 from duquant_pipeline.build import build_bundle
 from duquant_runtime.config import from_dict
 
-BLOCKED = ("click", "joblib", "tqdm", "safetensors", "duquant_pipeline", "loky", "distributed", "dask")
+BLOCKED = ("click", "joblib", "tqdm", "safetensors", "numba", "duquant_pipeline", "loky", "distributed", "dask")
 
 CHILD = textwrap.dedent(
     """

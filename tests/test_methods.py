@@ -353,3 +353,45 @@ def test_statistics_files_of_0_2_are_still_read(tmp_path):
         f["layers/net.fc1/sample"][0, 0] = 123.0
     with pytest.raises(StatsError, match="fails its checksum"):
         StatsReader(path).layer("net.fc1")
+
+
+def _reference_mse_scale(row: np.ndarray, cw: np.ndarray, q: int = 7) -> tuple[float, float]:
+    """The "mse" search as a plain loop (README "Weights"): clip ratios 1.0 .. 0.6, then
+    +-0.025 and +-0.05 around the best, error Σ cw (Q(x) - x)² in float64. Returns
+    (the best error, the error at the ratio this loop picks)."""
+
+    def err(clip: float) -> float:
+        s = max(float(np.float32(np.abs(row).max() * np.float32(clip) / np.float32(q))), 1e-10)
+        deq = np.clip(np.round(row / s), -q - 1, q) * s
+        return float(np.sum(cw * (deq - row) ** 2))
+
+    coarse = [1.0, 0.9, 0.8, 0.7, 0.6]
+    best = min(coarse, key=err)
+    pool = coarse + [min(max(best + d, 0.05), 1.0) for d in (-0.05, -0.025, 0.025, 0.05)]
+    return min(err(c) for c in pool), err(best)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_search_follows_the_reference_loop(weighted):
+    """The fused search picks, per row, a scale whose error is the reference loop's best (to
+    float32 ranking precision); codes are the exact division's; an all-zero row gets the floor."""
+    rng = np.random.default_rng(3)
+    w = outlier_weight(rng, 40, 96).astype(np.float32)
+    w[7] = 0.0
+    cw = rng.uniform(0.1, 10, 96) if weighted else np.ones(96)
+    s = scales_of(torch.from_numpy(w), "mse", torch.from_numpy(cw) if weighted else None).numpy()
+    codes, scales, sq_err = quantize_weight(
+        torch.from_numpy(w), 4, search="mse", hessian=torch.diag(torch.from_numpy(cw)) if weighted else None
+    )
+    assert np.array_equal(scales, s.astype(np.float32))
+    for r in range(w.shape[0]):
+        if r == 7:
+            assert s[r] == np.float32(1e-10) and not codes[r].any()
+            continue
+        row = w[r].astype(np.float64)
+        best, _ = _reference_mse_scale(row, cw)
+        got = float(np.sum(cw * (np.clip(np.round(row / s[r]), -8, 7) * s[r] - row) ** 2))
+        assert got <= best * (1 + 1e-5), (r, got, best)
+    assert np.array_equal(codes, rtn(torch.from_numpy(w), torch.from_numpy(scales)).numpy())
+    want = float(np.sum((codes.astype(np.float64) * scales[:, None] - w.astype(np.float64)) ** 2))
+    assert sq_err == pytest.approx(want, rel=1e-6)  # differences rounded in float32, like the search

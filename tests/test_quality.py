@@ -16,7 +16,8 @@ from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.cli import main
 from duquant_pipeline.fingerprints import fingerprint_document
-from duquant_pipeline.pack import LayerPacker, candidates, pack_layer
+from duquant_pipeline.pack import RANK_MARGIN_DB, RANK_MIN_ROWS, LayerPacker, candidates, pack_layer
+from duquant_pipeline.quality import runtime_layer, weight_sqnr_db
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import DuQuantLinear, load_bundle
 from duquant_runtime.bundle import BundleReader
@@ -121,7 +122,7 @@ def test_format2_forward_matches_the_reference(storage):
     seen = set()
     for cand in candidates(config.transform, calibrated=False):
         packer = LayerPacker(w.astype(np.float32), None, selected(w), "F32", config, None, signature(w))
-        pack = packer.candidate(cand, 4).pack
+        pack = packer.finished(packer.candidate(cand, 4))
         seen.add((pack.array("r_in") is None, pack.array("in_scale") is None))
         w_t = unpack_int4(pack.qweight, 100) * pack.w_scale.astype(np.float64)[:, None]
         want = reference_forward(
@@ -312,3 +313,34 @@ def test_default_beats_rtn_on_real_pretrained_weights(tmp_path):
     rtn = np.array(list(per_layer_sqnr(swap(model, names, RTNLinear), names, inputs, reference).values()))
     assert ours.mean() >= rtn.mean() + 2.0, (ours.mean(), rtn.mean())
     assert ours.min() >= rtn.min(), (ours.min(), rtn.min())
+
+
+def test_data_free_figures_equal_the_runtime_layer_ones():
+    """The figure a candidate is ranked by (its codes' error mapped back through the stages)
+    is the weight SQNR of the layer as loaded, for every candidate kind."""
+    rng = np.random.default_rng(8)
+    w, _, _ = coupled_layer(rng, out=48, inp=128, tokens=8)
+    w = w.astype(np.float32)
+    config = DEFAULT.replace("transform", block_size=32)
+    for cand in candidates(config.transform, calibrated=False):
+        packer = LayerPacker(w, None, selected(w), "F32", config, None, signature(w))
+        m = packer.candidate(cand, 4)
+        loaded = runtime_layer(packer.finished(m), 8, "per_token_dynamic", torch.float64)
+        want = weight_sqnr_db(loaded, torch.from_numpy(w).double())
+        assert m.sqnr == pytest.approx(want, abs=1e-4), cand
+
+
+def test_ranking_on_a_row_sample_keeps_a_full_layer_choice():
+    """A layer large enough to be ranked on a sample of its rows: the kept candidate is within
+    RANK_MARGIN_DB of the best one measured on all rows, and its record is its all-rows figure."""
+    rng = np.random.default_rng(9)
+    w, _, _ = coupled_layer(rng, out=2 * RANK_MIN_ROWS + 40, inp=128, tokens=8)
+    w = w.astype(np.float32)
+    config = DEFAULT.replace("transform", block_size=32)
+    packer = LayerPacker(w, None, selected(w), "F32", config, None, signature(w))
+    assert packer.row_sample() is not packer
+    full = {c.label("hadamard"): packer.candidate(c, 4).sqnr for c in candidates(config.transform, False)}
+    pack = pack_layer(w, None, selected(w), "F32", config)
+    assert pack.choice in full
+    assert full[pack.choice] >= max(full.values()) - RANK_MARGIN_DB
+    assert pack.quality["weight_sqnr_db"] == pytest.approx(full[pack.choice], abs=1e-3)
