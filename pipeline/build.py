@@ -47,6 +47,21 @@ class BuildResult:
     weight_bytes: int
 
 
+# Below this many selected weights a pool's start-up (worker processes importing torch and
+# loading the compiled kernels, ~2 s here) costs more than a second core saves: on 2 cores
+# the in-process build was faster at 7 M, 30 M and 114 M weights and the pool at 2.7 G
+# (README "Build speed"); the linear fit of those runs crosses at ~240 M.
+POOL_MIN_WEIGHTS = 250_000_000
+
+
+def default_jobs(layers: list[SelectedLayer], backend: str) -> int:
+    """--jobs when not given: in-process for small selections, else one worker per core."""
+    cores = os.cpu_count() or 1
+    if backend == "dask":
+        return cores
+    return 1 if sum(la.out_features * la.in_features for la in layers) < POOL_MIN_WEIGHTS else cores
+
+
 def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str | Path | None) -> str | None:
     """Refuse, before any work, a config that needs statistics without them, or statistics
     that do not cover the selection; returns the statistics digest for the fingerprint."""
@@ -137,12 +152,12 @@ def build_bundle(
     called as layers finish.
     """
     start = time.perf_counter()
-    jobs = jobs or os.cpu_count() or 1
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check(config)
     ckpt = Checkpoint.open(checkpoint)
     layers = select_layers(config, ckpt)
+    jobs = jobs or default_jobs(layers, backend)
     stats_digest = _check_calib(config, layers, calib)
     total_bytes = sum(la.weight_bytes for la in layers)
     out_cfg = Path(out_dir) / config.name

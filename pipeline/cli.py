@@ -149,7 +149,12 @@ def main() -> None:
     help="Bundles go to OUT/<config name>/<name>-<fp12>.h5.",
 )
 @click.option(
-    "--jobs", "-j", type=click.IntRange(min=1), default=None, help="Parallel workers (default: the number of cores)."
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Parallel workers (default: in-process below 250 M selected weights, where starting "
+    "workers costs more than it saves; else the number of cores).",
 )
 @click.option(
     "--backend",
@@ -463,19 +468,25 @@ def configs() -> None:
 @main.command("demo-checkpoint")
 @click.option("--out", "out_dir", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--full-size", is_flag=True, help="Real pi0.5 widths (~6.5 GB bf16), streamed tensor by tensor.")
+@click.option(
+    "--size",
+    type=click.Choice(["small", "demo", "mid", "full"]),
+    default=None,
+    help="Widths for benchmarks: full_w4a8 selects ~7 M (small), ~30 M (demo, the default), ~114 M (mid) "
+    "or ~2.7 G (full, same as --full-size) weights.",
+)
 @click.option("--dtype", type=click.Choice(["BF16", "F32"]), default="BF16", show_default=True)
 @friendly
-def demo_checkpoint(out_dir: str, full_size: bool, dtype: str) -> None:
+def demo_checkpoint(out_dir: str, full_size: bool, size: str | None, dtype: str) -> None:
     """Write the deterministic pi0.5-shaped demo checkpoint (kept if already there)."""
     from tqdm import tqdm
 
-    from .demo import DEMO, FULL, tensor_specs, write_demo_checkpoint
+    from .demo import SIZES, tensor_specs, write_demo_checkpoint
 
-    n = len(tensor_specs(FULL if full_size else DEMO))
-    with tqdm(total=n, unit="tensor", desc="demo checkpoint", file=sys.stderr, disable=not full_size) as bar:
-        path = write_demo_checkpoint(
-            out_dir, full_size=full_size, dtype=dtype, on_tensor=lambda name, nbytes: bar.update(1)
-        )
+    size = size or ("full" if full_size else "demo")
+    n = len(tensor_specs(SIZES[size]))
+    with tqdm(total=n, unit="tensor", desc="demo checkpoint", file=sys.stderr, disable=size != "full") as bar:
+        path = write_demo_checkpoint(out_dir, size=size, dtype=dtype, on_tensor=lambda name, nbytes: bar.update(1))
     click.echo(str(path))
 
 

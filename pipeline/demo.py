@@ -70,6 +70,14 @@ FULL = Pi05Dims(2048, 8, 256, 1, 16384, 257152, 1024, 8, 256, 1, 4096, 1152, 16,
 # Reduced widths, same depths and head structure; 152 and 600 are not multiples of 16
 # (like SigLIP's 4304 is not a multiple of 64), so short last blocks are always exercised.
 DEMO = Pi05Dims(256, 4, 64, 1, 1024, 1024, 128, 4, 64, 1, 512, 152, 4, 600)
+# Benchmark sizes (full_w4a8 selects ~7 M, ~30 M, ~114 M and ~2.7 G weights): how builds
+# and loads scale from the demo to the real model.
+SIZES = {
+    "small": Pi05Dims(128, 2, 64, 1, 512, 1024, 64, 2, 32, 1, 256, 76, 2, 300),
+    "demo": DEMO,
+    "mid": Pi05Dims(512, 8, 64, 1, 2048, 4096, 256, 4, 64, 1, 1024, 304, 4, 1200),
+    "full": FULL,
+}
 
 
 def tensor_specs(d: Pi05Dims) -> list[tuple[str, tuple[int, ...]]]:
@@ -243,9 +251,11 @@ def write_demo_checkpoint(
     full_size: bool = False,
     dtype: str = "BF16",
     on_tensor: Callable[[str, int], None] | None = None,
+    size: str | None = None,
 ) -> Path:
-    """Write ``out_dir/model.safetensors``; an identical existing file is kept as is."""
-    dims = FULL if full_size else DEMO
+    """Write ``out_dir/model.safetensors``; an identical existing file is kept as is.
+    ``size``: one of SIZES (default "demo", or "full" with ``full_size``)."""
+    dims = SIZES[size or ("full" if full_size else "demo")]
     path = Path(out_dir) / MODEL_NAME
     metadata = {
         "format": "pt",

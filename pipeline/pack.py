@@ -100,10 +100,12 @@ class LayerPacker:
         stats: LayerStats | None,
         signature: tuple[float, float],
         rms: np.ndarray | None = None,
+        source_bits: int | None = None,
     ) -> None:
         self.weight, self.bias, self.layer, self.config, self.stats = weight, bias, layer, config, stats
         self.source_dtype, self.signature = source_dtype, signature
         self._rms = rms
+        self.source_bits = source_bits
         # float64 for the seed's bit-exact svd; float32 is exact enough to rank 4-bit errors
         self.w_ref = readonly_tensor(weight).to(torch.float64 if weight.dtype == np.float64 else torch.float32)
         self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
@@ -143,6 +145,7 @@ class LayerPacker:
             source_dtype=self.source_dtype,
             source_sum=self.signature[0],
             source_sumsq=self.signature[1],
+            source_bits=self.source_bits,
             stages=tuple(s for s, _ in tr.stages),
             out_stages=tuple(s for s, _ in tr.out_stages),
             stage_values=stored,
@@ -264,12 +267,15 @@ def pack_layer(
     config: DuQuantConfig,
     stats: LayerStats | None = None,
     signature: tuple[float, float] | None = None,
+    *,
+    source_bits: int | None = None,
 ) -> LayerPack:
     """One layer's pack from its weight (float64 for svd, float32 otherwise): the kept
     candidate transform, its codes and scales, static activation scales (static act_mode
-    with statistics) and the quality record."""
+    with statistics) and the quality record. ``source_bits``: ``bits_digest`` of the stored
+    source tensor, which loads check live weights of the source's dtype against."""
     signature = signature or weight_signature(readonly_tensor(weight))
-    packer = LayerPacker(weight, bias, layer, source_dtype, config, stats, signature)
+    packer = LayerPacker(weight, bias, layer, source_dtype, config, stats, signature, source_bits=source_bits)
     bits = layer.bits
     options = candidates(config.transform, stats is not None)
     best, best_index = choose(packer, options, bits, stats is None)

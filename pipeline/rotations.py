@@ -7,18 +7,22 @@ gets a true r x r rotation and is identity-padded, like the svd method's.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
 
+@functools.lru_cache(maxsize=16)
 def sylvester_hadamard(b: int) -> np.ndarray:
-    """The normalized b x b Hadamard matrix (b a power of two)."""
+    """The normalized b x b Hadamard matrix (b a power of two); read-only, built once per size."""
     h = np.ones((1, 1))
     while h.shape[0] < b:
         h = np.block([[h, h], [h, -h]])
-    return h / math.sqrt(b)
+    h = h / math.sqrt(b)
+    h.flags.writeable = False
+    return h
 
 
 def dct_matrix(r: int) -> np.ndarray:

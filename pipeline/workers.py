@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig
-from duquant_runtime.signature import signature_matches, weight_signature
+from duquant_runtime.signature import bits_digest, signature_matches, weight_signature
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
 from .checkpoint import Checkpoint, CheckpointError
@@ -64,6 +64,21 @@ def _layer_stats(stats_path: str, layer: SelectedLayer, signature: tuple[float, 
     return reader.layer(layer.name)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_checkpoint(ckpt_path: str, mtime_ns: int, size: int) -> Checkpoint:
+    return Checkpoint.open(ckpt_path)
+
+
+def _checkpoint(ckpt_path: str) -> Checkpoint:
+    """One parsed checkpoint (its header: ~2 ms for pi0.5's 800 tensors) per process, not one
+    per layer; keyed on the path's mtime and size, so a rewritten checkpoint is read again."""
+    try:
+        st = os.stat(ckpt_path)
+    except OSError:
+        return Checkpoint.open(ckpt_path)  # says what is wrong with the path
+    return _cached_checkpoint(ckpt_path, st.st_mtime_ns, st.st_size)
+
+
 @functools.cache
 def keep_large_temporaries() -> None:
     """Ask glibc to keep freed large blocks in the heap (once per process).
@@ -83,6 +98,22 @@ def keep_large_temporaries() -> None:
     libc.mallopt(m_top_pad, 256 << 20)
 
 
+@functools.cache
+def _no_loky_leak_restarts() -> None:
+    """Stop loky from replacing this worker as "leaking" (once per process).
+
+    With psutil installed, loky restarts a worker whose RSS grew 300 MB past its size after
+    its first task; the heap that ``keep_large_temporaries`` keeps on purpose always does,
+    so every large layer cost a worker restart (imports, compiled kernels): 47 s -> 73 s for
+    the full-size build. The limit is a module global that the worker reads after each task.
+    """
+    try:
+        from joblib.externals.loky import process_executor
+    except ImportError:
+        return
+    process_executor._MAX_MEMORY_LEAK_SIZE = 1 << 62
+
+
 def pack_job(
     ckpt_path: str,
     layer: SelectedLayer,
@@ -99,11 +130,13 @@ def pack_job(
     if worker:
         torch.set_num_threads(1)
         keep_large_temporaries()
-    ckpt = Checkpoint.open(ckpt_path)
+        _no_loky_leak_restarts()
+    ckpt = _checkpoint(ckpt_path)
     # A float64 method (the seed's svd reproduces its float64 numbers) reads float64; the
     # others float32, which holds bf16/fp16/fp32 sources exactly.
     exact64 = handler(config.transform.method).dtype == torch.float64 or layer.dtype == "F64"
-    weight = ckpt.read(layer.weight, np.float64 if exact64 else np.float32)
+    raw = ckpt.raw(layer.weight)  # selection keeps floating tensors only
+    weight = raw.to(torch.float64 if exact64 else torch.float32).numpy()
     if not np.isfinite(weight).all():
         bad = int((~np.isfinite(weight)).sum())
         raise CheckpointError(
@@ -114,7 +147,8 @@ def pack_job(
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
     signature = weight_signature(readonly_tensor(weight))
     stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
-    return pack_layer(weight, bias, layer, ckpt.tensors[layer.weight].dtype, config, stats, signature)
+    dtype = ckpt.tensors[layer.weight].dtype
+    return pack_layer(weight, bias, layer, dtype, config, stats, signature, source_bits=bits_digest(raw))
 
 
 @contextlib.contextmanager

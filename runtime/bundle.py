@@ -8,6 +8,7 @@ present, and is still read)::
     /layers/<module>    attr meta (JSON): in_features, out_features, weight_bits, storage,
                                block_size, block_out_size, source_dtype,
                                source_sum, source_sumsq (float64 signature of the weight),
+                               source_bits (int64 sum of its raw bytes; from 0.4),
                                crc32 {dataset: crc32 of its bytes},
                                choice (the candidate transform build kept, e.g.
                                "hadamard+eq1.0", "rtn"), quality (its measured SQNR)
@@ -85,6 +86,7 @@ class LayerPack:
     source_sum: float
     source_sumsq: float
     stages: tuple[StageSpec, ...] = ()
+    source_bits: int | None = None  # signature.bits_digest of the source tensor (absent before 0.4)
     out_stages: tuple[StageSpec, ...] = ()
     stage_values: dict[str, np.ndarray] = field(default_factory=dict)
     act_scale: np.ndarray | None = None
@@ -184,6 +186,7 @@ def write_layer(f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndar
         "source_dtype": pack.source_dtype,
         "source_sum": float(pack.source_sum),
         "source_sumsq": float(pack.source_sumsq),
+        **({} if pack.source_bits is None else {"source_bits": int(pack.source_bits)}),
         "stages": [[s.kind, s.key] for s in pack.stages],
         "out_stages": [[s.kind, s.key] for s in pack.out_stages],
         "crc32": {k: crc32(a) for k, a in arrays.items()},
@@ -411,6 +414,7 @@ class BundleReader:
                 source_dtype=str(meta["source_dtype"]),
                 source_sum=float(meta["source_sum"]),
                 source_sumsq=float(meta["source_sumsq"]),
+                source_bits=_source_bits(meta.get("source_bits")),
                 stages=inputs,
                 out_stages=outputs,
                 stage_values={k: arrays[k] for k in kinds},
@@ -419,6 +423,14 @@ class BundleReader:
             )
         _check_pack_values(self.path, pack)
         return pack
+
+
+def _source_bits(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not -(1 << 63) <= value < 1 << 63:
+        raise ValueError("malformed source_bits")
+    return value
 
 
 def _quality(value: Any) -> dict[str, float] | None:

@@ -27,7 +27,7 @@ from .errors import (
     ModelMismatchError,
 )
 from .layer import WEIGHT_STORAGES, DuQuantLinear
-from .signature import SIGNATURE_RTOL, signature_matches, weight_signature
+from .signature import SIGNATURE_RTOL, SOURCE_TORCH_DTYPES, bits_digest, signature_matches, weight_signature
 
 VERIFY_MODES = ("signature", "shapes")
 
@@ -93,6 +93,18 @@ def detect_prefix(names: list[str], modules: dict[str, nn.Module]) -> str:
 
 
 def _signature_problem(name: str, weight: torch.Tensor, pack: LayerPack) -> str | None:
+    """The live weight against the source the bundle was built from: exactly, by its raw bytes,
+    when the model holds the checkpoint's dtype; otherwise by float64 sums within the
+    rounding a dtype change allows."""
+    if pack.source_bits is not None and weight.dtype == SOURCE_TORCH_DTYPES.get(pack.source_dtype):
+        live = bits_digest(weight)
+        if live == pack.source_bits:
+            return None
+        return (
+            f"layer {name}: weight differs from the {pack.source_dtype} source tensor the bundle was built from "
+            f"(raw-bytes digest {live} in the model, {pack.source_bits} in the bundle): the bundle was built "
+            "from another checkpoint than the model's weights"
+        )
     live_sum, live_sumsq = weight_signature(weight)
     n = weight.numel()
     rtol = SIGNATURE_RTOL

@@ -1,5 +1,13 @@
-"""A weight's signature: float64 (sum, sum of squares), stored per layer in bundles and
-statistics files, compared against live weights to catch another checkpoint's weights."""
+"""A weight's signatures, stored per layer in bundles and compared against live weights to
+catch another checkpoint's weights:
+
+* ``bits_digest``: the exact sum of the tensor's raw bytes as int64 words. A load checks it
+  when the model holds the weight in the checkpoint's own dtype (bf16 models from bf16
+  checkpoints: the common case); it reads each byte once, at memory speed, on the weight's
+  own device, and any change of any element (one ulp of one bf16 weight) changes it.
+* ``weight_signature``: float64 (sum, sum of squares), also in statistics files; compared
+  within a tolerance, it holds across dtypes (an fp32 model from a bf16 checkpoint).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +33,29 @@ def weight_signature(weight: torch.Tensor, chunk_elements: int = 1 << 20) -> tup
         total += float(c.sum())
         squares += float(torch.dot(c, c))
     return total, squares
+
+
+# The live dtype whose raw bytes are the checkpoint's, per safetensors dtype name.
+SOURCE_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_WORD = 8
+
+
+def bits_digest(weight: torch.Tensor) -> int:
+    """Σ of the tensor's raw bytes read as little-endian int64 words (a short last word
+    zero-padded), modulo 2⁶⁴, as a signed int64. Exact integer arithmetic: the same on every
+    device and in every summation order."""
+    raw = weight.detach().contiguous().reshape(-1).view(torch.uint8)
+    whole = raw.numel() - raw.numel() % _WORD
+    words = raw[:whole]
+    if words.storage_offset() % _WORD:  # a view into a buffer at an odd offset: align a copy
+        words = words.clone()
+    total = int(words.view(torch.int64).sum()) if whole else 0
+    if whole < raw.numel():
+        tail = torch.zeros(_WORD, dtype=torch.uint8, device=raw.device)
+        tail[: raw.numel() - whole] = raw[whole:]
+        total += int(tail.view(torch.int64).sum())
+    total &= (1 << 64) - 1
+    return total - (1 << 64) if total >= 1 << 63 else total
 
 
 def signature_matches(a_sum: float, a_sumsq: float, b_sum: float, b_sumsq: float, n: int, rtol: float) -> bool:

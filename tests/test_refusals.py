@@ -30,6 +30,7 @@ from duquant_runtime import (
     load_bundle,
 )
 from duquant_runtime.bundle import BundleReader, seal
+from duquant_runtime.signature import bits_digest
 
 LAYER = "paligemma_with_expert.paligemma.model.language_model.layers.3.mlp.up_proj"
 
@@ -176,11 +177,29 @@ def test_runtime_refuses_another_preset(demo_model, demo_bundles):
 def test_runtime_refuses_weights_one_ulp_away(ulp_ckpt, demo_bundles):
     from duquant_pipeline.demo_model import load_demo_model
 
-    for dtype in (torch.float32, torch.bfloat16):
+    # bf16 (the checkpoint's dtype): its raw bytes against the bundle's exact digest; float32:
+    # the float64 sums, which a dtype change leaves comparable.
+    for dtype, check in ((torch.float32, "weight signature differs"), (torch.bfloat16, "raw-bytes digest")):
         model = load_demo_model(ulp_ckpt, dtype)
         err = refusal(model, demo_bundles["llm_w4a8"], "llm_w4a8")
         assert isinstance(err, CheckpointMismatchError)
         assert err.layer == LAYER and err.field == "weight signature" and LAYER in str(err)
+        assert check in str(err)
+
+
+def test_bits_digest_is_the_wrapping_sum_of_raw_int64_words():
+    """Against numpy on the raw bytes: zero-padded last word, sum modulo 2**64 (signed)."""
+    rng = np.random.default_rng(0)
+    for n, dtype in ((1000, torch.bfloat16), (1001, torch.bfloat16), (333, torch.float32), (7, torch.float16)):
+        t = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 1e3).to(dtype)
+        raw = t.view(torch.uint8).numpy().tobytes()
+        raw += bytes(-len(raw) % 8)
+        want = int(np.frombuffer(raw, dtype="<i8").sum(dtype=np.int64))  # numpy int64 sums wrap
+        assert bits_digest(t) == want
+        assert bits_digest(t[1:]) != bits_digest(t[:-1]) or n < 2  # an unaligned view is read too
+        bumped = t.clone()
+        bumped.view(torch.int16 if t.element_size() == 2 else torch.int32)[n // 2] += 1  # one ulp
+        assert bits_digest(bumped) != bits_digest(t)
 
 
 def test_runtime_refuses_truncated_and_flipped(demo_model, demo_bundles, tmp_path):
