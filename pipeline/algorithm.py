@@ -45,10 +45,7 @@ class Transform:
     def value(self, key: str) -> np.ndarray | None:
         return next((v for s, v in (*self.stages, *self.out_stages) if s.key == key), None)
 
-    def plan(self) -> Plan:
-        return [(s.kind, _as_tensor(s.kind, v), False) for s, v in self.stages]
-
-    def runtime_plan(self, dtype: torch.dtype) -> Plan:
+    def plan(self, dtype: torch.dtype = torch.float64) -> Plan:
         """The input stages as a loaded layer runs them: values in ``dtype``, uniform rotations
         flagged for the one-GEMM path."""
         width = self.w_t.shape[1]

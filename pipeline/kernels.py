@@ -97,26 +97,6 @@ def round_codes(w, scales, q, codes):  # pragma: no cover - compiled
 
 
 @_compiled
-def absmax_rtn_error(w, q):  # pragma: no cover - compiled
-    """Σ (Q(w) - w)² of plain round-to-nearest with per-row absmax scales (float32 scale,
-    exact division), without materializing codes: the baseline every quality record shows."""
-    rows, cols = w.shape
-    lo, hi = np.float32(-q - 1), np.float32(q)
-    total = 0.0
-    for r in range(rows):
-        peak = np.float32(0.0)
-        for j in range(cols):
-            peak = max(peak, abs(w[r, j]))
-        s = max(np.float32(peak / np.float32(q)), SCALE_FLOOR)
-        acc = 0.0
-        for j in range(cols):
-            d = min(max(np.rint(w[r, j] / s), lo), hi) * s - w[r, j]
-            acc += np.float64(d * d)
-        total += acc
-    return total
-
-
-@_compiled
 def dequantized_error(w, codes, scales, out):  # pragma: no cover - compiled
     """out = codes·s - w (float32), the transformed-basis error a figure maps back."""
     rows, cols = w.shape
@@ -129,11 +109,10 @@ def dequantized_error(w, codes, scales, out):  # pragma: no cover - compiled
 
 @_compiled
 def sum_squares(x):  # pragma: no cover - compiled
-    """Σ x² of a 2-D array, accumulated in float64."""
+    """Σ x² of a 1-D array, accumulated in float64 (no float64 copy of ``x``)."""
     acc = 0.0
-    for r in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            acc += np.float64(x[r, j]) * np.float64(x[r, j])
+    for j in range(x.shape[0]):
+        acc += np.float64(x[j]) * np.float64(x[j])
     return acc
 
 

@@ -32,7 +32,7 @@ from . import kernels
 from .algorithm import Transform, column_rms, compute_transform, transformed_hessian
 from .quality import db, output_sqnr_db, runtime_layer, static_scales, weight_error, weight_sqnr_db
 from .select import SelectedLayer
-from .weightquant import gptq_codes, quantize_weight
+from .weightquant import SCALE_FLOOR, gptq_codes, quantize_weight
 
 FALLBACK_BITS = 8  # quant.min_sqnr_db: layers that cannot reach it are packed at 8 bits
 # Data-free ranking sample: every k-th row, 1/RANK_FRACTION of the rows but at least
@@ -218,13 +218,15 @@ class LayerPacker:
 
     def rtn_figures(self) -> dict[str, float]:
         """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""
-        w = self.w_ref
+        w = self.w_ref.numpy()
         q = 2 ** (self.layer.bits - 1) - 1
-        if self.stats is None:  # the weight figure alone: one fused pass, no codes kept
-            return {"rtn_weight_sqnr_db": db(self.signal, kernels.absmax_rtn_error(w.numpy(), q))}
-        scale = (w.abs().amax(dim=1, keepdim=True) / q).clamp_min(1e-10).float().to(w.dtype)
-        codes = torch.clamp(torch.round(w / scale), -q - 1, q).to(torch.int8).numpy()
-        m = self.measure(Transform(w_t=w.numpy()), codes, scale[:, 0].float().numpy(), self.layer.bits)
+        peaks = np.maximum(w.max(axis=1), -w.min(axis=1))  # max |w| per row, without an |w| copy
+        scales = np.maximum(peaks / q, SCALE_FLOOR).astype(np.float32)
+        codes = np.empty(w.shape, dtype=np.int8)
+        sq_err = float(kernels.round_codes(w, scales.astype(w.dtype), q, codes).sum())
+        if self.stats is None:  # the weight figure needs no layer
+            return {"rtn_weight_sqnr_db": db(self.signal, sq_err)}
+        m = self.measure(Transform(w_t=w), codes, scales, self.layer.bits)
         return {f"rtn_{k}": v for k, v in m.figures.items()}
 
 

@@ -29,13 +29,13 @@ CHUNK = 1 << 20  # elements per step: temporaries stay cache-sized, no full floa
 
 def _sum_squares(x: torch.Tensor, y: torch.Tensor | None = None) -> float:
     """Σ x² (or Σ (x - y)²) in chunks, each chunk's sum in float64."""
-    xf, yf = x.reshape(-1), None if y is None else y.reshape(-1)
+    xf, yf = x.detach().reshape(-1), None if y is None else y.detach().reshape(-1)
     total = 0.0
     for start in range(0, xf.numel(), CHUNK):
         c = xf[start : start + CHUNK]
         if yf is not None:
             c = c - yf[start : start + CHUNK].to(c.dtype)
-        total += float(torch.dot(c.double(), c.double()))
+        total += kernels.sum_squares(c.numpy())
     return total
 
 
@@ -61,7 +61,7 @@ def weight_error(tr: Transform, codes: np.ndarray, scales: np.ndarray, transform
     if all(s.kind in ("perm", "rotate") for s, _ in tr.stages):
         return transformed_error
     w_t = np.ascontiguousarray(tr.w_t)
-    plan = tr.runtime_plan(torch.from_numpy(w_t[:0]).dtype)
+    plan = tr.plan(torch.from_numpy(w_t).dtype)
     s = scales.astype(w_t.dtype)
     step = max(1, CHUNK // max(1, w_t.shape[1]))
     buffer = np.empty((min(step, w_t.shape[0]), w_t.shape[1]), dtype=w_t.dtype)
@@ -69,7 +69,7 @@ def weight_error(tr: Transform, codes: np.ndarray, scales: np.ndarray, transform
     for start in range(0, w_t.shape[0], step):
         stop = min(start + step, w_t.shape[0])
         e_t = kernels.dequantized_error(w_t[start:stop], codes[start:stop], s[start:stop], buffer[: stop - start])
-        total += kernels.sum_squares(st.weight_from_basis(plan, torch.from_numpy(e_t)).numpy())
+        total += _sum_squares(st.weight_from_basis(plan, torch.from_numpy(e_t)))
     return total
 
 

@@ -355,10 +355,9 @@ def test_statistics_files_of_0_2_are_still_read(tmp_path):
         StatsReader(path).layer("net.fc1")
 
 
-def _reference_mse_scale(row: np.ndarray, cw: np.ndarray, q: int = 7) -> tuple[float, float]:
+def _reference_mse_error(row: np.ndarray, cw: np.ndarray, q: int = 7) -> float:
     """The "mse" search as a plain loop (README "Weights"): clip ratios 1.0 .. 0.6, then
-    +-0.025 and +-0.05 around the best, error Σ cw (Q(x) - x)² in float64. Returns
-    (the best error, the error at the ratio this loop picks)."""
+    +-0.025 and +-0.05 around the best, error Σ cw (Q(x) - x)² in float64; the best error."""
 
     def err(clip: float) -> float:
         s = max(float(np.float32(np.abs(row).max() * np.float32(clip) / np.float32(q))), 1e-10)
@@ -368,7 +367,7 @@ def _reference_mse_scale(row: np.ndarray, cw: np.ndarray, q: int = 7) -> tuple[f
     coarse = [1.0, 0.9, 0.8, 0.7, 0.6]
     best = min(coarse, key=err)
     pool = coarse + [min(max(best + d, 0.05), 1.0) for d in (-0.05, -0.025, 0.025, 0.05)]
-    return min(err(c) for c in pool), err(best)
+    return min(err(c) for c in pool)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -389,7 +388,7 @@ def test_mse_search_follows_the_reference_loop(weighted):
             assert s[r] == np.float32(1e-10) and not codes[r].any()
             continue
         row = w[r].astype(np.float64)
-        best, _ = _reference_mse_scale(row, cw)
+        best = _reference_mse_error(row, cw)
         got = float(np.sum(cw * (np.clip(np.round(row / s[r]), -8, 7) * s[r] - row) ** 2))
         assert got <= best * (1 + 1e-5), (r, got, best)
     assert np.array_equal(codes, rtn(torch.from_numpy(w), torch.from_numpy(scales)).numpy())
