@@ -243,3 +243,39 @@ def test_identical_rotations_are_stored_once(demo_ckpt, tmp_path):
     assert all(
         p.array("r_in") is not None and np.allclose(np.abs(p.array("r_in")), 1 / 8) for p in packs
     )  # 64x64 Hadamard
+
+
+def test_default_jobs_runs_small_selections_in_process(monkeypatch):
+    """In-process below POOL_MIN_WEIGHTS selected weights, one worker per core from there on;
+    a dask cluster is always sized to the machine."""
+    from duquant_pipeline import build
+    from duquant_pipeline.select import SelectedLayer
+
+    monkeypatch.setattr(build.os, "cpu_count", lambda: 8)
+
+    def layers(weights: int) -> list[SelectedLayer]:
+        return [SelectedLayer(f"l{i}", f"l{i}.weight", None, -(-weights // 2048), 1024, "BF16", 4) for i in range(2)]
+
+    assert build.default_jobs(layers(build.POOL_MIN_WEIGHTS - 4096), "loky") == 1
+    assert build.default_jobs(layers(build.POOL_MIN_WEIGHTS), "loky") == 8
+    assert build.default_jobs(layers(1 << 20), "dask") == 8
+
+
+def test_checkpoint_reuses_a_handle_for_a_bounded_number_of_bytes(tiny_ckpt, monkeypatch):
+    """Reads share one safetensors handle until HANDLE_BYTES went through it, then reopen:
+    no per-read open cost, and no handle that keeps a whole checkpoint's pages mapped."""
+    from duquant_pipeline import checkpoint as ckpt_module
+    from duquant_pipeline.checkpoint import Checkpoint
+
+    path, _ = tiny_ckpt
+    names = sorted(n for n, t in Checkpoint.open(path).tensors.items() if len(t.shape) == 2)
+    want = {n: Checkpoint.open(path).raw(n) for n in names}
+    opens: list[Path] = []
+    real_open = ckpt_module._open
+    monkeypatch.setattr(ckpt_module, "_open", lambda file: opens.append(file) or real_open(file))
+    for budget, expected_opens in ((1 << 30, 1), (1, len(names))):
+        monkeypatch.setattr(ckpt_module, "HANDLE_BYTES", budget)
+        ckpt = Checkpoint.open(path)
+        opens.clear()  # Checkpoint.open parses the header through a handle of its own
+        assert all(torch.equal(ckpt.raw(n), want[n]) for n in names)
+        assert len(opens) == expected_opens
