@@ -157,7 +157,7 @@ def evaluate(tb: Testbed, work: Path) -> dict:
         result = build_bundle(config, ckpt, work / "bundles", calib=stats if calib else None, jobs=1)
         loaded = copy.deepcopy(model)
         load_bundle(loaded, result.path, config)
-        with BundleReader(result.path) as reader:  # the choices are metadata: no dataset read
+        with BundleReader(result.path, in_memory=False) as reader:  # the choices are metadata: no dataset read
             choices = {n: reader.layer_summary(n).get("choice") for n in names}
         rows[label] = {
             "layers": per_layer_sqnr(loaded, names, inputs, reference),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 from duquant_runtime import __version__, h5file
@@ -111,24 +112,26 @@ def _reusable(
 
 def _write_packs(
     f: h5py.File, packs: Iterator[LayerPack], layers: list[SelectedLayer], out_cfg: Path, progress: Progress | None
-) -> dict[str, str]:
-    """Write packs as they arrive; returns each layer's choice (for the fingerprint)."""
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Write packs as they arrive; returns each layer's choice (for the fingerprint) and its
+    index entry (for the header)."""
     by_name = {la.name: la for la in layers}
     total_bytes = sum(la.weight_bytes for la in layers)
     choices: dict[str, str] = {}
+    index: dict[str, Any] = {}
     shared: dict = {}
     done_bytes = 0
     with output_errors(out_cfg):
         f.require_group(LAYERS)
     for done_layers, pack in enumerate(packs, 1):
         with output_errors(out_cfg):
-            write_layer(f, pack, shared)
+            index[pack.name] = write_layer(f, pack, shared)
         if pack.choice:
             choices[pack.name] = pack.choice
         done_bytes += by_name[pack.name].weight_bytes
         if progress:
             progress(done_layers, len(layers), done_bytes, total_bytes)
-    return choices
+    return choices, index
 
 
 def build_bundle(
@@ -188,7 +191,7 @@ def build_bundle(
             with output_errors(out_cfg):
                 f = h5file.create(out.tmp)
             try:
-                choices = _write_packs(f, packs, layers, out_cfg, progress)
+                choices, index = _write_packs(f, packs, layers, out_cfg, progress)
                 if hashing is not None:
                     sources = hashing.result()
                 doc = fingerprint_document(config, sources, stats_digest, choices)
@@ -200,6 +203,7 @@ def build_bundle(
                         provenance=ckpt.provenance(),
                         tool_version=__version__,
                         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                        index=index,
                     )
                     f.close()
             finally:

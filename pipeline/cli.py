@@ -346,7 +346,7 @@ def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
     quality: dict[str, dict[str, Any]] = {}
     choices: dict[str, int] = {}
     promoted: list[str] = []
-    with BundleReader(bundle) as reader:
+    with BundleReader(bundle, in_memory=False) as reader:
         h = reader.header
         per: dict[str, dict[str, int]] = {}
         wanted_bits = h.config["quant"]["weight_bits"]

@@ -4,7 +4,9 @@ Layout (format_version 2; format 1 is the same without ``in_scale``, with ``r_in
 present, and is still read)::
 
     /                   attrs: format, format_version, fingerprint, fingerprint_json,
-                               config_json, provenance_json, tool_version, created_at
+                               config_json, provenance_json, tool_version, created_at,
+                               index_json (from 0.5: {"layers": {module: {"meta": the layer's
+                               meta, "datasets": {dataset: [byte offset, dtype, shape]}}}})
     /layers/<module>    attr meta (JSON): in_features, out_features, weight_bits, storage,
                                block_size, block_out_size, source_dtype,
                                source_sum, source_sumsq (float64 signature of the weight),
@@ -32,7 +34,9 @@ Format 2 files are sealed: the first ``USERBLOCK`` bytes (an HDF5 user block, wh
 skips) hold a magic, the length and the crc32 of the rest of the file. The reader checks the
 seal before HDF5 parses a single byte, so damage anywhere (metadata included, which could
 make libhdf5 spin or crash) is one ``BundleReadError``; a verified seal also vouches for
-every dataset, so per-dataset checksums are not recomputed on load.
+every dataset, so per-dataset checksums are not recomputed on load. A load keeps the bytes
+it checked and cuts every layer out of them by the index's offsets: one read of the file,
+no HDF5 call per layer (``verify`` checks that the index agrees with the groups).
 
 Every h5py failure is translated into :class:`BundleReadError`; nothing else escapes.
 """
@@ -43,7 +47,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -56,6 +60,7 @@ from .stages import LEGACY_INPUT, LEGACY_OUTPUT, StageSpec, check_plan
 
 FORMAT_NAME = "duquant-packs-bundle"
 LAYERS = "layers"
+INDEX = "index_json"  # root attribute (from 0.5): every layer's meta and dataset offsets
 SEAL_MAGIC = b"duquant-bundle\x00\x02"  # 16 bytes
 FIXED = ("qweight", "w_scale", "bias", "act_scale")  # every layer's own datasets besides its stages
 # Which tool release first wrote each format version (for "built by X" messages).
@@ -143,7 +148,11 @@ def write_header(
     provenance: dict[str, Any],
     tool_version: str,
     created_at: str,
+    index: dict[str, dict[str, Any] | None] | None = None,
 ) -> None:
+    """The root attributes. ``index`` ({layer: ``write_layer``'s entry}) is stored as one JSON
+    attribute when every layer has an entry: a reader holding the sealed bytes then loads
+    every layer from one attribute read and byte offsets, with no per-layer HDF5 call."""
     from .fingerprint import canonical_json
 
     f.attrs["format"] = FORMAT_NAME
@@ -154,6 +163,8 @@ def write_header(
     f.attrs["provenance_json"] = json.dumps(provenance, sort_keys=True)
     f.attrs["tool_version"] = tool_version
     f.attrs["created_at"] = created_at
+    if index and all(entry is not None for entry in index.values()):
+        f.attrs[INDEX] = json.dumps({"layers": index}, sort_keys=True)
     f.require_group(LAYERS)
 
 
@@ -166,13 +177,19 @@ def _block(specs: tuple[StageSpec, ...], values: dict[str, np.ndarray]) -> int:
     return next((int(values[s.key].shape[1]) for s in specs if s.kind == "rotate"), 0)
 
 
-def write_layer(f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndarray, str]] | None = None) -> None:
+def write_layer(
+    f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndarray, str]] | None = None
+) -> dict[str, Any] | None:
     """One group per layer; all its metadata in one JSON attribute (h5py attribute reads
     cost ~0.1 ms each, which dominated load time when every field was its own).
 
     ``shared`` (a dict kept across one bundle) stores permutation and rotation arrays that
     are identical to an earlier layer's once, under ``/shared``, hard-linked from each layer:
-    readers see an ordinary dataset, checked by the same per-layer crc32."""
+    readers see an ordinary dataset, checked by the same per-layer crc32.
+
+    Returns the layer's entry for the bundle's index (see ``write_header``): its metadata and
+    each dataset's [byte offset in the file, dtype, shape]; None when a dataset has no
+    contiguous storage to point at."""
     check_plan(pack.stages, pack.out_stages)
     g = f[LAYERS].create_group(pack.name)
     arrays = pack.arrays()
@@ -197,18 +214,23 @@ def write_layer(f: h5py.File, pack: LayerPack, shared: dict[tuple, tuple[np.ndar
         meta["choice"] = pack.choice
     g.attrs["meta"] = json.dumps(meta, sort_keys=True)
     kinds = {s.key: s.kind for s in (*pack.stages, *pack.out_stages)}
+    located: dict[str, list[Any]] = {}
     for key, array in arrays.items():
         data = np.ascontiguousarray(array)
         if shared is None or kinds.get(key) not in SHAREABLE_KINDS:
-            g.create_dataset(key, data=data)
-            continue
-        ident = (kinds[key], data.shape, data.dtype.str, meta["crc32"][key])
-        hit = shared.get(ident)
-        if hit is None or not np.array_equal(hit[0], data):
-            path = f"{SHARED}/{key}-{len(shared)}"
-            f.create_dataset(path, data=data)
-            hit = shared[ident] = (data, path)
-        g[key] = f[hit[1]]  # a hard link: the layer reads it like its own dataset
+            ds = g.create_dataset(key, data=data)
+        else:
+            ident = (kinds[key], data.shape, data.dtype.str, meta["crc32"][key])
+            hit = shared.get(ident)
+            if hit is None or not np.array_equal(hit[0], data):
+                path = f"{SHARED}/{key}-{len(shared)}"
+                f.create_dataset(path, data=data)
+                hit = shared[ident] = (data, path)
+            g[key] = ds = f[hit[1]]  # a hard link: the layer reads it like its own dataset
+        located[key] = [ds.id.get_offset(), data.dtype.str, list(data.shape)]
+    if any(offset is None for offset, _, _ in located.values()):
+        return None
+    return {"meta": meta, "datasets": located}
 
 
 # ---------------------------------------------------------------- reading
@@ -240,20 +262,45 @@ def _plan(meta: dict[str, Any], present: dict[str, Any], version: int) -> tuple[
     return inputs, outputs
 
 
-class BundleReader:
-    """Read-only access to a bundle; use as a context manager."""
+class Stored(NamedTuple):
+    """Where one dataset's values are: shape, dtype and either its byte offset in the sealed
+    file held in memory, or (``offset`` None) the h5py dataset to read them from."""
 
-    def __init__(self, path: str | Path) -> None:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int | None
+    dataset: h5py.Dataset | None = None
+
+
+class BundleReader:
+    """Read-only access to a bundle; use as a context manager.
+
+    With ``in_memory`` (the default) a sealed file is read once, into memory, while its seal is
+    checked; layers are then cut out of those bytes by offset (from the bundle's index, or
+    the datasets' own offsets in older bundles) instead of being read again through HDF5.
+    Codes stay views of those bytes (the other arrays are copied out, so that they alone do
+    not keep the file's bytes alive). ``in_memory=False`` checks the seal without keeping
+    the bytes, for header and metadata reads (``inspect``, choosing among bundles).
+    """
+
+    def __init__(self, path: str | Path, *, in_memory: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleReadError(f"bundle not found: {self.path}")
+        self._bytes: np.ndarray | None = None
+        self._arrays: dict[tuple[str, int], np.ndarray] = {}  # one array per dataset shared by layers
+        self._vetted: dict[int, np.ndarray] = {}  # stage arrays whose values passed, by id (held: ids stay unique)
         with _translated(self.path, "the file"):
-            self.sealed = h5file.check_seal(self.path, SEAL_MAGIC)
-            self._linked: dict[int, np.ndarray] = {}  # object address -> array of a /shared dataset
+            if in_memory:
+                self._bytes = h5file.read_sealed(self.path, SEAL_MAGIC)
+                self.sealed = self._bytes is not None
+            else:
+                self.sealed = h5file.check_seal(self.path, SEAL_MAGIC)
             if not h5py.is_hdf5(self.path):
                 raise BundleReadError(f"{self.path} is not an HDF5 file, so not a duquant bundle")
             self._f = h5py.File(self.path, "r")
         self.header = self._read_header()
+        self._index = self._read_index()
 
     def __enter__(self) -> BundleReader:
         return self
@@ -262,8 +309,14 @@ class BundleReader:
         self.close()
 
     def close(self) -> None:
+        self._bytes, self._arrays, self._vetted = None, {}, {}
         with contextlib.suppress(Exception):
             self._f.close()
+
+    @property
+    def indexed(self) -> bool:
+        """Whether layers are read from the bundle's index (sealed bundles from 0.5)."""
+        return self._index is not None
 
     def _attr(self, key: str) -> Any:
         if key not in self._f.attrs:
@@ -330,38 +383,120 @@ class BundleReader:
                 layer_names=tuple(sorted(self._f[LAYERS].keys())),
             )
 
+    def _read_index(self) -> dict[str, Any] | None:
+        """The layer index of a sealed file, checked to name exactly the bundle's layers (an
+        unsealed file's index is never trusted: its offsets are not vouched for)."""
+        if not self.sealed or INDEX not in self._f.attrs:
+            return None
+        with _translated(self.path, "the layer index"):
+            layers = h5file.json_attr(self._f, INDEX).get("layers")
+            if not isinstance(layers, dict) or sorted(layers) != list(self.header.layer_names):
+                raise BundleReadError(
+                    f"{self.path}: the layer index does not list the bundle's layers; the bundle is "
+                    f"inconsistent — {FIX}",
+                    field="index",
+                )
+            return layers
+
     def _group(self, name: str) -> h5py.Group:
         g = self._f[LAYERS].get(name)
         if not isinstance(g, h5py.Group):
             raise BundleReadError(f"{self.path}: layer {name!r} is missing", layer=name)
         return g
 
-    def _read(self, ds: h5py.Dataset, shareable: bool) -> np.ndarray:
-        """A dataset's values; one linked from several layers (/shared) is read once per reader
+    def _entry(self, name: str, use_index: bool) -> tuple[dict[str, Any], dict[str, Stored]]:
+        """A layer's metadata and where each of its datasets is: from the index when asked and
+        there is one (no HDF5 call), else from the layer's group."""
+        if use_index and self._index is not None:
+            entry = self._index.get(name)
+            if not isinstance(entry, dict) or not isinstance(entry.get("meta"), dict):
+                raise BundleReadError(f"{self.path}: layer {name!r} is missing from the index", layer=name)
+            located = entry["datasets"]
+            if not isinstance(located, dict):
+                raise ValueError("malformed index entry")
+            stored = {
+                str(k): Stored(tuple(int(n) for n in shape), np.dtype(str(dtype)), int(offset))
+                for k, (offset, dtype, shape) in located.items()
+            }
+            return entry["meta"], stored
+        g = self._group(name)
+        stored = {}
+        for key, ds in g.items():
+            if not isinstance(ds, h5py.Dataset):
+                raise BundleReadError(f"{self.path}: layer {name!r} {key!r} is not a dataset", layer=name, field=key)
+            offset = ds.id.get_offset() if self._bytes is not None else None
+            stored[key] = Stored(ds.shape, ds.dtype, offset, ds)
+        return h5file.json_attr(g, "meta"), stored
+
+    def _read(self, name: str, key: str, s: Stored, shareable: bool) -> np.ndarray:
+        """A dataset's values. One shared by several layers (/shared) is read once per reader,
         and the same array is returned to each (callers only read it)."""
-        if not shareable:
-            return ds[()]
-        info = h5py.h5o.get_info(ds.id)
-        if info.rc < 2:
-            return ds[()]
-        data = self._linked.get(info.addr)
-        if data is None:
-            data = self._linked[info.addr] = ds[()]
+        if s.offset is None or self._bytes is None:
+            ds = s.dataset
+            assert ds is not None
+            if not shareable or h5py.h5o.get_info(ds.id).rc < 2:
+                return ds[()]
+            where = ("object", h5py.h5o.get_info(ds.id).addr)
+        else:
+            where = ("offset", s.offset)
+        hit = self._arrays.get(where)
+        if hit is not None:
+            return hit
+        if s.offset is None or self._bytes is None:
+            data = s.dataset[()]  # type: ignore[index]
+        else:
+            count = int(np.prod(s.shape, dtype=np.int64))
+            if not 0 <= s.offset <= len(self._bytes) - count * s.dtype.itemsize:
+                raise BundleReadError(
+                    f"{self.path}: layer {name!r} dataset {key!r} points outside the file; the bundle is "
+                    f"inconsistent — {FIX}",
+                    layer=name,
+                    field=key,
+                )
+            data = np.frombuffer(self._bytes, s.dtype, count, s.offset).reshape(s.shape)
+            if key != "qweight" or not data.flags.aligned:
+                data = data.copy()  # small arrays: a view would keep the whole file's bytes alive
+        if shareable:
+            self._arrays[where] = data
         return data
 
     def layer_summary(self, name: str) -> dict[str, Any]:
         """A layer's metadata and stored bytes without reading any dataset (for ``inspect``):
-        the ``meta`` JSON plus ``datasets`` {dataset: [bytes, object address]} from the
-        datasets' shapes (a dataset shared by several layers has one address)."""
+        the ``meta`` JSON plus ``datasets`` {dataset: [bytes, location]} from the datasets'
+        shapes (a dataset shared by several layers has one location)."""
         with _translated(self.path, f"layer {name!r}"):
-            g = self._group(name)
-            meta = h5file.json_attr(g, "meta")
+            if self._index is not None:
+                meta, stored = self._entry(name, use_index=True)
+                where = {k: s.offset for k, s in stored.items()}
+            else:
+                g = self._group(name)
+                meta, stored = h5file.json_attr(g, "meta"), {}
+                where = {}
+                for k, ds in g.items():
+                    if isinstance(ds, h5py.Dataset):
+                        stored[k] = Stored(ds.shape, ds.dtype, None, ds)
+                        where[k] = int(h5py.h5o.get_info(ds.id).addr)
+            meta = dict(meta)
             meta["datasets"] = {
-                k: [int(ds.size) * ds.dtype.itemsize, int(h5py.h5o.get_info(ds.id).addr)]
-                for k, ds in g.items()
-                if isinstance(ds, h5py.Dataset)
+                k: [int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize, where[k]] for k, s in stored.items()
             }
             return meta
+
+    def index_problems(self) -> list[str]:
+        """Where the index disagrees with the layers' groups (``verify`` checks both; a load
+        reads the index alone)."""
+        if self._index is None:
+            return []
+        problems = []
+        with _translated(self.path, "the layer index"):
+            for name in self.header.layer_names:
+                meta, stored = self._entry(name, use_index=True)
+                g = self._group(name)
+                datasets = {k: ds for k, ds in g.items() if isinstance(ds, h5py.Dataset)}
+                groups = {k: Stored(ds.shape, ds.dtype, ds.id.get_offset()) for k, ds in datasets.items()}
+                if meta != h5file.json_attr(g, "meta") or stored != groups:
+                    problems.append(f"layer {name}: the bundle's index disagrees with the layer's datasets — {FIX}")
+        return problems
 
     def read_layer(self, name: str, *, check: bool = True) -> LayerPack:
         """One layer's pack; ``check`` verifies every dataset's crc32 (a verified seal
@@ -371,28 +506,28 @@ class BundleReader:
         read, so a damaged header can never make us allocate a huge array.
         """
         with _translated(self.path, f"layer {name!r}"):
-            g = self._group(name)
-            meta = h5file.json_attr(g, "meta")
+            # the index's offsets point into the bytes in memory; without them, HDF5 reads
+            meta, present = self._entry(name, use_index=self._bytes is not None)
             n_in, n_out = int(meta["in_features"]), int(meta["out_features"])
             storage, crcs = str(meta["storage"]), meta["crc32"]
-            present = dict(g.items())
             inputs, outputs = _plan(meta, present, self.header.format_version)
             kinds = {s.key: s.kind for s in (*inputs, *outputs)}
             stray = sorted(set(present) - set(kinds) - set(FIXED))
             if stray:
                 raise BundleReadError(f"{self.path}: layer {name!r} has an unknown dataset {stray[0]!r}", layer=name)
+            out_keys = {s.key for s in outputs}
             arrays: dict[str, np.ndarray] = {}
             for key in (*kinds, *FIXED):
-                ds = present.get(key)
-                if ds is None:
+                stored = present.get(key)
+                if stored is None:
                     if key in kinds or key in ("qweight", "w_scale"):
                         raise BundleReadError(
                             f"{self.path}: layer {name!r} has no {key!r} dataset", layer=name, field=key
                         )
                     continue
-                width = n_out if key in {s.key for s in outputs} or key in ("w_scale", "bias") else n_in
-                _check_dataset(self.path, name, key, ds, kinds.get(key), width, n_out, storage)
-                data = self._read(ds, key in kinds)
+                width = n_out if key in out_keys or key in ("w_scale", "bias") else n_in
+                _check_dataset(self.path, name, key, stored, kinds.get(key), width, n_out, storage)
+                data = self._read(name, key, stored, key in kinds)
                 if check and not self.sealed and int(crcs[key]) != crc32(data):
                     raise BundleReadError(
                         f"{self.path}: layer {name!r} dataset {key!r} fails its checksum; the file is "
@@ -421,7 +556,8 @@ class BundleReader:
                 quality=_quality(meta.get("quality")),
                 choice=str(meta["choice"]) if "choice" in meta else None,
             )
-        _check_pack_values(self.path, pack)
+        _check_pack_values(self.path, pack, self._vetted)
+        self._vetted.update((id(v), v) for k, v in pack.stage_values.items() if kinds[k] in SHAREABLE_KINDS)
         return pack
 
 
@@ -442,19 +578,19 @@ def _quality(value: Any) -> dict[str, float] | None:
 
 
 F32 = (np.dtype(np.float32),)
-INDEX = (np.dtype(np.int32), np.dtype(np.int64))
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def _expected(key: str, kind: str | None, ds: h5py.Dataset, width: int, n_out: int, storage: str) -> tuple:
+def _expected(key: str, kind: str | None, shape: tuple[int, ...], width: int, n_out: int, storage: str) -> tuple:
     """(shape, allowed dtypes) of a dataset, from the layer's attributes and, for a
     rotation, its block size (the dataset's second dimension, bounded)."""
     if kind == "rotate":
-        b = int(ds.shape[1]) if len(ds.shape) == 3 else 0
+        b = int(shape[1]) if len(shape) == 3 else 0
         if not 1 <= b <= 1 << 12:
             raise ValueError(f"implausible rotation block size {b}")
         return (-(-width // b), b, b), F32
     if kind == "perm":
-        return (width,), INDEX
+        return (width,), INDEX_DTYPES
     if key == "qweight":
         if storage == INT4:
             return (n_out, (width + 1) // 2), (np.dtype(np.uint8),)
@@ -463,29 +599,29 @@ def _expected(key: str, kind: str | None, ds: h5py.Dataset, width: int, n_out: i
 
 
 def _check_dataset(
-    path: Path, name: str, key: str, ds: Any, kind: str | None, width: int, n_out: int, storage: str
+    path: Path, name: str, key: str, stored: Stored, kind: str | None, width: int, n_out: int, storage: str
 ) -> None:
     if min(width, n_out) < 1 or max(width, n_out) > 1 << 24:
         raise ValueError(f"implausible layer size {n_out}x{width}")
     if storage not in (INT4, INT8):
         raise ValueError(f"unknown storage {storage!r}")
-    if not isinstance(ds, h5py.Dataset):
-        raise BundleReadError(f"{path}: layer {name!r} {key!r} is not a dataset", layer=name, field=key)
-    shape, dtypes = _expected(key, kind, ds, width, n_out, storage)
-    if ds.shape != shape or ds.dtype not in dtypes:
+    shape, dtypes = _expected(key, kind, stored.shape, width, n_out, storage)
+    if stored.shape != shape or stored.dtype not in dtypes:
         raise BundleReadError(
-            f"{path}: layer {name!r} dataset {key!r} has shape/dtype {(ds.shape, str(ds.dtype))}, "
+            f"{path}: layer {name!r} dataset {key!r} has shape/dtype {(stored.shape, str(stored.dtype))}, "
             f"expected {shape}; the bundle is inconsistent",
             layer=name,
             field=key,
         )
 
 
-def _check_pack_values(path: Path, p: LayerPack) -> None:
+def _check_pack_values(path: Path, p: LayerPack, vetted: dict[int, np.ndarray]) -> None:
     """Values that shapes cannot vouch for: a permutation must be one, numbers finite,
-    scales positive."""
+    scales positive. Arrays in ``vetted`` (shared by layers, checked before) are skipped."""
     for spec in (*p.stages, *p.out_stages):
         value = p.stage_values[spec.key]
+        if vetted.get(id(value)) is value:
+            continue
         if spec.kind == "perm" and not np.array_equal(np.sort(value), np.arange(p.in_features)):
             raise BundleReadError(
                 f"{path}: layer {p.name!r} {spec.key} is not a permutation of the input channels",

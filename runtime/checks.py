@@ -50,4 +50,8 @@ def integrity_problems(reader: BundleReader) -> list[str]:
             reader.read_layer(name, check=True)
         except BundleReadError as exc:
             problems.append(str(exc))
+    try:
+        problems += reader.index_problems()
+    except BundleReadError as exc:
+        problems.append(str(exc))
     return problems

@@ -6,6 +6,8 @@
   magic, the length and the crc32 of the rest of the file. ``check_seal`` reads it before
   HDF5 parses a byte, so damage anywhere (metadata included, which could make libhdf5
   spin or crash) is one error sentence, and a verified seal vouches for every dataset.
+  ``read_sealed`` does the same and keeps the bytes it checked. Large files are checked in
+  pieces on several threads, their crcs combined (``crc32_combine``).
 * ``read_attr``: attribute reads bounded in size, so a damaged header cannot make HDF5
   allocate gigabytes; ``json_attr``: a JSON attribute decoded and type-checked.
 * ``translated``: any low-level failure while reading is one sentence of the caller's
@@ -21,6 +23,7 @@ import struct
 import uuid
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,8 @@ LIBVER = ("v110", "latest")
 USERBLOCK = 512  # HDF5 user block (a power of two >= 512): the seal lives here
 SEAL = struct.Struct("<16sQI")  # magic, length of the HDF5 part, its crc32
 SEAL_CHUNK = 16 << 20
+SEAL_PIECE_MIN = 64 << 20  # files under twice this are checked in one thread
+SEAL_MAX_THREADS = 8
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # No legitimate attribute comes near this; a damaged header can claim gigabytes.
 MAX_ATTR_BYTES = 64 << 20
@@ -107,45 +112,115 @@ def create(path: Path) -> h5py.File:
     return h5py.File(path, "w", libver=LIBVER, userblock_size=USERBLOCK)
 
 
-def _crc_of_file(fh: Any, start: int) -> tuple[int, int]:
-    """(crc32, byte count) of a file from ``start`` to its end, in bounded chunks."""
-    fh.seek(start)
-    crc, n = 0, 0
-    while chunk := fh.read(SEAL_CHUNK):
-        crc = zlib.crc32(chunk, crc)
-        n += len(chunk)
-    return crc, n
+class SealError(Exception):
+    """The seal does not match the bytes (message: what is wrong, without the fix)."""
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which Python's
+    zlib does not expose): crc1 is advanced over len2 zero bytes by squaring the GF(2)
+    operator of one zero bit, a few hundred microseconds for any length."""
+
+    def times(matrix: list[int], vector: int) -> int:
+        total, row = 0, 0
+        while vector:
+            if vector & 1:
+                total ^= matrix[row]
+            vector >>= 1
+            row += 1
+        return total
+
+    def square(matrix: list[int]) -> list[int]:
+        return [times(matrix, column) for column in matrix]
+
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
+    odd = square(square(odd))  # four zero bits; the loop starts at one zero byte
+    while len2:
+        even = square(odd)
+        if len2 & 1:
+            crc1 = times(even, crc1)
+        len2 >>= 1
+        odd, even = even, odd
+    return crc1 ^ crc2
+
+
+def _piece_crc(path: Path, lo: int, hi: int, into: np.ndarray | None) -> int:
+    """crc32 of the file's bytes [lo, hi), copied into ``into[lo:hi]`` when given. Each chunk
+    is checked right after it is read, while it is still in cache."""
+    scratch = None if into is not None else bytearray(min(SEAL_CHUNK, hi - lo))
+    crc, pos = 0, lo
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(lo)
+        while pos < hi:
+            n = min(SEAL_CHUNK, hi - pos)
+            view = memoryview(into)[pos : pos + n] if into is not None else memoryview(scratch)[:n]
+            got = fh.readinto(view)
+            if not got:
+                raise SealError("the file shrank while it was read; it is being written or replaced")
+            crc = zlib.crc32(view[:got], crc)
+            pos += got
+    return crc
+
+
+def _file_crc(path: Path, lo: int, hi: int, into: np.ndarray | None = None) -> int:
+    """crc32 of the file's bytes [lo, hi), split over threads for large files: zlib's crc32
+    and file reads release the GIL, so pieces run on all cores (2.2x on 1.3 GB here)."""
+    pieces = max(1, min(os.cpu_count() or 1, SEAL_MAX_THREADS, (hi - lo) // SEAL_PIECE_MIN))
+    bounds = [lo + (hi - lo) * i // pieces for i in range(pieces + 1)]
+    if pieces == 1:
+        return _piece_crc(path, lo, hi, into)
+    with ThreadPoolExecutor(pieces) as pool:
+        crcs = list(pool.map(lambda i: _piece_crc(path, bounds[i], bounds[i + 1], into), range(pieces)))
+    crc = crcs[0]
+    for i in range(1, pieces):
+        crc = crc32_combine(crc, crcs[i], bounds[i + 1] - bounds[i])
+    return crc
 
 
 def seal(path: Path, magic: bytes) -> None:
     """Write the seal of a closed file made by ``create``."""
+    size = path.stat().st_size
+    crc = _file_crc(path, USERBLOCK, size)
     with open(path, "r+b") as fh:
-        crc, n = _crc_of_file(fh, USERBLOCK)
-        fh.seek(0)
-        fh.write(SEAL.pack(magic, n, crc))
+        fh.write(SEAL.pack(magic, size - USERBLOCK, crc))
 
 
-class SealError(Exception):
-    """The seal does not match the bytes (message: what is wrong, without the fix)."""
+def _check(path: Path, magic: bytes, keep: bool) -> np.ndarray | bool:
+    with open(path, "rb") as fh:
+        head = fh.read(USERBLOCK + len(HDF5_SIGNATURE))
+        size = os.fstat(fh.fileno()).st_size
+    if len(head) < SEAL.size or not head.startswith(magic):
+        if head[USERBLOCK:] == HDF5_SIGNATURE:  # a user block without our seal
+            raise SealError("the file's seal is damaged, so its contents cannot be trusted")
+        return False
+    _, length, want = SEAL.unpack(head[: SEAL.size])
+    if size - USERBLOCK != length:
+        how = "it is truncated" if size < length + USERBLOCK else "bytes were appended to it"
+        raise SealError(f"the file holds {size} bytes, its seal says {length + USERBLOCK}: {how}")
+    data = np.empty(size, dtype=np.uint8) if keep else None
+    crc = _file_crc(path, USERBLOCK, size, data)
+    if crc != want:
+        raise SealError(f"the file fails its checksum (crc32 {crc:08x}, sealed {want:08x}); it is damaged")
+    if data is None:
+        return True
+    data[:USERBLOCK] = np.frombuffer(head[:USERBLOCK], dtype=np.uint8)
+    return data
 
 
 def check_seal(path: Path, magic: bytes) -> bool:
     """True when the file carries a valid seal, False when it has none (an older unsealed
     file, or not ours); raises SealError when the seal does not match the bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(SEAL.size)
-        if len(head) < SEAL.size or not head.startswith(magic):
-            fh.seek(USERBLOCK)
-            if fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:  # a user block without our seal
-                raise SealError("the file's seal is damaged, so its contents cannot be trusted")
-            return False
-        _, length, want = SEAL.unpack(head)
-        crc, n = _crc_of_file(fh, USERBLOCK)
-    if n != length:
-        raise SealError(f"the file holds {n + USERBLOCK} bytes, its seal says {length + USERBLOCK}: it is truncated")
-    if crc != want:
-        raise SealError(f"the file fails its checksum (crc32 {crc:08x}, sealed {want:08x}); it is damaged")
-    return True
+    return bool(_check(path, magic, keep=False) is not False)
+
+
+def read_sealed(path: Path, magic: bytes) -> np.ndarray | None:
+    """The whole file as uint8 when it carries a valid seal (read once: the bytes checked are
+    the bytes kept, so nothing read from them later needs checking again), None when it has
+    none; raises SealError when the seal does not match the bytes."""
+    data = _check(path, magic, keep=True)
+    return data if isinstance(data, np.ndarray) else None
 
 
 def read_attr(obj: h5py.Group | h5py.Dataset, key: str) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,10 @@ class DuQuantLinear(nn.Module):
         weight_storage: str = "int4",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        buffers: dict[str, torch.Tensor | None] | None = None,
     ) -> None:
+        """``buffers`` holds ready tensors by buffer name (``from_pack``); the others start
+        as zeros (ones for scales), to be filled by ``load_state_dict``."""
         super().__init__()
         if weight_storage not in WEIGHT_STORAGES:
             raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
@@ -98,28 +101,26 @@ class DuQuantLinear(nn.Module):
         self.bundle_fingerprint: str | None = None
         self.calib_defaults = (32, 99.9)  # the bundle config's calib_steps, act_percentile
         fkw: dict[str, Any] = {"dtype": dtype, "device": device}
+        given = buffers if buffers is not None else {}
+
+        def hold(name: str, placeholder: Callable[[], torch.Tensor | None]) -> None:
+            self.register_buffer(name, given[name] if name in given else placeholder())
+
         # An empty tensor in the compute dtype: it follows .to() like every buffer, so the
         # layer knows its dtype even when it holds no float buffer of that dtype (int4 RTN).
-        self.register_buffer("dtype_ref", torch.empty(0, **fkw))
-        for spec in self.stages:
-            self.register_buffer(spec.key, _stage_buffer(spec, in_features, blocks.get(spec.key, 1), fkw))
-        for spec in self.out_stages:
-            self.register_buffer(spec.key, _stage_buffer(spec, out_features, blocks.get(spec.key, 1), fkw))
-        if weight_storage == "int4":
-            cols = in_features if weight_bits > 4 else (in_features + 1) // 2
-            code_dtype = torch.int8 if weight_bits > 4 else torch.uint8
-            self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=code_dtype, device=device))
-            self.register_buffer("w_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
-            self.register_buffer("w_t", None)
-        else:
-            self.register_buffer("qweight", None)
-            self.register_buffer("w_scale", None)
-            self.register_buffer("w_t", torch.zeros(out_features, in_features, **fkw))
-        self.register_buffer("bias", torch.zeros(out_features, **fkw) if bias else None)
+        hold("dtype_ref", lambda: torch.empty(0, **fkw))
+        for specs, width in ((self.stages, in_features), (self.out_stages, out_features)):
+            for spec in specs:
+                hold(spec.key, lambda s=spec, w=width: _stage_buffer(s, w, blocks.get(s.key, 1), fkw))
+        packed = weight_storage == "int4"
+        cols = in_features if weight_bits > 4 else (in_features + 1) // 2
+        code_dtype = torch.int8 if weight_bits > 4 else torch.uint8
+        hold("qweight", lambda: torch.zeros(out_features, cols, dtype=code_dtype, device=device) if packed else None)
+        hold("w_scale", lambda: torch.zeros(out_features, dtype=torch.float32, device=device) if packed else None)
+        hold("w_t", lambda: None if packed else torch.zeros(out_features, in_features, **fkw))
+        hold("bias", lambda: torch.zeros(out_features, **fkw) if bias else None)
         static = act_mode == "per_channel_static" and act_bits > 0
-        self.register_buffer(
-            "act_scale", torch.ones(in_features, dtype=torch.float32, device=device) if static else None
-        )
+        hold("act_scale", lambda: torch.ones(in_features, dtype=torch.float32, device=device) if static else None)
 
     # ------------------------------------------------------------ construction
 
@@ -138,6 +139,50 @@ class DuQuantLinear(nn.Module):
         """``shared`` (a dict kept across one load) makes layers whose rotation or
         permutation arrays are identical (every hadamard layer of one width) hold one
         tensor instead of a copy each."""
+        fdev = {"device": device}
+        cache = shared if shared is not None else {}
+
+        def tensor(array: np.ndarray, to: torch.dtype) -> torch.Tensor:
+            # A reader returns one array object per dataset stored once (/shared): found by
+            # identity. Bundles before 0.4 store copies: found by value.
+            hit = cache.get(("object", id(array), to))
+            if hit is not None and hit[0] is array:
+                return hit[1]
+            key = (array.shape, str(array.dtype), zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")), to)
+            hit = cache.get(key)
+            if hit is None or not np.array_equal(hit[0], array):
+                hit = cache[key] = (array, torch.from_numpy(array).to(dtype=to, **fdev))
+            cache[("object", id(array), to)] = (array, hit[1])
+            return hit[1]
+
+        def uniform_blocks(value: torch.Tensor, width: int) -> bool:
+            key = ("uniform", id(value), width)
+            if key not in cache:
+                cache[key] = (value, st.is_uniform(value, width))  # holds value: its id stays unique
+            return cache[key][1]
+
+        # Every buffer is made here, in its final dtype and device: nothing is allocated twice.
+        buffers: dict[str, torch.Tensor | None] = {"dtype_ref": torch.empty(0, dtype=dtype, **fdev)}
+        uniform = set()
+        for spec in (*pack.stages, *pack.out_stages):
+            value = pack.stage_values[spec.key]
+            if spec.kind == "perm":
+                buffers[spec.key] = tensor(value.astype(np.int32, copy=False), torch.int32)
+            elif spec.kind == "scale":
+                buffers[spec.key] = torch.from_numpy(value).to(dtype=torch.float32, **fdev)
+            else:
+                buffers[spec.key] = blocks = tensor(value, dtype)
+                width = pack.out_features if spec in pack.out_stages else pack.in_features
+                if uniform_blocks(blocks, width):
+                    uniform.add(spec.key)
+        if weight_storage == "int4":
+            buffers["qweight"] = torch.from_numpy(pack.qweight).to(**fdev)
+            buffers["w_scale"] = torch.from_numpy(pack.w_scale).to(**fdev)
+        else:
+            codes = unpack_codes(torch.from_numpy(pack.qweight), pack.in_features)
+            buffers["w_t"] = (codes.float() * torch.from_numpy(pack.w_scale)[:, None]).to(dtype=dtype, **fdev)
+        if pack.bias is not None:
+            buffers["bias"] = torch.from_numpy(pack.bias).to(dtype=dtype, **fdev)
         layer = cls(
             pack.in_features,
             pack.out_features,
@@ -149,47 +194,12 @@ class DuQuantLinear(nn.Module):
             out_stages=pack.out_stages,
             weight_storage=weight_storage,
             dtype=dtype,
-            device="meta",
+            device=device,
+            buffers=buffers,
         )
-        # Buffers are replaced (not copied into) so nothing is allocated twice.
-        fdev = {"device": device}
-        cache = shared if shared is not None else {}
-
-        def tensor(array: np.ndarray, to: torch.dtype) -> torch.Tensor:
-            key = (array.shape, str(array.dtype), zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")), to)
-            hit = cache.get(key)
-            if hit is not None and (hit[0] is array or np.array_equal(hit[0], array)):
-                return hit[1]
-            out = torch.from_numpy(array).to(dtype=to, **fdev)
-            cache[key] = (array, out)
-            return out
-
-        layer.dtype_ref = torch.empty(0, dtype=dtype, **fdev)
-        uniform = set()
-        for spec in (*pack.stages, *pack.out_stages):
-            value = pack.stage_values[spec.key]
-            if spec.kind == "perm":
-                setattr(layer, spec.key, tensor(value.astype("int32"), torch.int32))
-            elif spec.kind == "scale":
-                setattr(layer, spec.key, torch.from_numpy(value).to(dtype=torch.float32, **fdev))
-            else:
-                setattr(layer, spec.key, tensor(value, dtype))
-                width = pack.out_features if spec in pack.out_stages else pack.in_features
-                if st.is_uniform(torch.from_numpy(value), width):
-                    uniform.add(spec.key)
         layer.uniform = frozenset(uniform)
-        if weight_storage == "int4":
-            layer.qweight = torch.from_numpy(pack.qweight).to(**fdev)
-            layer.w_scale = torch.from_numpy(pack.w_scale).to(**fdev)
-        else:
-            codes = unpack_codes(torch.from_numpy(pack.qweight), pack.in_features)
-            layer.w_t = (codes.float() * torch.from_numpy(pack.w_scale)[:, None]).to(dtype=dtype, **fdev)
-        if pack.bias is not None:
-            layer.bias = torch.from_numpy(pack.bias).to(dtype=dtype, **fdev)
-        if layer.act_scale is not None:
-            layer.act_scale = torch.ones(pack.in_features, dtype=torch.float32, **fdev)
-            if pack.act_scale is not None:  # built with --calib: no runtime calibration needed
-                layer.set_act_scale(torch.from_numpy(pack.act_scale))
+        if layer.act_scale is not None and pack.act_scale is not None:
+            layer.set_act_scale(torch.from_numpy(pack.act_scale))  # built with --calib: no runtime calibration
         return layer
 
     # ------------------------------------------------------------ forward pieces

@@ -43,13 +43,17 @@ _WORD = 8
 def bits_digest(weight: torch.Tensor) -> int:
     """Σ of the tensor's raw bytes read as little-endian int64 words (a short last word
     zero-padded), modulo 2⁶⁴, as a signed int64. Exact integer arithmetic: the same on every
-    device and in every summation order."""
+    device and in every summation order. On CPU the sum runs in NumPy, which uses no
+    OpenMP team: ``load_bundle`` runs it beside its own torch work without oversubscribing."""
     raw = weight.detach().contiguous().reshape(-1).view(torch.uint8)
     whole = raw.numel() - raw.numel() % _WORD
     words = raw[:whole]
     if words.storage_offset() % _WORD:  # a view into a buffer at an odd offset: align a copy
         words = words.clone()
-    total = int(words.view(torch.int64).sum()) if whole else 0
+    total = 0
+    if whole:
+        words = words.view(torch.int64)
+        total = int(words.numpy().sum()) if words.device.type == "cpu" else int(words.sum())
     if whole < raw.numel():
         tail = torch.zeros(_WORD, dtype=torch.uint8, device=raw.device)
         tail[: raw.numel() - whole] = raw[whole:]

@@ -174,9 +174,13 @@ def test_runtime_refuses_another_preset(demo_model, demo_bundles):
     assert isinstance(err, ConfigMismatchError) and err.field == "select.scope"
 
 
-def test_runtime_refuses_weights_one_ulp_away(ulp_ckpt, demo_bundles):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_runtime_refuses_weights_one_ulp_away(ulp_ckpt, demo_ckpt, demo_bundles, monkeypatch, ahead):
     from duquant_pipeline.demo_model import load_demo_model
+    from duquant_runtime import loader
 
+    # digests summed in line, or all of them on the background threads
+    monkeypatch.setattr(loader, "AHEAD_MIN_BYTES", 0 if ahead else 1 << 60)
     # bf16 (the checkpoint's dtype): its raw bytes against the bundle's exact digest; float32:
     # the float64 sums, which a dtype change leaves comparable.
     for dtype, check in ((torch.float32, "weight signature differs"), (torch.bfloat16, "raw-bytes digest")):
@@ -185,6 +189,8 @@ def test_runtime_refuses_weights_one_ulp_away(ulp_ckpt, demo_bundles):
         assert isinstance(err, CheckpointMismatchError)
         assert err.layer == LAYER and err.field == "weight signature" and LAYER in str(err)
         assert check in str(err)
+    report = load_bundle(load_demo_model(demo_ckpt, torch.bfloat16), demo_bundles["llm_w4a8"], "llm_w4a8")
+    assert len(report.replaced) == 126  # the checkpoint's own weights pass, each against its own digest
 
 
 def test_bits_digest_is_the_wrapping_sum_of_raw_int64_words():
