@@ -97,13 +97,16 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
 def _reusable(
     out_cfg: Path, config: DuQuantConfig, inputs: dict, sources: list[SourceTensor]
 ) -> tuple[Path, str] | None:
-    """An existing bundle built from exactly these inputs (config, sources, statistics) that
-    verifies, newest first; its per-layer choices follow from them."""
+    """An existing bundle built by this tool version from exactly these inputs (config,
+    sources, statistics) that verifies, newest first. Its per-layer choices follow from them
+    for one version only: a release may choose differently (0.4 ranks candidates on a row
+    sample) or write more (0.5's layer index), so after an upgrade the first build rebuilds."""
     for path in sorted(out_cfg.glob(f"{config.name}-*.h5"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             with BundleReader(path) as reader:  # one open: the seal is read once
                 fp_doc = reader.header.fingerprint_doc
-                if inputs_of(fp_doc) == inputs and not reader_problems(reader, config=config, sources=sources):
+                same = reader.header.tool_version == __version__ and inputs_of(fp_doc) == inputs
+                if same and not reader_problems(reader, config=config, sources=sources):
                     return path, reader.header.fingerprint
         except BundleError:
             continue

@@ -179,6 +179,20 @@ def test_second_build_is_a_noop(tiny_ckpt, tmp_path):
     assert second.path == first.path and first.path.stat().st_mtime_ns == stamp
 
 
+def test_a_bundle_of_another_tool_version_is_rebuilt(tiny_ckpt, tmp_path, monkeypatch):
+    """Same inputs, older release: its choices (or layout) may differ from this release's."""
+    from duquant_pipeline import build
+
+    path, _ = tiny_ckpt
+    monkeypatch.setattr(build, "__version__", "0.0.1")
+    old = build_bundle(tiny_config(), path, tmp_path, jobs=1)
+    monkeypatch.undo()
+    new = build_bundle(tiny_config(), path, tmp_path, jobs=1)
+    assert not new.skipped and new.fingerprint == old.fingerprint
+    with BundleReader(new.path) as reader:
+        assert reader.header.tool_version == build.__version__
+
+
 def test_cli_build_prints_path_last_and_verifies(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     cfg = tmp_path / "tiny.toml"
