@@ -119,7 +119,7 @@ class SealError(Exception):
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """crc32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which Python's
     zlib does not expose): crc1 is advanced over len2 zero bytes by squaring the GF(2)
-    operator of one zero bit, a few hundred microseconds for any length."""
+    operator of one zero bit, ~2.5 ms here for lengths of gigabytes."""
 
     def times(matrix: list[int], vector: int) -> int:
         total, row = 0, 0
@@ -188,6 +188,8 @@ def seal(path: Path, magic: bytes) -> None:
 
 
 def _check(path: Path, magic: bytes, keep: bool) -> np.ndarray | bool:
+    """False without a seal; else the seal checked (raising SealError on a mismatch) and
+    True, or with ``keep`` the file's bytes."""
     with open(path, "rb") as fh:
         head = fh.read(USERBLOCK + len(HDF5_SIGNATURE))
         size = os.fstat(fh.fileno()).st_size
@@ -212,7 +214,7 @@ def _check(path: Path, magic: bytes, keep: bool) -> np.ndarray | bool:
 def check_seal(path: Path, magic: bytes) -> bool:
     """True when the file carries a valid seal, False when it has none (an older unsealed
     file, or not ours); raises SealError when the seal does not match the bytes."""
-    return bool(_check(path, magic, keep=False) is not False)
+    return _check(path, magic, keep=False) is True
 
 
 def read_sealed(path: Path, magic: bytes) -> np.ndarray | None:

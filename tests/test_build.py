@@ -275,6 +275,28 @@ def test_default_jobs_runs_small_selections_in_process(monkeypatch):
     assert build.default_jobs(layers(1 << 20), "dask") == 8
 
 
+def test_in_process_builds_return_freed_memory_above_a_bound(tiny_ckpt, tmp_path, monkeypatch):
+    """`--jobs 1` trims glibc's arenas after a layer only while the process holds more than
+    TRIM_ABOVE_BYTES (the bound keeps small builds from re-faulting their temporaries)."""
+    from duquant_pipeline import workers
+
+    trims: list[int] = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(workers.ctypes, "CDLL", lambda name: FakeLibc())
+    path, _ = tiny_ckpt
+    monkeypatch.setattr(workers, "TRIM_ABOVE_BYTES", 1 << 60)
+    build_bundle(tiny_config(), path, tmp_path / "a", jobs=1)
+    assert trims == []
+    monkeypatch.setattr(workers, "TRIM_ABOVE_BYTES", 0)
+    build_bundle(tiny_config(), path, tmp_path / "b", jobs=1)
+    assert trims == [0] * 4  # one per selected layer
+
+
 def test_checkpoint_reuses_a_handle_for_a_bounded_number_of_bytes(tiny_ckpt, monkeypatch):
     """Reads share one safetensors handle until HANDLE_BYTES went through it, then reopen:
     no per-read open cost, and no handle that keeps a whole checkpoint's pages mapped."""
