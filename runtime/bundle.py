@@ -431,34 +431,35 @@ class BundleReader:
     def _read(self, name: str, key: str, s: Stored, shareable: bool) -> np.ndarray:
         """A dataset's values. One shared by several layers (/shared) is read once per reader,
         and the same array is returned to each (callers only read it)."""
-        if s.offset is None or self._bytes is None:
-            ds = s.dataset
-            assert ds is not None
-            if not shareable or h5py.h5o.get_info(ds.id).rc < 2:
-                return ds[()]
-            where = ("object", h5py.h5o.get_info(ds.id).addr)
-        else:
+        if s.offset is not None and self._bytes is not None:
             where = ("offset", s.offset)
-        hit = self._arrays.get(where)
-        if hit is not None:
-            return hit
-        if s.offset is None or self._bytes is None:
-            data = s.dataset[()]  # type: ignore[index]
         else:
-            count = int(np.prod(s.shape, dtype=np.int64))
-            if not 0 <= s.offset <= len(self._bytes) - count * s.dtype.itemsize:
-                raise BundleReadError(
-                    f"{self.path}: layer {name!r} dataset {key!r} points outside the file; the bundle is "
-                    f"inconsistent — {FIX}",
-                    layer=name,
-                    field=key,
-                )
-            data = np.frombuffer(self._bytes, s.dtype, count, s.offset).reshape(s.shape)
-            if key != "qweight" or not data.flags.aligned:
-                data = data.copy()  # small arrays: a view would keep the whole file's bytes alive
-        if shareable:
-            self._arrays[where] = data
+            assert s.dataset is not None
+            info = h5py.h5o.get_info(s.dataset.id) if shareable else None
+            if info is None or info.rc < 2:  # linked from one layer only
+                return s.dataset[()]
+            where = ("object", info.addr)
+        data = self._arrays.get(where)
+        if data is None:
+            data = self._cut(name, key, s) if where[0] == "offset" else s.dataset[()]  # type: ignore[index]
+            if shareable:
+                self._arrays[where] = data
         return data
+
+    def _cut(self, name: str, key: str, s: Stored) -> np.ndarray:
+        """A dataset's values out of the sealed bytes: codes as a view, the rest copied (small
+        arrays that would otherwise keep the whole file's bytes alive)."""
+        assert self._bytes is not None and s.offset is not None
+        count = int(np.prod(s.shape, dtype=np.int64))
+        if not 0 <= s.offset <= len(self._bytes) - count * s.dtype.itemsize:
+            raise BundleReadError(
+                f"{self.path}: layer {name!r} dataset {key!r} points outside the file; the bundle is "
+                f"inconsistent — {FIX}",
+                layer=name,
+                field=key,
+            )
+        data = np.frombuffer(self._bytes, s.dtype, count, s.offset).reshape(s.shape)
+        return data if key == "qweight" and data.flags.aligned else data.copy()
 
     def layer_summary(self, name: str) -> dict[str, Any]:
         """A layer's metadata and stored bytes without reading any dataset (for ``inspect``):

@@ -173,35 +173,9 @@ def _prepare(
     with _digests_ahead(digested) as digests:
         for name in header.layer_names:
             target = prefix + name
-            module = modules.get(target)
-            if module is None:
-                near = [m for m in modules if m.endswith(name)]
-                hint = f"; the model has {near[0]!r} — pass name_prefix={near[0][: -len(name)]!r}" if near else ""
-                raise ModelMismatchError(
-                    f"layer {target}: not found in the model{hint}", layer=target, field="presence"
-                )
-            if not isinstance(module, nn.Linear):
-                raise ModelMismatchError(
-                    f"layer {target}: is a {type(module).__name__} in the model, not an nn.Linear",
-                    layer=target,
-                    field="type",
-                )
+            module = _linear(modules, target, name)
             pack = reader.read_layer(name, check=True)
-            live = (module.out_features, module.in_features)
-            if live != (pack.out_features, pack.in_features):
-                raise ModelMismatchError(
-                    f"layer {target}: shape differs (model {live[0]}x{live[1]}, bundle "
-                    f"{pack.out_features}x{pack.in_features})",
-                    layer=target,
-                    field="shape",
-                )
-            if (module.bias is None) != (pack.bias is None):
-                raise ModelMismatchError(
-                    f"layer {target}: bias {'missing' if module.bias is None else 'present'} in the "
-                    "model but not in the bundle",
-                    layer=target,
-                    field="bias",
-                )
+            _check_fits(target, module, pack)
             if verify == "signature":
                 problem = _signature_problem(target, module.weight, pack, digests.get(name))
                 if problem:
@@ -220,9 +194,43 @@ def _prepare(
             prepared[target] = (module, layer)
             if progress is not None:
                 progress.step()
-        if progress is not None:
-            progress.close()
-        return prepared
+    if progress is not None:
+        progress.close()
+    return prepared
+
+
+def _linear(modules: dict[str, nn.Module], target: str, name: str) -> nn.Linear:
+    """The model's module for a bundle layer, refused unless it is an nn.Linear."""
+    module = modules.get(target)
+    if module is None:
+        near = [m for m in modules if m.endswith(name)]
+        hint = f"; the model has {near[0]!r} — pass name_prefix={near[0][: -len(name)]!r}" if near else ""
+        raise ModelMismatchError(f"layer {target}: not found in the model{hint}", layer=target, field="presence")
+    if not isinstance(module, nn.Linear):
+        raise ModelMismatchError(
+            f"layer {target}: is a {type(module).__name__} in the model, not an nn.Linear",
+            layer=target,
+            field="type",
+        )
+    return module
+
+
+def _check_fits(target: str, module: nn.Linear, pack: LayerPack) -> None:
+    """The layer's shape and bias presence agree between the model and the bundle."""
+    live = (module.out_features, module.in_features)
+    if live != (pack.out_features, pack.in_features):
+        raise ModelMismatchError(
+            f"layer {target}: shape differs (model {live[0]}x{live[1]}, bundle {pack.out_features}x{pack.in_features})",
+            layer=target,
+            field="shape",
+        )
+    if (module.bias is None) != (pack.bias is None):
+        raise ModelMismatchError(
+            f"layer {target}: bias {'missing' if module.bias is None else 'present'} in the model "
+            "but not in the bundle",
+            layer=target,
+            field="bias",
+        )
 
 
 class _Progress:
