@@ -129,6 +129,20 @@ def run_cases(cases: list[tuple[str, Path]], spec: dict, deadline: float = 20.0)
     return results
 
 
+def linear_tree(layers: dict[str, list], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A module tree holding one nn.Linear per dotted name ({name: [out, in, bias]})."""
+    model = torch.nn.Module()
+    for name, (out, inp, bias) in layers.items():
+        parent = model
+        *parents, leaf = name.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, torch.nn.Linear(inp, out, bias=bias, dtype=dtype))
+    return model
+
+
 def main() -> None:
     """The child: read the spec, then one file path a line; print one outcome a line."""
     from duquant_runtime import load_bundle
@@ -140,15 +154,7 @@ def main() -> None:
     tensors = dict(np.load(spec["tensors"]))
     print("ready", flush=True)
     for line in sys.stdin:
-        model = torch.nn.Module()
-        for name, (out, inp, bias) in spec["layers"].items():
-            parent = model
-            *parents, leaf = name.split(".")
-            for part in parents:
-                if not hasattr(parent, part):
-                    parent.add_module(part, torch.nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, torch.nn.Linear(inp, out, bias=bias))
+        model = linear_tree(spec["layers"])
         model.load_state_dict({k: torch.from_numpy(v).float() for k, v in tensors.items()})
         path = line.strip()
         try:

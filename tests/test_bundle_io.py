@@ -20,6 +20,7 @@ from duquant_runtime import h5file, load_bundle
 from duquant_runtime.bundle import INDEX, SEAL_MAGIC, BundleReader, seal
 from duquant_runtime.config import from_dict
 from duquant_runtime.errors import BundleReadError
+from fuzz_reader import linear_tree
 from torch import nn
 
 
@@ -40,24 +41,14 @@ def built(tmp_path_factory):
 
 
 def model_of(tensors: dict[str, np.ndarray]) -> nn.Module:
-    model = nn.Module()
-    for key, w in tensors.items():
-        if not key.endswith(".weight"):
-            continue
-        name = key[: -len(".weight")]
-        bias = tensors.get(f"{name}.bias")
-        linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=torch.bfloat16)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
-            if bias is not None:
-                linear.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
-        parent = model
-        *path, leaf = name.split(".")
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(leaf, linear)
+    """A bf16 model holding the checkpoint's weights and biases."""
+    layers = {
+        k[: -len(".weight")]: [*w.shape, f"{k[: -len('.weight')]}.bias" in tensors]
+        for k, w in tensors.items()
+        if k.endswith(".weight")
+    }
+    model = linear_tree(layers, torch.bfloat16)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()})
     return model
 
 
