@@ -263,8 +263,9 @@ def _plan(meta: dict[str, Any], present: dict[str, Any], version: int) -> tuple[
 
 
 class Stored(NamedTuple):
-    """Where one dataset's values are: shape, dtype and either its byte offset in the sealed
-    file held in memory, or (``offset`` None) the h5py dataset to read them from."""
+    """Where one dataset's values are: shape, dtype, its byte offset in the file (None when
+    not stored contiguously), and the h5py dataset when read from a group. The offset is read
+    from when the reader holds the sealed bytes; otherwise the dataset is."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -424,8 +425,7 @@ class BundleReader:
         for key, ds in g.items():
             if not isinstance(ds, h5py.Dataset):
                 raise BundleReadError(f"{self.path}: layer {name!r} {key!r} is not a dataset", layer=name, field=key)
-            offset = ds.id.get_offset() if self._bytes is not None else None
-            stored[key] = Stored(ds.shape, ds.dtype, offset, ds)
+            stored[key] = Stored(ds.shape, ds.dtype, ds.id.get_offset(), ds)
         return h5file.json_attr(g, "meta"), stored
 
     def _read(self, name: str, key: str, s: Stored, shareable: bool) -> np.ndarray:
@@ -466,22 +466,13 @@ class BundleReader:
         the ``meta`` JSON plus ``datasets`` {dataset: [bytes, location]} from the datasets'
         shapes (a dataset shared by several layers has one location)."""
         with _translated(self.path, f"layer {name!r}"):
-            if self._index is not None:
-                meta, stored = self._entry(name, use_index=True)
-                where = {k: s.offset for k, s in stored.items()}
-            else:
-                g = self._group(name)
-                meta, stored = h5file.json_attr(g, "meta"), {}
-                where = {}
-                for k, ds in g.items():
-                    if isinstance(ds, h5py.Dataset):
-                        stored[k] = Stored(ds.shape, ds.dtype, None, ds)
-                        where[k] = int(h5py.h5o.get_info(ds.id).addr)
-            meta = dict(meta)
-            meta["datasets"] = {
-                k: [int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize, where[k]] for k, s in stored.items()
-            }
-            return meta
+            meta, stored = self._entry(name, use_index=True)
+
+            def stored_bytes_at(s: Stored) -> list[int]:  # at: the index's offset, or the object's address
+                at = s.offset if s.dataset is None else h5py.h5o.get_info(s.dataset.id).addr
+                return [int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize, int(at)]
+
+            return {**meta, "datasets": {k: stored_bytes_at(s) for k, s in stored.items()}}
 
     def index_problems(self) -> list[str]:
         """Where the index disagrees with the layers' groups (``verify`` checks both; a load
@@ -491,11 +482,8 @@ class BundleReader:
         problems = []
         with _translated(self.path, "the layer index"):
             for name in self.header.layer_names:
-                meta, stored = self._entry(name, use_index=True)
-                g = self._group(name)
-                datasets = {k: ds for k, ds in g.items() if isinstance(ds, h5py.Dataset)}
-                groups = {k: Stored(ds.shape, ds.dtype, ds.id.get_offset()) for k, ds in datasets.items()}
-                if meta != h5file.json_attr(g, "meta") or stored != groups:
+                (meta, indexed), (group_meta, grouped) = (self._entry(name, use_index=u) for u in (True, False))
+                if meta != group_meta or _locations(indexed) != _locations(grouped):
                     problems.append(f"layer {name}: the bundle's index disagrees with the layer's datasets — {FIX}")
         return problems
 
@@ -560,6 +548,11 @@ class BundleReader:
         _check_pack_values(self.path, pack, self._vetted)
         self._vetted.update((id(v), v) for k, v in pack.stage_values.items() if kinds[k] in SHAREABLE_KINDS)
         return pack
+
+
+def _locations(stored: dict[str, Stored]) -> dict[str, tuple]:
+    """Each dataset's (shape, dtype, offset), without the h5py object."""
+    return {k: (s.shape, s.dtype, s.offset) for k, s in stored.items()}
 
 
 def _source_bits(value: Any) -> int | None:
