@@ -33,7 +33,8 @@ from .output import OutputError, bundle_path, check_space, output_error, output_
 from .pack import pack_layer
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import reader_problems
-from .workers import BACKENDS, block_ctrl_c, run_jobs, start_pool
+from .process import block_stop_signals
+from .workers import BACKENDS, run_jobs, start_pool
 
 Progress = Callable[[int, int, int, int], None]
 
@@ -168,7 +169,7 @@ def build_bundle(
     total_bytes = sum(la.weight_bytes for la in layers)
     out_cfg = Path(out_dir) / config.name
     hashing: Future[list[SourceTensor]] | None = None
-    pool = ThreadPoolExecutor(max_workers=1, initializer=block_ctrl_c)
+    pool = ThreadPoolExecutor(max_workers=1, initializer=block_stop_signals)
     if not force and any(out_cfg.glob(f"{config.name}-*.h5")):
         # A bundle of this config exists: the fingerprint's inputs decide whether it can be reused.
         sources = source_tensors(ckpt, layers, jobs)
@@ -222,6 +223,7 @@ def build_bundle(
             raise output_error(out_cfg, exc) from None
         raise
     finally:
+        packs.close()  # stops the workers now (loky's, a local dask cluster), not when collected
         pool.shutdown(wait=False, cancel_futures=True)
     return BuildResult(out.target, fp, len(layers), False, time.perf_counter() - start, total_bytes)
 

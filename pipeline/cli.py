@@ -22,6 +22,8 @@ from duquant_runtime.config import DuQuantConfig, component_of, preset_names, re
 from duquant_runtime.env import apply_env
 from duquant_runtime.errors import DuQuantError
 
+from .process import StopSignals, Stopped
+
 EXIT_BAD_INPUT = 2
 
 
@@ -31,7 +33,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our own exceptions into one sentence and exit 2; Ctrl-C into exit 130."""
+    """Turn our own exceptions into one sentence and exit 2; Ctrl-C into exit 130, SIGTERM into 143."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -39,46 +41,13 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except DuQuantError as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            click.echo("interrupted: no bundle was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            stop = exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
+            how = "interrupted" if stop.signum == signal.SIGINT else f"stopped by {signal.Signals(stop.signum).name}"
+            click.echo(f"{how}: no bundle was written", err=True)
+            sys.exit(stop.exit_code)
 
     return wrapper
-
-
-class _CtrlC:
-    """Ctrl-C during a build: KeyboardInterrupt at once, as usual, and remembered. Python may
-    raise it inside a garbage-collection callback, which swallows it ("Exception ignored");
-    the build's per-layer progress call raises it again, so no Ctrl-C is lost. A process that
-    was started with SIGINT ignored (a background job) keeps ignoring it."""
-
-    def __init__(self) -> None:
-        self.pressed = False
-        self.previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.pressed = True
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
-
-    def _unraisable(self, unraisable: Any) -> None:
-        if not issubclass(unraisable.exc_type, KeyboardInterrupt):  # ours is raised again by check()
-            self.hook(unraisable)
-
-    def __enter__(self) -> _CtrlC:
-        self.hook = sys.unraisablehook
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-            sys.unraisablehook = self._unraisable
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            sys.unraisablehook = self.hook
 
 
 def load_config(config: str, use_env: bool) -> DuQuantConfig:
@@ -219,7 +188,7 @@ def build(
     from tqdm import tqdm
 
     from .build import build_bundle
-    from .workers import keep_large_temporaries
+    from .process import keep_large_temporaries
 
     if scheduler and backend != "dask":
         _fail("--scheduler is for --backend dask: add --backend dask, or drop --scheduler")
@@ -228,11 +197,11 @@ def build(
     if min_sqnr is not None:
         cfg = cfg.replace("quant", min_sqnr_db=min_sqnr)
     bar: tqdm | None = None
-    ctrl_c = _CtrlC()
+    stop = StopSignals()
 
     def progress(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
         nonlocal bar
-        ctrl_c.check()
+        stop.check()
         if quiet:
             return
         if bar is None:
@@ -248,7 +217,7 @@ def build(
         bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights", refresh=False)
 
     try:
-        with ctrl_c:
+        with stop:
             result = build_bundle(
                 cfg,
                 checkpoint,
@@ -260,6 +229,10 @@ def build(
                 calib=calib,
                 scheduler=scheduler,
             )
+    except BaseException:
+        if stop.received is not None:  # whatever surfaced first (a worker killed by the same signal...)
+            raise Stopped(stop.received) from None
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -18,6 +18,7 @@ from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import DuQuantError
 
+from . import process
 from .checkpoint import CheckpointError
 from .select import SelectedLayer
 from .workers import pack_job
@@ -34,7 +35,21 @@ def _pack_on_worker(ckpt_path: str, layer: SelectedLayer, config: DuQuantConfig,
                 f"dask worker on {socket.gethostname()} cannot open the {what} {path}: the cluster's workers need "
                 "a shared filesystem where it has the same path"
             )
-    return pack_job(ckpt_path, layer, config, stats_path, worker=True)
+    return pack_job(ckpt_path, layer, config, stats_path)
+
+
+def _worker_setup():
+    """A dask WorkerPlugin that runs ``process.init_worker`` once in each worker (made here:
+    the plugin class needs distributed, an optional dependency)."""
+    from distributed import WorkerPlugin
+
+    class DuquantWorkerSetup(WorkerPlugin):
+        name = "duquant-worker-setup"  # registered once per cluster, however many builds use it
+
+        def setup(self, worker: object) -> None:
+            process.init_worker()
+
+    return DuquantWorkerSetup()
 
 
 def _client(scheduler: str | None, jobs: int):
@@ -75,6 +90,7 @@ def run_dask(
     from distributed.client import FutureCancelledError
 
     client, cluster = _client(scheduler, jobs)
+    client.register_plugin(_worker_setup())
     # No explicit keys: dask makes them unique (pure=False), so two builds sharing a cluster
     # never share a task.
     futures = [client.submit(_pack_on_worker, ckpt_path, la, config, stats_path, pure=False) for la in order]

@@ -53,7 +53,9 @@ def demo_bundles(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     }
 
 
-def start_build_and_wait_for_temp(config: str, ckpt: Path, out: Path, jobs: int) -> subprocess.Popen:
+def start_build_and_wait_for_temp(
+    config: str, ckpt: Path, out: Path, jobs: int, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """Start `duquant-packs build` in its own process group; return once it writes its temp file."""
     cmd = [
         sys.executable,
@@ -69,6 +71,7 @@ def start_build_and_wait_for_temp(config: str, ckpt: Path, out: Path, jobs: int)
         "--jobs",
         str(jobs),
         "-q",
+        *extra,
     ]
     # A foreground command: Ctrl-C is SIGINT's default. (Run from a background job of a
     # non-interactive shell, pytest itself starts with SIGINT ignored, and children inherit that.)

@@ -278,7 +278,7 @@ def test_default_jobs_runs_small_selections_in_process(monkeypatch):
 def test_in_process_builds_return_freed_memory_above_a_bound(tiny_ckpt, tmp_path, monkeypatch):
     """`--jobs 1` trims glibc's arenas after a layer only while the process holds more than
     TRIM_ABOVE_BYTES (the bound keeps small builds from re-faulting their temporaries)."""
-    from duquant_pipeline import workers
+    from duquant_pipeline import process
 
     trims: list[int] = []
 
@@ -287,12 +287,12 @@ def test_in_process_builds_return_freed_memory_above_a_bound(tiny_ckpt, tmp_path
             trims.append(pad)
             return 1
 
-    monkeypatch.setattr(workers.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(process.ctypes, "CDLL", lambda name: FakeLibc())
     path, _ = tiny_ckpt
-    monkeypatch.setattr(workers, "TRIM_ABOVE_BYTES", 1 << 60)
+    monkeypatch.setattr(process, "TRIM_ABOVE_BYTES", 1 << 60)
     build_bundle(tiny_config(), path, tmp_path / "a", jobs=1)
     assert trims == []
-    monkeypatch.setattr(workers, "TRIM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(process, "TRIM_ABOVE_BYTES", 0)
     build_bundle(tiny_config(), path, tmp_path / "b", jobs=1)
     assert trims == [0] * 4  # one per selected layer
 

@@ -374,15 +374,35 @@ def test_ctrl_c_stops_workers_and_cleans_up(demo_ckpt, tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted: no bundle was written" in err and "Traceback" not in err
     assert not list(target.iterdir())
-    deadline = time.time() + 20  # the workers are gone too
+    assert_group_gone(proc.pid, "Ctrl-C")
+
+
+def assert_group_gone(pgid: int, what: str, seconds: float = 20) -> None:
+    """No process of the build's session is left: its workers, loky's resource tracker, a
+    dask LocalCluster's nanny and workers."""
+    deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            os.killpg(proc.pid, 0)
+            os.killpg(pgid, 0)
         except ProcessLookupError:
-            break
+            return
         time.sleep(0.2)
-    else:
-        pytest.fail("worker processes survived Ctrl-C")
+    pytest.fail(f"worker processes survived {what}")
+
+
+@pytest.mark.parametrize("backend", ["loky", "dask"])
+def test_sigterm_stops_workers_and_cleans_up(demo_ckpt, tmp_path, backend):
+    """What Slurm, Kubernetes, `timeout` and systemd do: SIGTERM to the build's own process
+    only. The build stops its workers itself, removes its temp file and exits 143."""
+    if backend == "dask":
+        pytest.importorskip("distributed")
+    proc = start_build_and_wait_for_temp("full_w4a8", demo_ckpt, tmp_path, jobs=2, extra=("--backend", backend))
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM: no bundle was written" in err and "Traceback" not in err
+    assert not list((tmp_path / "full_w4a8").iterdir())
+    assert_group_gone(proc.pid, "SIGTERM")
 
 
 # ---------------------------------------------------------------- fuzzing the reader
