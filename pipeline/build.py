@@ -31,9 +31,9 @@ from .fingerprints import fingerprint_document, inputs_of
 from .methods import check
 from .output import OutputError, bundle_path, check_space, output_error, output_errors, remove_stale_temps
 from .pack import pack_layer
+from .process import block_stop_signals
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import reader_problems
-from .process import block_stop_signals
 from .workers import BACKENDS, run_jobs, start_pool
 
 Progress = Callable[[int, int, int, int], None]

@@ -22,7 +22,7 @@ from duquant_runtime.config import DuQuantConfig, component_of, preset_names, re
 from duquant_runtime.env import apply_env
 from duquant_runtime.errors import DuQuantError
 
-from .process import StopSignals, Stopped
+from .process import Stopped, StopSignals
 
 EXIT_BAD_INPUT = 2
 
