@@ -47,6 +47,7 @@ class BuildResult:
     skipped: bool
     seconds: float
     weight_bytes: int
+    name_prefix: str = ""  # the checkpoint's prefix the layer names were found under, e.g. "model."
 
 
 # Below this many selected weights a pool's start-up (worker processes importing torch and
@@ -164,6 +165,7 @@ def build_bundle(
     check(config)
     ckpt = Checkpoint.open(checkpoint)
     layers = select_layers(config, ckpt)
+    name_prefix = layers[0].prefix
     jobs = jobs or default_jobs(layers, backend)
     stats_digest = _check_calib(config, layers, calib)
     total_bytes = sum(la.weight_bytes for la in layers)
@@ -173,10 +175,15 @@ def build_bundle(
     if not force and any(out_cfg.glob(f"{config.name}-*.h5")):
         # A bundle of this config exists: the fingerprint's inputs decide whether it can be reused.
         sources = source_tensors(ckpt, layers, jobs)
-        reusable = _reusable(out_cfg, config, inputs_of(fingerprint_document(config, sources, stats_digest)), sources)
+        reusable = _reusable(
+            out_cfg,
+            config,
+            inputs_of(fingerprint_document(config, sources, stats_digest, name_prefix=name_prefix)),
+            sources,
+        )
         if reusable is not None:
             final, fp = reusable
-            return BuildResult(final, fp, len(layers), True, time.perf_counter() - start, total_bytes)
+            return BuildResult(final, fp, len(layers), True, time.perf_counter() - start, total_bytes, name_prefix)
     else:
         # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
         hashing = pool.submit(source_tensors, ckpt, layers, 1)
@@ -198,7 +205,7 @@ def build_bundle(
                 choices, index = _write_packs(f, packs, layers, out_cfg, progress)
                 if hashing is not None:
                     sources = hashing.result()
-                doc = fingerprint_document(config, sources, stats_digest, choices)
+                doc = fingerprint_document(config, sources, stats_digest, choices, name_prefix)
                 with output_errors(out_cfg):
                     write_header(
                         f,
@@ -225,7 +232,7 @@ def build_bundle(
     finally:
         packs.close()  # stops the workers now (loky's, a local dask cluster), not when collected
         pool.shutdown(wait=False, cancel_futures=True)
-    return BuildResult(out.target, fp, len(layers), False, time.perf_counter() - start, total_bytes)
+    return BuildResult(out.target, fp, len(layers), False, time.perf_counter() - start, total_bytes, name_prefix)
 
 
 __all__ = ["BuildResult", "BundleError", "OutputError", "build_bundle", "bundle_path", "pack_layer", "source_tensors"]

@@ -239,7 +239,7 @@ def build(
     verb = "reused verified" if result.skipped else "built"
     click.echo(
         f"{verb} {cfg.name}: {result.layers} layers, {_human(result.weight_bytes)} of weights, "
-        f"fingerprint {result.fingerprint[:12]}, {result.seconds:.1f} s",
+        f"fingerprint {result.fingerprint[:12]}, {result.seconds:.1f} s" + _prefix_note(result.name_prefix),
         err=True,
     )
     click.echo(str(result.path))
@@ -261,7 +261,13 @@ def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
     for la in layers:
         click.echo(f"{la.name:<{width}}  {la.out_features:>6} x {la.in_features:<6}  w{la.bits}  {la.dtype}")
     total = sum(la.weight_bytes for la in layers)
-    click.echo(f"{len(layers)} layers selected by {cfg.name} ({_human(total)} of weights)")
+    click.echo(
+        f"{len(layers)} layers selected by {cfg.name} ({_human(total)} of weights){_prefix_note(layers[0].prefix)}"
+    )
+
+
+def _prefix_note(prefix: str) -> str:
+    return f"; names under {prefix!r} (detected)" if prefix else ""
 
 
 @main.command()

@@ -21,10 +21,13 @@ def fingerprint_document(
     tensors: Iterable[SourceTensor],
     calib_digest: str | None = None,
     choices: Mapping[str, str] | None = None,
+    name_prefix: str = "",
 ) -> dict[str, Any]:
     """``choices`` (layer -> the candidate build kept, e.g. "hadamard+eq0.5" or
     "rtn+eq1+w8") binds the per-layer decisions too: two bundles that differ in any
-    layer's transform never share a fingerprint."""
+    layer's transform never share a fingerprint. ``name_prefix``: the checkpoint's prefix
+    the layer names were found under (e.g. LeRobot's "model."), recorded only when there is
+    one, so bundles without it keep their fingerprints."""
     method = handler(config.transform.method)
     doc = {
         "format_version": FORMAT_VERSION,
@@ -34,6 +37,8 @@ def fingerprint_document(
         "source": sorted((t.to_json() for t in tensors), key=lambda row: row[0]),
         "calib": calib_digest,
     }
+    if name_prefix:
+        doc["name_prefix"] = name_prefix
     if choices:
         doc["choices"] = sorted([name, str(choice)] for name, choice in choices.items())
     return doc

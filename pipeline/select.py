@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from duquant_runtime.config import DuQuantConfig, matches
 from duquant_runtime.errors import SelectionError
 from duquant_runtime.fingerprint import SourceTensor
+from duquant_runtime.prefix import selection_prefix
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 
@@ -33,6 +34,11 @@ class SelectedLayer:
     @property
     def weight_bytes(self) -> int:
         return self.out_features * self.in_features * (2 if self.dtype in ("BF16", "F16") else 4)
+
+    @property
+    def prefix(self) -> str:
+        """The checkpoint's name prefix this layer was found under ("" or e.g. "model.")."""
+        return self.weight[: len(self.weight) - len(self.name) - len(".weight")]
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -94,8 +100,13 @@ def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
 
 
 def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
-    modules = linear_modules(ckpt)
+    """The layers ``cfg`` selects, named as its selection sees them: when every selected name is
+    under one prefix the scope does not expect (LeRobot's "model."), the layer is named without
+    it and ``SelectedLayer.prefix`` holds it."""
     s, q = cfg.select, cfg.quant
+    found = linear_modules(ckpt)
+    prefix = selection_prefix(s, found)
+    modules = {n[len(prefix) :]: tensors for n, tensors in found.items() if n.startswith(prefix)}
     names = matches(s, modules)
     if not names:
         raise SelectionError(explain_empty(cfg, sorted(modules)))

@@ -11,9 +11,13 @@ from .fingerprint import diff_fields
 
 
 def expected_layers(header: BundleHeader) -> set[str]:
-    """Module names the fingerprint says the bundle holds (one per selected '.weight')."""
+    """Layer names the fingerprint says the bundle holds: one per selected '.weight', less the
+    checkpoint's name prefix (``name_prefix``, recorded when the build detected one)."""
+    prefix = str(header.fingerprint_doc.get("name_prefix", ""))
     return {
-        row[0][: -len(".weight")] for row in header.fingerprint_doc.get("source", []) if str(row[0]).endswith(".weight")
+        row[0][len(prefix) : -len(".weight")]
+        for row in header.fingerprint_doc.get("source", [])
+        if str(row[0]).endswith(".weight") and str(row[0]).startswith(prefix)
     }
 
 

@@ -29,6 +29,7 @@ from .errors import (
     ModelMismatchError,
 )
 from .layer import WEIGHT_STORAGES, DuQuantLinear
+from .prefix import detect_prefix
 from .signature import SIGNATURE_RTOL, SOURCE_TORCH_DTYPES, bits_digest, signature_matches, weight_signature
 
 VERIFY_MODES = ("signature", "shapes")
@@ -65,36 +66,6 @@ class LoadReport:
             f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.3f}x) in {self.seconds:.2f} s"
             + (f" [{parts}]" if len(self.components) > 1 else "")
         )
-
-
-def detect_prefix(names: list[str], modules: dict[str, nn.Module]) -> str:
-    """The one name prefix under which every bundle layer is a module of the model ("" when
-    they all resolve as they are). Refuses with the candidates when several fit, and with
-    the first unresolvable layer when none does."""
-    if all(n in modules for n in names):
-        return ""
-    first = names[0]
-    # only prefixes under which the first layer exists can fit them all
-    candidates = {m[: -len(first)] for m in modules if m.endswith("." + first)}
-    fits = sorted(p for p in candidates if all(p + n in modules for n in names))
-    if len(fits) == 1:
-        return fits[0]
-    if fits:
-        listed = ", ".join(repr(p) for p in fits)
-        raise ModelMismatchError(
-            f"the bundle's layers are found in the model under several name prefixes ({listed}): pass "
-            "name_prefix= to say which copy to quantize",
-            field="presence",
-        )
-    missing = next((n for n in names if not any(p + n in modules for p in candidates)), first)
-    near = [m for m in modules if m.endswith(missing)]
-    hint = f"; the model has {near[0]!r}" if near else ""
-    raise ModelMismatchError(
-        f"layer {missing}: not found in the model under any one name prefix{hint} — is this the model the "
-        "bundle was built for?",
-        layer=missing,
-        field="presence",
-    )
 
 
 @contextlib.contextmanager

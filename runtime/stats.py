@@ -34,6 +34,7 @@ from torch import nn
 from . import h5file
 from .config import DuQuantConfig, matches, resolve
 from .errors import StatsError
+from .prefix import selection_prefix
 from .signature import weight_signature
 
 STATS_FORMAT = "duquant-packs-stats"
@@ -187,10 +188,15 @@ def capture_stats(
         stats.save("artifacts/stats/full_w4a8.h5")
 
     Run it on the float model (before ``load_bundle``). ``name_prefix`` is prepended to
-    module names to get checkpoint names, as in ``load_bundle``.
+    module names to get checkpoint names. Layers are recorded under the names the build
+    gives them: on a model whose selected modules all sit under one parent the scope does not
+    expect (LeRobot's policy holds pi0.5 as ``model``), that prefix is dropped, as ``build``
+    drops it from the checkpoint's names.
     """
     cfg = resolve(config)
     linears = {name_prefix + n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    detected = selection_prefix(cfg.select, linears)
+    linears = {n[len(detected) :]: m for n, m in linears.items() if n.startswith(detected)}
     names = matches(cfg.select, linears)
     if not names:
         raise StatsError(
