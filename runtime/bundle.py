@@ -61,7 +61,7 @@ from .stages import LEGACY_INPUT, LEGACY_OUTPUT, StageSpec, check_plan
 FORMAT_NAME = "duquant-packs-bundle"
 LAYERS = "layers"
 INDEX = "index_json"  # root attribute (from 0.5): every layer's meta and dataset offsets
-SEAL_MAGIC = b"duquant-bundle\x00\x02"  # 16 bytes
+SEAL_MAGIC = h5file.BUNDLE_MAGIC
 FIXED = ("qweight", "w_scale", "bias", "act_scale")  # every layer's own datasets besides its stages
 # Which tool release first wrote each format version (for "built by X" messages).
 FORMAT_WRITERS = {1: "0.1", 2: "0.2"}

@@ -24,7 +24,7 @@ from .layer import DuQuantLinear
 
 SCALES_FORMAT = "duquant-packs-act-scales"
 SCALES_VERSION = 2  # 2: sealed; 1 is still read
-SEAL_MAGIC = b"duquant-scales\x00\x02"  # 16 bytes
+SEAL_MAGIC = h5file.SCALES_MAGIC
 
 
 class _Observer:

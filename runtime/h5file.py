@@ -42,6 +42,16 @@ SEAL_CHUNK = 16 << 20
 SEAL_PIECE_MIN = 64 << 20  # files under twice this are checked in one thread
 SEAL_MAX_THREADS = 8
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# The sealed files this project writes, by their magic (16 bytes: kind, format version):
+# a file of one kind opened as another is told what it is, not that it is damaged.
+BUNDLE_MAGIC = b"duquant-bundle\x00\x02"
+STATS_MAGIC = b"duquant-stats\x00\x00\x02"
+SCALES_MAGIC = b"duquant-scales\x00\x02"
+KINDS = {
+    BUNDLE_MAGIC: "a bundle (written by `duquant-packs build`)",
+    STATS_MAGIC: "a statistics file (written by `capture_stats`, read by `build --calib`)",
+    SCALES_MAGIC: "an activation-scales file (written by `calibrate`)",
+}
 # No legitimate attribute comes near this; a damaged header can claim gigabytes.
 MAX_ATTR_BYTES = 64 << 20
 READ_FAILURES = (
@@ -114,6 +124,11 @@ def create(path: Path) -> h5py.File:
 
 class SealError(Exception):
     """The seal does not match the bytes (message: what is wrong, without the fix)."""
+
+
+class WrongKindError(SealError):
+    """The file carries the seal of another of our kinds (message: what it is; no fix to
+    suggest but passing the right file)."""
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
@@ -194,6 +209,9 @@ def _check(path: Path, magic: bytes, keep: bool) -> np.ndarray | bool:
         head = fh.read(USERBLOCK + len(HDF5_SIGNATURE))
         size = os.fstat(fh.fileno()).st_size
     if len(head) < SEAL.size or not head.startswith(magic):
+        found = KINDS.get(head[: len(magic)])
+        if found is not None and magic in KINDS:
+            raise WrongKindError(f"this is {found}, not {KINDS[magic]}")
         if head[USERBLOCK:] == HDF5_SIGNATURE:  # a user block without our seal
             raise SealError("the file's seal is damaged, so its contents cannot be trusted")
         return False
@@ -253,6 +271,9 @@ def translated(
         yield
     except (error, *passthrough):
         raise
+    except WrongKindError as exc:
+        where = {"field": "file"} if issubclass(error, BundleError) else {}
+        raise error(f"{path}: {exc}", **where) from None
     except SealError as exc:
         where = {"field": "file"} if issubclass(error, BundleError) else {}
         raise error(f"{path}: {exc} — {fix}", **where) from None

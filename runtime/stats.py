@@ -39,7 +39,7 @@ from .signature import weight_signature
 
 STATS_FORMAT = "duquant-packs-stats"
 STATS_VERSION = 2  # 2: sealed, no percentile dataset; 1 is still read
-SEAL_MAGIC = b"duquant-stats\x00\x00\x02"  # 16 bytes
+SEAL_MAGIC = h5file.STATS_MAGIC
 DATASETS = ("absmax", "gram", "sample")
 FIX = "capture the statistics again"
 
