@@ -63,7 +63,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_a_statistics_file_given_as_a_bundle_is_named(tiny):
-    code, out, err = _cli("inspect", str(tiny["stats"]))
+    code, _, err = _cli("inspect", str(tiny["stats"]))
     assert code == 2
     assert "this is a statistics file" in err and "not a bundle" in err
     assert "damaged" not in err
@@ -72,7 +72,7 @@ def test_a_statistics_file_given_as_a_bundle_is_named(tiny):
 
 
 def test_a_bundle_given_as_statistics_is_named(tiny):
-    code, out, err = _cli(
+    code, _, err = _cli(
         "build", "-c", str(tiny["config"]), "--ckpt", str(tiny["root"]), "--out", str(tiny["root"] / "o2"),
         "--calib", str(tiny["bundle"]), "-q",
     )  # fmt: skip
