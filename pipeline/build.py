@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class BuildResult:
     seconds: float
     weight_bytes: int
     name_prefix: str = ""  # the checkpoint's prefix the layer names were found under, e.g. "model."
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> its recorded SQNR figures
 
 
 # Below this many selected weights a pool's start-up (worker processes importing torch and
@@ -98,7 +99,7 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
 
 def _reusable(
     out_cfg: Path, config: DuQuantConfig, inputs: dict, sources: list[SourceTensor]
-) -> tuple[Path, str] | None:
+) -> tuple[Path, str, dict[str, dict[str, float]]] | None:
     """An existing bundle built by this tool version from exactly these inputs (config,
     sources, statistics) that verifies, newest first. Its per-layer choices follow from them
     for one version only: a release may choose differently (0.4 ranks candidates on a row
@@ -109,7 +110,8 @@ def _reusable(
                 fp_doc = reader.header.fingerprint_doc
                 same = reader.header.tool_version == __version__ and inputs_of(fp_doc) == inputs
                 if same and not reader_problems(reader, config=config, sources=sources):
-                    return path, reader.header.fingerprint
+                    quality = {n: reader.layer_summary(n).get("quality", {}) for n in reader.header.layer_names}
+                    return path, reader.header.fingerprint, quality
         except BundleError:
             continue
     return None
@@ -117,13 +119,14 @@ def _reusable(
 
 def _write_packs(
     f: h5py.File, packs: Iterator[LayerPack], layers: list[SelectedLayer], out_cfg: Path, progress: Progress | None
-) -> tuple[dict[str, str], dict[str, Any]]:
-    """Write packs as they arrive; returns each layer's choice (for the fingerprint) and its
-    index entry (for the header)."""
+) -> tuple[dict[str, str], dict[str, Any], dict[str, dict[str, float]]]:
+    """Write packs as they arrive; returns each layer's choice (for the fingerprint), its
+    index entry (for the header) and its quality figures (for the build's summary)."""
     by_name = {la.name: la for la in layers}
     total_bytes = sum(la.weight_bytes for la in layers)
     choices: dict[str, str] = {}
     index: dict[str, Any] = {}
+    quality: dict[str, dict[str, float]] = {}
     shared: dict = {}
     done_bytes = 0
     with output_errors(out_cfg):
@@ -133,10 +136,11 @@ def _write_packs(
             index[pack.name] = write_layer(f, pack, shared)
         if pack.choice:
             choices[pack.name] = pack.choice
+        quality[pack.name] = dict(pack.quality or {})
         done_bytes += by_name[pack.name].weight_bytes
         if progress:
             progress(done_layers, len(layers), done_bytes, total_bytes)
-    return choices, index
+    return choices, index, quality
 
 
 def build_bundle(
@@ -182,8 +186,9 @@ def build_bundle(
             sources,
         )
         if reusable is not None:
-            final, fp = reusable
-            return BuildResult(final, fp, len(layers), True, time.perf_counter() - start, total_bytes, name_prefix)
+            final, fp, quality = reusable
+            seconds = time.perf_counter() - start
+            return BuildResult(final, fp, len(layers), True, seconds, total_bytes, name_prefix, quality)
     else:
         # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
         hashing = pool.submit(source_tensors, ckpt, layers, 1)
@@ -202,7 +207,7 @@ def build_bundle(
             with output_errors(out_cfg):
                 f = h5file.create(out.tmp)
             try:
-                choices, index = _write_packs(f, packs, layers, out_cfg, progress)
+                choices, index, quality = _write_packs(f, packs, layers, out_cfg, progress)
                 if hashing is not None:
                     sources = hashing.result()
                 doc = fingerprint_document(config, sources, stats_digest, choices, name_prefix)
@@ -232,7 +237,8 @@ def build_bundle(
     finally:
         packs.close()  # stops the workers now (loky's, a local dask cluster), not when collected
         pool.shutdown(wait=False, cancel_futures=True)
-    return BuildResult(out.target, fp, len(layers), False, time.perf_counter() - start, total_bytes, name_prefix)
+    seconds = time.perf_counter() - start
+    return BuildResult(out.target, fp, len(layers), False, seconds, total_bytes, name_prefix, quality)
 
 
 __all__ = ["BuildResult", "BundleError", "OutputError", "build_bundle", "bundle_path", "pack_layer", "source_tensors"]

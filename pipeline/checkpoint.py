@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 MODEL_NAME = "model.safetensors"
-_ITEMSIZE = {
+ITEMSIZE = {  # bytes per element, by safetensors dtype name
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -203,7 +203,7 @@ def write_safetensors(
     header: dict[str, Any] = {"__metadata__": metadata or {}}
     offset = 0
     for name, dtype, shape in specs:
-        n = math.prod(shape) * _ITEMSIZE[dtype]
+        n = math.prod(shape) * ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -213,7 +213,7 @@ def write_safetensors(
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for name, dtype, shape in specs:
-            expected = math.prod(shape) * _ITEMSIZE[dtype]
+            expected = math.prod(shape) * ITEMSIZE[dtype]
             written = 0
             for chunk in produce(name):
                 data = memoryview(np.ascontiguousarray(chunk)).cast("B")

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 from duquant_runtime import __version__
-from duquant_runtime.bundle import BundleReader
-from duquant_runtime.config import DuQuantConfig, component_of, preset_names, resolve
+from duquant_runtime.config import DuQuantConfig, preset_names, resolve
 from duquant_runtime.env import apply_env
 from duquant_runtime.errors import DuQuantError
 
 from .process import Stopped, StopSignals
+from .report import human, quality_summary, summary_lines
 
 EXIT_BAD_INPUT = 2
 
@@ -56,14 +54,6 @@ def load_config(config: str, use_env: bool) -> DuQuantConfig:
 
     cfg = resolve(config)
     return check(apply_env(cfg) if use_env else cfg)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 config_option = click.option(
@@ -214,7 +204,7 @@ def build(
                 mininterval=0.5 if sys.stderr.isatty() else 5.0,
             )
         bar.update(done - bar.n)
-        bar.set_postfix_str(f"{_human(done_bytes)}/{_human(total_bytes)} of weights", refresh=False)
+        bar.set_postfix_str(f"{human(done_bytes)}/{human(total_bytes)} of weights", refresh=False)
 
     try:
         with stop:
@@ -238,10 +228,12 @@ def build(
             bar.close()
     verb = "reused verified" if result.skipped else "built"
     click.echo(
-        f"{verb} {cfg.name}: {result.layers} layers, {_human(result.weight_bytes)} of weights, "
+        f"{verb} {cfg.name}: {result.layers} layers, {human(result.weight_bytes)} of weights, "
         f"fingerprint {result.fingerprint[:12]}, {result.seconds:.1f} s" + _prefix_note(result.name_prefix),
         err=True,
     )
+    for line in summary_lines(quality_summary(result.quality)):
+        click.echo(f"  {line}", err=True)
     click.echo(str(result.path))
 
 
@@ -262,7 +254,7 @@ def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
         click.echo(f"{la.name:<{width}}  {la.out_features:>6} x {la.in_features:<6}  w{la.bits}  {la.dtype}")
     total = sum(la.weight_bytes for la in layers)
     click.echo(
-        f"{len(layers)} layers selected by {cfg.name} ({_human(total)} of weights){_prefix_note(layers[0].prefix)}"
+        f"{len(layers)} layers selected by {cfg.name} ({human(total)} of weights){_prefix_note(layers[0].prefix)}"
     )
 
 
@@ -311,120 +303,27 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, use_env: boo
 @click.option(
     "--quality",
     "worst",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     is_flag=False,
     flag_value=10,
     metavar="[N]",
-    help="List the N (default 10) worst layers by SQNR recorded at build (output SQNR when built with --calib, "
-    "else weight SQNR): candidates for quant.per_layer_weight_bits or exclusion.",
+    help="List the N (default 10; 0: every layer) worst layers by SQNR recorded at build (output SQNR when "
+    "built with --calib, else weight SQNR): candidates for quant.per_layer_weight_bits or exclusion.",
 )
 @friendly
 def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
-    """Config, fingerprint, layers, bytes per component (bf16 weights vs bundle) and provenance."""
-    quality: dict[str, dict[str, Any]] = {}
-    choices: dict[str, int] = {}
-    promoted: list[str] = []
-    with BundleReader(bundle, in_memory=False) as reader:
-        h = reader.header
-        per: dict[str, dict[str, int]] = {}
-        wanted_bits = h.config["quant"]["weight_bits"]
-        counted: set[int] = set()
-        listed = h.config["quant"].get("per_layer_weight_bits", {})
-        for name in h.layer_names:  # metadata only: no dataset is read
-            meta = reader.layer_summary(name)
-            choice = meta.get("choice")
-            if meta.get("quality"):
-                quality[name] = {**meta["quality"], "choice": choice or h.config["transform"]["method"]}
-            if choice:
-                choices[choice] = choices.get(choice, 0) + 1
-            if int(meta["weight_bits"]) != listed.get(name, wanted_bits):
-                promoted.append(f"{name} (w{meta['weight_bits']})")
-            comp = per.setdefault(component_of(name), {"layers": 0, "bf16_bytes": 0, "bundle_bytes": 0})
-            comp["layers"] += 1
-            comp["bf16_bytes"] += 2 * int(meta["in_features"]) * int(meta["out_features"])
-            for nbytes, address in meta["datasets"].values():
-                if address not in counted:  # a dataset shared by layers counts once
-                    counted.add(address)
-                    comp["bundle_bytes"] += nbytes
-    info = {
-        "path": str(Path(bundle)),
-        "config_name": h.name,
-        "fingerprint": h.fingerprint,
-        "format_version": h.format_version,
-        "tool_version": h.tool_version,
-        "created_at": h.created_at,
-        "layers": len(h.layer_names),
-        "file_bytes": os.path.getsize(bundle),
-        "components": per,
-        "config": h.config,
-        "provenance": h.provenance,
-        "calib": h.fingerprint_doc.get("calib"),
-        "choices": choices,
-        "min_sqnr_fallback": promoted,
-    }
-    if worst is not None:
-        info["quality"] = _worst_layers(quality, worst)
+    """Config, fingerprint, layers, bytes per component (checkpoint weights vs bundle), quality
+    per component, and provenance. Reads metadata only: instant on any bundle."""
+    from .report import print_report, read_report, worst_layers
+
+    info = read_report(bundle)
     if as_json:
+        if worst is not None:
+            info["worst"] = worst_layers(info["quality"], worst)
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    click.echo(f"bundle       {info['path']}")
-    click.echo(f"config       {h.name}")
-    click.echo(f"fingerprint  {h.fingerprint}")
-    click.echo(f"format       {h.format_version} (written by duquant-packs {h.tool_version}, {h.created_at})")
-    click.echo(f"checkpoint   {h.provenance.get('checkpoint')}")
-    click.echo(f"layers       {len(h.layer_names)}    file {_human(info['file_bytes'])}")
-    t = h.config["transform"]
-    q = h.config["quant"]
-    click.echo(
-        f"method       {t['method']}  block {t['block_size']}/{t['block_out_size']}  permute {t['permute']}  "
-        f"row_rot {t['row_rot']}  w{q['weight_bits']}a{q['act_bits']} ({q['act_mode']})  "
-        f"weights {q.get('weight_search', 'alpha')}{' + gptq' if q.get('gptq') else ''}"
-    )
-    if info["calib"]:
-        click.echo(f"calibration  statistics {str(info['calib'])[:12]}")
-    click.echo(f"scope        {h.config['select']['scope']!r}")
-    if choices:
-        listing = ", ".join(f"{k} {v}" for k, v in sorted(choices.items(), key=lambda kv: (-kv[1], kv[0])))
-        click.echo(f"choices      {listing}")
-    min_sqnr = h.config["quant"].get("min_sqnr_db", 0.0)
-    if min_sqnr:
-        click.echo(f"min SQNR     {min_sqnr:g} dB: {len(promoted)} layer(s) packed at 8 bits")
-        for line in promoted[:20]:
-            click.echo(f"  {line}")
-        if len(promoted) > 20:
-            click.echo(f"  ... and {len(promoted) - 20} more (--json lists all)")
-    click.echo("component    layers   bf16 weights   bundle     ratio")
-    for comp, c in sorted(per.items()):
-        ratio = c["bundle_bytes"] / c["bf16_bytes"]
-        click.echo(
-            f"{comp:<12} {c['layers']:>6}   {_human(c['bf16_bytes']):>12}   {_human(c['bundle_bytes']):>9}"
-            f"   {ratio:.3f}x"
-        )
-    if worst is not None:
-        _print_quality(info["quality"], len(quality))
-
-
-def _worst_layers(quality: dict[str, dict[str, float]], n: int) -> list[dict[str, Any]]:
-    key = "output_sqnr_db" if any("output_sqnr_db" in q for q in quality.values()) else "weight_sqnr_db"
-    rows: list[dict[str, Any]] = [{"layer": name, **q} for name, q in quality.items() if key in q]
-    return sorted(rows, key=lambda r: r[key])[: max(0, n)]
-
-
-def _print_quality(rows: list[dict[str, Any]], recorded: int) -> None:
-    if not rows:
-        click.echo("quality      not recorded (bundle built before quality reports existed): rebuild to get them")
-        return
-    has_out = "output_sqnr_db" in rows[0]
-    key = "output_sqnr_db" if has_out else "weight_sqnr_db"
-    click.echo(f"worst {len(rows)} of {recorded} layers by {'output' if has_out else 'weight'} SQNR (dB):")
-    click.echo(f"  {'weight':>7} {'output':>7} {'RTN':>7}  {'choice':<22} layer")
-    for r in rows:
-        out = f"{r['output_sqnr_db']:7.2f}" if has_out else f"{'-':>7}"
-        rtn = r.get(f"rtn_{key}")
-        rtn_text = f"{rtn:7.2f}" if rtn is not None else f"{'-':>7}"
-        click.echo(f"  {r['weight_sqnr_db']:7.2f} {out} {rtn_text}  {r['choice']:<22} {r['layer']}")
-    click.echo('  raise their bits with [quant] per_layer_weight_bits = { "<layer>" = 8 }, or exclude them')
+    print_report(info, worst, click.echo)
 
 
 @main.command()

@@ -3,6 +3,7 @@ a file is, what an environment variable changed, where a bundle is, and what a b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,55 @@ def test_a_bundle_given_as_statistics_is_named(tiny):
     assert code == 2
     assert "this is a bundle" in err and "not a statistics file" in err and "damaged" not in err
     assert not (tiny["root"] / "o2").exists() or not list((tiny["root"] / "o2").glob("*.h5"))
+
+
+# item 4: --quality 0 lists every layer
+
+
+def test_inspect_quality_zero_lists_every_layer(tiny):
+    code, out, err = _cli("inspect", str(tiny["bundle"]), "--quality", "0")
+    assert code == 0, err
+    assert "not recorded" not in out
+    assert "all 2 layers by weight SQNR" in out
+    assert "net.fc1" in out and "net.fc2" in out
+    code, _, err = _cli("inspect", str(tiny["bundle"]), "--quality", "-1")
+    assert code == 2 and "-1" in err
+
+
+# item 9: figures that say what they are
+
+
+def test_inspect_counts_the_checkpoint_bytes_in_their_own_dtype(tiny):
+    code, out, _ = _cli("inspect", str(tiny["bundle"]))
+    assert code == 0
+    assert "F32 weights" in out and "bf16" not in out.lower()
+    code, out, _ = _cli("inspect", str(tiny["bundle"]), "--json")
+    info = json.loads(out)
+    assert info["components"]["other"]["source_bytes"] == 4 * (48 * 64 + 64 * 32)
+    assert info["components"]["other"]["source_dtypes"] == ["F32"]
+
+
+def test_inspect_json_always_has_per_layer_quality_and_component_means(tiny):
+    code, out, _ = _cli("inspect", str(tiny["bundle"]), "--json")
+    assert code == 0
+    info = json.loads(out)
+    rows = {r["layer"]: r for r in info["quality"]}
+    assert set(rows) == {"net.fc1", "net.fc2"} and all("weight_sqnr_db" in r for r in rows.values())
+    summary = info["quality_summary"]["other"]
+    values = [r["weight_sqnr_db"] for r in rows.values()]
+    assert summary["layers"] == 2
+    assert summary["mean_db"] == pytest.approx(sum(values) / 2, abs=1e-3)
+    assert summary["worst_db"] == min(values)
+    assert summary["rtn_mean_db"] == pytest.approx(sum(r["rtn_weight_sqnr_db"] for r in rows.values()) / 2, abs=1e-3)
+
+
+def test_build_ends_with_one_quality_line_per_component(tiny, demo_ckpt, tmp_path):
+    code, out, err = _cli("build", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), "--out", str(tmp_path), "-q")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "SQNR mean" in line]
+    assert len(lines) == 1 and lines[0].split()[0] == "llm"
+    assert "RTN: mean" in lines[0]
+    code, again, err_again = _cli("build", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), "--out", str(tmp_path), "-q")
+    assert "reused verified" in err_again
+    assert [line for line in err_again.splitlines() if "SQNR mean" in line] == lines  # read back from the bundle
+    assert again.strip() == out.strip()
