@@ -16,8 +16,8 @@ from typing import Any
 import click
 from duquant_runtime import __version__
 from duquant_runtime.config import DuQuantConfig, preset_names, resolve
-from duquant_runtime.env import apply_env
-from duquant_runtime.errors import DuQuantError
+from duquant_runtime.env import apply_env, blame, env_overrides
+from duquant_runtime.errors import ConfigError, DuQuantError
 
 from .process import Stopped, StopSignals
 from .report import human, quality_summary, summary_lines
@@ -49,11 +49,22 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_config(config: str, use_env: bool) -> DuQuantConfig:
-    """The config, with the seed's environment overrides when asked, checked by its method."""
+    """The config, with the seed's environment overrides when asked (one stderr line each),
+    checked by its method; a value refused names the variable that set it."""
     from .methods import check
 
     cfg = resolve(config)
-    return check(apply_env(cfg) if use_env else cfg)
+    overrides = env_overrides() if use_env else []
+    effective = apply_env(cfg) if overrides else cfg  # names the variable of a value the config refuses
+    try:
+        effective = check(effective)
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        raise ConfigError(f"{exc} (set by {blame(cfg, overrides, check)})") from None
+    for override in overrides:  # said once the result is known good: a refusal stays one sentence
+        click.echo(override.describe(cfg), err=True)
+    return effective
 
 
 config_option = click.option(

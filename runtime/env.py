@@ -7,7 +7,7 @@ config, and the fingerprint reflects the effective (overridden) config.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,26 +79,74 @@ _EXPECTED = {
 }
 
 
-def overrides_from_env(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """The config fields set by ``OPENPI_DUQUANT_*`` variables, by section."""
+@dataclass(frozen=True)
+class Override:
+    """One ``OPENPI_DUQUANT_*`` variable and the config fields it sets."""
+
+    var: str
+    raw: str
+    section: str
+    changes: dict[str, Any]  # field -> value; the seed's BLOCK also sets block_out_size
+
+    def describe(self, config: DuQuantConfig) -> str:
+        """E.g. `OPENPI_DUQUANT_BLOCK=32 overrides llm_w4a8's transform.block_size (64 → 32)`."""
+        current = getattr(config, self.section)
+        fields = " and ".join(
+            f"{self.section}.{name} ({_shown(getattr(current, name))} → {_shown(value)})"
+            for name, value in self.changes.items()
+        )
+        return f"{self.var}={self.raw} overrides {config.name}'s {fields}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(":".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value) or "none"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> list[Override]:
+    """The ``OPENPI_DUQUANT_*`` variables set, each parsed into the fields it overrides."""
     env = os.environ if environ is None else environ
-    out: dict[str, dict[str, Any]] = {}
+    found: list[Override] = []
     for suffix, (section, name, kind) in _FIELDS.items():
         var = PREFIX + suffix
         if var in env:
-            out.setdefault(section, {})[name] = _parse(var, kind, env[var])
-    # The seed's BLOCK set both block sizes unless BLOCK_OUT was given.
-    transform = out.get("transform", {})
-    if "block_size" in transform and "block_out_size" not in transform:
-        transform["block_out_size"] = transform["block_size"]
-    return out
+            changes = {name: _parse(var, kind, env[var])}
+            if suffix == "BLOCK" and PREFIX + "BLOCK_OUT" not in env:
+                changes["block_out_size"] = changes[name]  # the seed's BLOCK set both block sizes
+            found.append(Override(var, env[var], section, changes))
+    return found
+
+
+def _applied(config: DuQuantConfig, overrides: list[Override]) -> DuQuantConfig:
+    for o in overrides:
+        config = config.replace(o.section, **o.changes)
+    return config
 
 
 def apply_env(config: DuQuantConfig, environ: Mapping[str, str] | None = None) -> DuQuantConfig:
-    """``config`` with every ``OPENPI_DUQUANT_*`` override applied (and validated)."""
-    for section, changes in overrides_from_env(environ).items():
-        config = config.replace(section, **changes)
-    return config
+    """``config`` with every ``OPENPI_DUQUANT_*`` override applied (and validated). A value
+    the config refuses is refused naming the variable that set it."""
+    overrides = env_overrides(environ)
+    try:
+        return _applied(config, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (set by {blame(config, overrides)})") from None
+
+
+def blame(
+    config: DuQuantConfig,
+    overrides: list[Override],
+    check: Callable[[DuQuantConfig], object] = lambda c: c,
+) -> str:
+    """The variable(s) behind a refused effective config: the first one refused on its own
+    (by the config's rules, then ``check``'s), else all of them (refused only together)."""
+    for o in overrides:
+        try:
+            check(_applied(config, [o]))
+        except ConfigError:
+            return f"{o.var}={o.raw}"
+    return ", ".join(f"{o.var}={o.raw}" for o in overrides) or "no OPENPI_DUQUANT_* variable"
 
 
 def config_from_env(base: str | DuQuantConfig | None = None, environ: Mapping[str, str] | None = None) -> DuQuantConfig:

@@ -132,3 +132,33 @@ def test_build_ends_with_one_quality_line_per_component(tiny, demo_ckpt, tmp_pat
     assert "reused verified" in err_again
     assert [line for line in err_again.splitlines() if "SQNR mean" in line] == lines  # read back from the bundle
     assert again.strip() == out.strip()
+
+
+# item 5: environment overrides are said, and errors name the variable
+
+
+def test_each_env_override_is_one_stderr_line(demo_ckpt):
+    env = {"OPENPI_DUQUANT_BLOCK": "32", "OPENPI_DUQUANT_ABITS": "0"}
+    code, _, err = _cli("list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), env=env)
+    assert code == 0, err
+    assert (
+        "OPENPI_DUQUANT_BLOCK=32 overrides llm_w4a8's transform.block_size (64 → 32) "
+        "and transform.block_out_size (16 → 32)"
+    ) in err.splitlines()
+    assert "OPENPI_DUQUANT_ABITS=0 overrides llm_w4a8's quant.act_bits (8 → 0)" in err.splitlines()
+    code, _, err = _cli("list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), "--no-env", env=env)
+    assert code == 0 and "overrides" not in err
+
+
+def test_an_error_from_an_env_value_names_the_variable(demo_ckpt):
+    code, _, err = _cli("list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), env={"OPENPI_DUQUANT_BLOCK": "33"})
+    assert code == 2
+    error = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "got 33" in error[0] and error[0].endswith("(set by OPENPI_DUQUANT_BLOCK=33)")
+    env = {"OPENPI_DUQUANT_ACT_PCT": "150", "OPENPI_DUQUANT_BLOCK": "32"}
+    code, _, err = _cli("list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), env=env)
+    assert code == 2 and err.strip().endswith("(set by OPENPI_DUQUANT_ACT_PCT=150)")
+    code, _, err = _cli(
+        "list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), env={"OPENPI_DUQUANT_ROW_ROT": "propagate"}
+    )
+    assert code == 2 and err.count("(set by OPENPI_DUQUANT_ROW_ROT=propagate)") == 1
