@@ -38,6 +38,7 @@ _EXPORTS = {
             "DuQuantError",
             "ModelMismatchError",
             "NotCalibratedError",
+            "NothingLoadedWarning",
             "StatsError",
         )
     },

@@ -54,3 +54,9 @@ class NotCalibratedError(DuQuantError, RuntimeError):
 
 class StatsError(DuQuantError, ValueError):
     """A calibration statistics file is missing, damaged, or does not fit the checkpoint."""
+
+
+class NothingLoadedWarning(UserWarning):
+    """``enable_from_env`` found no bundle to load: the model stays unquantized. Silence it
+    with ``warnings.filterwarnings("ignore", category=NothingLoadedWarning)`` where running
+    unquantized is intended."""

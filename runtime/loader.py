@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ from torch import nn
 from .bundle import BundleHeader, BundleReader, LayerPack
 from .checks import config_problems, expected_layers
 from .config import DuQuantConfig, component_of, from_dict, resolve
-from .env import PREFIX, config_from_env, request_from_env
+from .env import PREFIX, EnvRequest, config_from_env, request_from_env
 from .errors import (
     BundleError,
     CheckpointMismatchError,
     ConfigMismatchError,
     DuQuantError,
     ModelMismatchError,
+    NothingLoadedWarning,
 )
 from .layer import WEIGHT_STORAGES, DuQuantLinear
 from .prefix import detect_prefix
@@ -371,7 +373,8 @@ def resolve_packdir(packdir: str | Path, config: DuQuantConfig) -> list[Path]:
 
 
 def enable_from_env(model: nn.Module, environ: Mapping[str, str] | None = None, **kwargs: object) -> LoadReport | None:
-    """Drop-in for openpi eval scripts. Returns None when no bundle is configured.
+    """Drop-in for openpi eval scripts. Returns None, with a ``NothingLoadedWarning``, when
+    no bundle is configured: an eval never runs unquantized without a word.
 
     ``OPENPI_DUQUANT_BUNDLE=path`` loads that bundle (checked against the config given by
     ``OPENPI_DUQUANT_CONFIG`` and the seed's variables, when any is set). Otherwise
@@ -402,4 +405,15 @@ def enable_from_env(model: nn.Module, environ: Mapping[str, str] | None = None, 
             layer=last.layer,
             field=last.field,
         )
+    warnings.warn(_nothing_loaded(request), NothingLoadedWarning, stacklevel=2)
     return None
+
+
+def _nothing_loaded(request: EnvRequest) -> str:
+    fix = f"set {PREFIX}BUNDLE=<bundle.h5>, or {PREFIX}PACKDIR=<dir> with the config's variables"
+    found = (
+        f"{PREFIX}* config variables are set but no bundle is named"
+        if request.config_given
+        else f"no {PREFIX}* variable set"
+    )
+    return f"nothing loaded: {found}; the model runs unquantized ({fix})"

@@ -162,3 +162,24 @@ def test_an_error_from_an_env_value_names_the_variable(demo_ckpt):
         "list-layers", "-c", "llm_w4a8", "--ckpt", str(demo_ckpt), env={"OPENPI_DUQUANT_ROW_ROT": "propagate"}
     )
     assert code == 2 and err.count("(set by OPENPI_DUQUANT_ROW_ROT=propagate)") == 1
+
+
+# item 6: enable_from_env with nothing to load says so
+
+
+def test_enable_from_env_with_nothing_to_load_warns_once_per_call_site():
+    import warnings
+
+    from duquant_runtime import NothingLoadedWarning, enable_from_env
+
+    model = Mlp()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(3):  # an eval loop: said once
+            assert enable_from_env(model, environ={}) is None
+    assert [type(w.message) for w in seen] == [NothingLoadedWarning]
+    assert "nothing loaded: no OPENPI_DUQUANT_* variable set" in str(seen[0].message)
+    assert seen[0].filename == __file__  # points at the caller's line, not into the runtime
+    with pytest.warns(NothingLoadedWarning, match="config variables are set but no bundle is named"):
+        enable_from_env(model, environ={"OPENPI_DUQUANT_BLOCK": "32"})
+    assert type(model.net.fc1) is nn.Linear

@@ -16,6 +16,7 @@ from duquant_runtime import (
     ConfigMismatchError,
     DuQuantLinear,
     NotCalibratedError,
+    NothingLoadedWarning,
     calibrate,
     enable_from_env,
     load_bundle,
@@ -365,7 +366,8 @@ def test_calibrate_save_and_reload_act_scales(demo_model, demo_ckpt, tmp_path):
 
 def test_enable_from_env_bundle_and_packdir(demo_model, demo_bundles):
     model = copy.deepcopy(demo_model)
-    assert enable_from_env(model, environ={}) is None
+    with pytest.warns(NothingLoadedWarning, match="no OPENPI_DUQUANT_"):
+        assert enable_from_env(model, environ={}) is None
     report = enable_from_env(model, environ={"OPENPI_DUQUANT_BUNDLE": str(demo_bundles["dit_w4a8"])})
     assert len(report.replaced) == 126
     packdir = demo_bundles["llm_w4a8"].parent.parent  # holds llm_w4a8/, dit_w4a8/, full_w4a8/
