@@ -291,18 +291,22 @@ def _prefix_note(prefix: str) -> str:
     metavar="PATH",
     help="Also check the bundle was built from this checkpoint's weights.",
 )
+@click.option(
+    "--all", "every_tensor", is_flag=True, help="With --ckpt: list every differing tensor, not the first few."
+)
 @env_option
 @friendly
-def verify(bundle: str, config: str | None, checkpoint: str | None, use_env: bool) -> None:
+def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor: bool, use_env: bool) -> None:
     """Exit 0 when BUNDLE is intact (and matches); otherwise exit 1 and say what differs."""
     from .verify import verify_bundle
 
     cfg = load_config(config, use_env) if config else None
-    problems = verify_bundle(bundle, config=cfg, checkpoint=checkpoint)
+    problems = [str(p) for p in verify_bundle(bundle, config=cfg, checkpoint=checkpoint, every_tensor=every_tensor)]
     if problems:
         for line in problems:
-            click.echo(f"MISMATCH {line}", err=True)
-        click.echo(f"{bundle}: does not verify ({len(problems)} problem(s))", err=True)
+            click.echo(line if line.startswith("  ") else f"MISMATCH {line}", err=True)
+        count = sum(not line.startswith("  ") for line in problems)
+        click.echo(f"{bundle}: does not verify ({count} problem(s))", err=True)
         sys.exit(1)
     checked = ["integrity"] + (["config"] if cfg else []) + (["checkpoint"] if checkpoint else [])
     click.echo(f"{bundle}: OK ({', '.join(checked)})")

@@ -13,6 +13,8 @@ from duquant_runtime.fingerprint import SourceTensor, diff_sources
 from .checkpoint import Checkpoint
 from .select import select_layers, source_tensors
 
+SHOWN_TENSORS = 5  # differing source tensors named before "--all lists every one"
+
 
 def verify_bundle(
     path: str | Path,
@@ -20,11 +22,16 @@ def verify_bundle(
     config: DuQuantConfig | None = None,
     checkpoint: str | Path | None = None,
     sources: list[SourceTensor] | None = None,
+    every_tensor: bool = True,
 ) -> list[str]:
-    """Problems found, one line each (empty list: the bundle is intact and matches)."""
+    """Problems found, one line each (empty list: the bundle is intact and matches). With
+    ``every_tensor`` False, a checkpoint that differs in many tensors is one count and the
+    first few names."""
     try:
         with BundleReader(path) as reader:
-            return reader_problems(reader, config=config, checkpoint=checkpoint, sources=sources)
+            return reader_problems(
+                reader, config=config, checkpoint=checkpoint, sources=sources, every_tensor=every_tensor
+            )
     except BundleError as exc:
         return [str(exc)]
 
@@ -35,6 +42,7 @@ def reader_problems(
     config: DuQuantConfig | None = None,
     checkpoint: str | Path | None = None,
     sources: list[SourceTensor] | None = None,
+    every_tensor: bool = True,
 ) -> list[str]:
     """``verify_bundle`` on a bundle already open (its seal checked once)."""
     problems = integrity_problems(reader)
@@ -46,6 +54,20 @@ def reader_problems(
         bundle_config = config or from_dict(header.config)
         sources = source_tensors(ckpt, select_layers(bundle_config, ckpt))
     if sources is not None:
-        live = [s.to_json() for s in sources]
-        problems += [f"checkpoint {line}" for line in diff_sources(header.fingerprint_doc["source"], live)]
+        recorded = header.fingerprint_doc["source"]
+        differing = diff_sources(recorded, [s.to_json() for s in sources])
+        compared = len({r[0] for r in recorded} | {s.name for s in sources})
+        problems += _source_lines(differing, compared, every_tensor)
     return problems
+
+
+def _source_lines(differing: list[str], compared: int, every_tensor: bool) -> list[str]:
+    if every_tensor or len(differing) <= SHOWN_TENSORS:
+        return [f"checkpoint {line}" for line in differing]
+    more = len(differing) - SHOWN_TENSORS
+    return [
+        f"checkpoint: {len(differing)} of {compared} source tensors differ (another checkpoint?), first "
+        f"{SHOWN_TENSORS}:",
+        *(f"  {line}" for line in differing[:SHOWN_TENSORS]),
+        f"  ... and {more} more (`verify --all` lists every one)",
+    ]

@@ -57,7 +57,8 @@ def diff_fields(bundle: Any, expected: Any, path: str = "") -> list[tuple[str, s
 
 
 def diff_sources(bundle_rows: list[list[Any]], live_rows: list[list[Any]]) -> list[str]:
-    """Which source tensors differ (by name), for 'built from another checkpoint' messages."""
+    """Which source tensors differ (by name), one line each, for 'built from another
+    checkpoint' messages."""
     have = {r[0]: r for r in bundle_rows}
     want = {r[0]: r for r in live_rows}
     out = []
@@ -67,10 +68,13 @@ def diff_sources(bundle_rows: list[list[Any]], live_rows: list[list[Any]]) -> li
         elif name not in have:
             out.append(f"{name}: selected in checkpoint, not in bundle")
         else:
+            differs = []
             for i, label in ((1, "dtype"), (2, "shape"), (3, "sha256")):
                 if have[name][i] != want[name][i]:
                     b, e = have[name][i], want[name][i]
                     if label == "sha256":
                         b, e = b[:12], e[:12]
-                    out.append(f"{name}: {label} differs (bundle {b}, checkpoint {e})")
+                    differs.append(f"{label} bundle {b}, checkpoint {e}")
+            if differs:
+                out.append(f"{name}: differs ({'; '.join(differs)})")
     return out

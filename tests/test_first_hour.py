@@ -183,3 +183,41 @@ def test_enable_from_env_with_nothing_to_load_warns_once_per_call_site():
     with pytest.warns(NothingLoadedWarning, match="config variables are set but no bundle is named"):
         enable_from_env(model, environ={"OPENPI_DUQUANT_BLOCK": "32"})
     assert type(model.net.fc1) is nn.Linear
+
+
+# item 7: verify --ckpt against another checkpoint is a summary
+
+
+def test_verify_against_another_checkpoint_summarizes(demo_bundles, tmp_path):
+    from duquant_pipeline.demo import write_demo_checkpoint
+    from duquant_runtime.bundle import BundleReader
+
+    other = write_demo_checkpoint(tmp_path, size="small")
+    bundle = demo_bundles["llm_w4a8"]
+    with BundleReader(bundle) as reader:
+        recorded = len(reader.header.fingerprint_doc["source"])
+    code, _, err = _cli("verify", str(bundle), "--ckpt", str(other))
+    assert code == 1
+    lines = err.splitlines()
+    assert len(lines) <= 10, err
+    assert f"checkpoint: {recorded} of {recorded} source tensors differ" in lines[0]
+    assert f"... and {recorded - 5} more (`verify --all` lists every one)" in err
+    code, _, err = _cli("verify", str(bundle), "--ckpt", str(other), "--all")
+    assert code == 1
+    per_tensor = [line for line in err.splitlines() if line.startswith("MISMATCH checkpoint ")]
+    assert len(per_tensor) == recorded  # one line per tensor
+    assert all("shape bundle" in line and "sha256 bundle" in line for line in per_tensor)
+
+
+def test_a_few_differing_tensors_are_each_named(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny["root"] / "model.safetensors"))
+    tensors["net.fc2.weight"] = tensors["net.fc2.weight"].to(torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    code, _, err = _cli("verify", str(tiny["bundle"]), "--ckpt", str(tmp_path))
+    assert code == 1
+    assert err.splitlines()[0].startswith(
+        "MISMATCH checkpoint net.fc2.weight: differs (dtype bundle F32, checkpoint BF16;"
+    )
+    assert "does not verify (1 problem(s))" in err

@@ -108,7 +108,7 @@ def test_verify_refuses_a_one_ulp_checkpoint_change(demo_bundles, ulp_ckpt):
     code, _, err = cli("verify", demo_bundles["llm_w4a8"], "-c", "llm_w4a8", "--ckpt", ulp_ckpt)
     lines = mismatch_lines(err)
     assert code == 1 and len(lines) == 1
-    assert f"checkpoint {LAYER}.weight: sha256 differs" in lines[0]
+    assert f"checkpoint {LAYER}.weight: differs (sha256 bundle " in lines[0]
 
 
 def test_verify_refuses_a_truncated_copy(demo_bundles, tmp_path):
