@@ -43,6 +43,8 @@ ITEMSIZE = {  # bytes per element, by safetensors dtype name
     "U64": 8,
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# openpi's converter from its JAX/Orbax checkpoints (a params/ folder with _METADATA) to model.safetensors
+CONVERTER = "examples/convert_jax_model_to_pytorch.py --checkpoint_dir {jax} --config_name <config> --output_path <dir>"
 
 
 class CheckpointError(DuQuantError):
@@ -102,7 +104,7 @@ class Checkpoint:
                 return cls._single(path / MODEL_NAME)
             if (path / INDEX_NAME).is_file():
                 return cls._sharded(path / INDEX_NAME)
-            raise CheckpointError(f"{path} holds neither {MODEL_NAME} nor {INDEX_NAME}")
+            raise CheckpointError(_no_model_file(path))
         if path.name.endswith(".index.json"):
             return cls._sharded(path)
         return cls._single(path)
@@ -223,3 +225,19 @@ def write_safetensors(
                 raise RuntimeError(f"tensor {name}: produced {written} bytes, expected {expected}")
             if on_tensor:
                 on_tensor(name, written)
+
+
+def _no_model_file(folder: Path) -> str:
+    """Why a checkpoint folder cannot be read, naming what it does hold."""
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    head = f"{folder} holds neither {MODEL_NAME} nor {INDEX_NAME}"
+    orbax = (folder / "params" / "_METADATA").is_file() or (folder / "_CHECKPOINT_METADATA").is_file()
+    if orbax:
+        return f"{head}: it is a JAX/Orbax checkpoint; convert it first with openpi's {CONVERTER.format(jax=folder)}"
+    if found:
+        listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        return f"{head}, but holds {listed}: pass the file itself as the checkpoint, e.g. {folder / found[0]}"
+    return (
+        f"{head}, nor any .safetensors file; a JAX/Orbax checkpoint must first be converted with openpi's "
+        + CONVERTER.format(jax="<jax dir>")
+    )

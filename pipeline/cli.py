@@ -6,6 +6,7 @@ Every expected failure is one sentence on stderr and a non-zero exit (2 for bad 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
@@ -17,7 +18,8 @@ import click
 from duquant_runtime import __version__
 from duquant_runtime.config import DuQuantConfig, preset_names, resolve
 from duquant_runtime.env import apply_env, blame, env_overrides
-from duquant_runtime.errors import ConfigError, DuQuantError
+from duquant_runtime.errors import BundleReadError, ConfigError, DuQuantError
+from duquant_runtime.locate import locate_bundle
 
 from .process import Stopped, StopSignals
 from .report import human, quality_summary, summary_lines
@@ -274,7 +276,7 @@ def _prefix_note(prefix: str) -> str:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.argument("bundle", type=click.Path())
 @click.option(
     "--config",
     "-c",
@@ -301,6 +303,8 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor
     from .verify import verify_bundle
 
     cfg = load_config(config, use_env) if config else None
+    with contextlib.suppress(BundleReadError):  # else verify_bundle says what is wrong with it
+        bundle = str(locate_bundle(bundle))  # a folder holding one bundle: name the file checked
     problems = [str(p) for p in verify_bundle(bundle, config=cfg, checkpoint=checkpoint, every_tensor=every_tensor)]
     if problems:
         for line in problems:
@@ -313,7 +317,7 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.argument("bundle", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--quality",

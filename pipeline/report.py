@@ -102,14 +102,14 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
     for comp in per.values():
         comp["source_dtypes"] = sorted(comp["source_dtypes"])
     return {
-        "path": str(Path(bundle)),
+        "path": str(reader.path),
         "config_name": h.name,
         "fingerprint": h.fingerprint,
         "format_version": h.format_version,
         "tool_version": h.tool_version,
         "created_at": h.created_at,
         "layers": len(h.layer_names),
-        "file_bytes": os.path.getsize(bundle),
+        "file_bytes": os.path.getsize(reader.path),
         "components": per,
         "config": h.config,
         "provenance": h.provenance,

@@ -55,6 +55,7 @@ import numpy as np
 from . import h5file
 from .errors import BundleReadError, BundleVersionError
 from .fingerprint import FORMAT_VERSION, digest
+from .locate import locate_bundle
 from .packing import INT4, INT8
 from .stages import LEGACY_INPUT, LEGACY_OUTPUT, StageSpec, check_plan
 
@@ -285,9 +286,7 @@ class BundleReader:
     """
 
     def __init__(self, path: str | Path, *, in_memory: bool = True) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise BundleReadError(f"bundle not found: {self.path}")
+        self.path = locate_bundle(path)  # a folder holding one bundle is that bundle
         self._bytes: np.ndarray | None = None
         self._arrays: dict[tuple[str, int], np.ndarray] = {}  # one array per dataset shared by layers
         self._vetted: dict[int, np.ndarray] = {}  # stage arrays whose values passed, by id (held: ids stay unique)

@@ -309,7 +309,7 @@ def load_bundle(
 
         apply_act_scales({t: layer for t, (_, layer) in prepared.items()}, act_scales, header.fingerprint)
     report = LoadReport(
-        Path(path), header.fingerprint, header.name, prefix=name_prefix, prefix_detected=detected and bool(name_prefix)
+        header.path, header.fingerprint, header.name, prefix=name_prefix, prefix_detected=detected and bool(name_prefix)
     )
     seen: set[tuple[int, int]] = set()
     for target, (old, layer) in prepared.items():

@@ -221,3 +221,52 @@ def test_a_few_differing_tensors_are_each_named(tiny, tmp_path):
         "MISMATCH checkpoint net.fc2.weight: differs (dtype bundle F32, checkpoint BF16;"
     )
     assert "does not verify (1 problem(s))" in err
+
+
+# item 8: a folder given for a bundle or a checkpoint
+
+
+def test_a_folder_holding_one_bundle_is_that_bundle(tiny):
+    from duquant_runtime import load_bundle
+
+    folder = tiny["bundle"].parent
+    for given in (folder, folder.parent):  # <out>/<config>/ and <out>/
+        model = Mlp()
+        report = load_bundle(model, given, expect_config=str(tiny["config"]))
+        assert report.bundle == tiny["bundle"] and type(model.net.fc1).__name__ == "DuQuantLinear"
+    code, out, err = _cli("inspect", str(folder))
+    assert code == 0, err
+    assert f"bundle       {tiny['bundle']}" in out
+    code, out, _ = _cli("verify", str(folder.parent))
+    assert code == 0 and out.startswith(f"{tiny['bundle']}: OK")
+
+
+def test_a_folder_with_several_bundles_or_none_says_so(tiny, tmp_path):
+    import shutil
+
+    from duquant_runtime import BundleReadError, load_bundle
+
+    for name in ("tiny-aaaaaaaaaaaa.h5", "tiny-bbbbbbbbbbbb.h5"):
+        shutil.copy(tiny["bundle"], tmp_path / name)
+    (tmp_path / "notes.h5").write_bytes(b"not a bundle")
+    with pytest.raises(BundleReadError, match=r"is a directory holding 2 bundles .*tiny-aaaaaaaaaaaa\.h5.*: pass one"):
+        load_bundle(Mlp(), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleReadError, match="is a directory holding no bundle"):
+        load_bundle(Mlp(), tmp_path / "empty")
+    code, _, err = _cli("inspect", str(tmp_path / "empty"))
+    assert code == 2 and "is a directory holding no bundle" in err
+
+
+def test_a_checkpoint_folder_without_model_safetensors_names_what_it_holds(tiny, tmp_path):
+    import shutil
+
+    shutil.copy(tiny["root"] / "model.safetensors", tmp_path / "policy.safetensors")
+    code, _, err = _cli("list-layers", "-c", str(tiny["config"]), "--ckpt", str(tmp_path))
+    assert code == 2 and "but holds policy.safetensors" in err and str(tmp_path / "policy.safetensors") in err
+    jax = tmp_path / "pi05_libero"
+    (jax / "params").mkdir(parents=True)
+    (jax / "params" / "_METADATA").write_text("{}")
+    code, _, err = _cli("list-layers", "-c", str(tiny["config"]), "--ckpt", str(jax))
+    assert code == 2 and "JAX/Orbax checkpoint" in err
+    assert f"convert_jax_model_to_pytorch.py --checkpoint_dir {jax}" in err
