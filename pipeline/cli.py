@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 from duquant_runtime import __version__
-from duquant_runtime.config import DuQuantConfig, preset_names, resolve
+from duquant_runtime.config import DuQuantConfig, SelectConfig, preset_names, resolve
 from duquant_runtime.env import apply_env, blame, env_overrides
 from duquant_runtime.errors import BundleReadError, ConfigError, DuQuantError
 from duquant_runtime.locate import locate_bundle
@@ -358,8 +358,23 @@ def configs() -> None:
             f"{f' smooth={t.smooth_alpha}' if t.smooth_alpha else ''}"
             f"{f' per-layer: eq={list(t.equalize)}' if t.equalize else ''}"
             f"{f' smooth={list(t.smooth_search)}' if t.smooth_search else ''}"
-            f"{' +no-rotation' if t.rtn_candidate else ''}"
+            f"{' +no-rotation' if t.rtn_candidate else ''}{_selection_note(cfg.select)}"
         )
+
+
+def _selection_note(select: SelectConfig) -> str:
+    """What a preset selects besides its scope, where it departs from the defaults."""
+    default = SelectConfig()
+    notes = []
+    if select.exclude.startswith(default.exclude + "|"):
+        notes.append(f"also excludes {select.exclude[len(default.exclude) + 1 :]!r}")
+    elif select.exclude != default.exclude:
+        notes.append(f"exclude={select.exclude!r}")
+    if select.include != default.include:
+        notes.append(f"include={select.include!r}")
+    if select.layers:
+        notes.append(f"only {len(select.layers)} listed layers")
+    return "".join(f"  {n}" for n in notes)
 
 
 @main.command("demo-checkpoint")

@@ -301,18 +301,19 @@ def _typed(section: str, key: str, value: Any, default: Any) -> Any:
     raise ConfigError(f"unsupported field {where}")  # pragma: no cover - schema bug
 
 
-def from_dict(data: Mapping[str, Any], *, default_name: str | None = None) -> DuQuantConfig:
+def from_dict(data: Mapping[str, Any], *, default_name: str | None = None, here: Path | None = None) -> DuQuantConfig:
     """Build a config from a parsed TOML/JSON mapping; unknown keys are refused.
 
-    ``base = "<preset>"`` starts from that preset's fields (its name aside), so a preset says
-    only what differs from it; anything else starts from the schema's defaults."""
+    ``base = "<preset>"`` (or ``"<path>.toml"``, relative to ``here``, the folder of the file
+    the mapping was read from) starts from that config's fields (its name aside), so a config
+    says only what differs from it; anything else starts from the schema's defaults."""
     unknown = set(data) - {"name", "base", *_SECTIONS}
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(sorted(unknown))}; "
             f"allowed top-level keys are name, base, {', '.join(_SECTIONS)}"
         )
-    data = _with_base(data, set())
+    data = _with_base(data, set(), here)
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise ConfigError("config needs a non-empty string 'name'")
@@ -331,16 +332,18 @@ def from_dict(data: Mapping[str, Any], *, default_name: str | None = None) -> Du
     return DuQuantConfig(name=name, **sections)
 
 
-def _with_base(data: Mapping[str, Any], seen: set[str]) -> Mapping[str, Any]:
-    """``data`` with its ``base`` preset's sections merged under it (recursively)."""
+def _with_base(data: Mapping[str, Any], seen: set[str], here: Path | None = None) -> Mapping[str, Any]:
+    """``data`` with its ``base``'s sections merged under it (recursively). ``base`` is a
+    preset name or a path to a TOML file, relative to the folder of the file naming it
+    (``here``; the working directory for a config not read from a file)."""
     base = data.get("base")
     if base is None:
         return data
-    if not isinstance(base, str) or not (presets_dir() / f"{base}.toml").is_file():
-        raise ConfigError(f"base must name a preset ({', '.join(preset_names())}), got {base!r}")
-    if base in seen:
-        raise ConfigError(f"presets extend each other in a cycle through {base!r}")
-    parent = _with_base(_read_toml(presets_dir() / f"{base}.toml"), seen | {base})
+    source = _base_file(base, here)
+    key = str(source.resolve())
+    if key in seen:
+        raise ConfigError(f"configs extend each other in a cycle through base {base!r}")
+    parent = _with_base(_read_toml(source), seen | {key}, source.parent)
     merged: dict[str, Any] = {k: data[k] for k in ("name",) if k in data}
     for section in _SECTIONS:
         parent_section, own = parent.get(section, {}), data.get(section, {})
@@ -348,6 +351,17 @@ def _with_base(data: Mapping[str, Any], seen: set[str]) -> Mapping[str, Any]:
             raise ConfigError(f"[{section}] must be a table")
         merged[section] = {**parent_section, **own}
     return merged
+
+
+def _base_file(base: object, here: Path | None) -> Path:
+    if isinstance(base, str) and (presets_dir() / f"{base}.toml").is_file():
+        return presets_dir() / f"{base}.toml"
+    if isinstance(base, str) and base.endswith(".toml"):
+        path = Path(base) if Path(base).is_absolute() or here is None else here / base
+        if path.is_file():
+            return path
+        raise ConfigError(f"base {base!r}: no such file {path}")
+    raise ConfigError(f"base must name a preset ({', '.join(preset_names())}) or a .toml file, got {base!r}")
 
 
 def presets_dir() -> Path:
@@ -374,7 +388,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load_toml(path: str | Path) -> DuQuantConfig:
     path = Path(path)
-    return from_dict(_read_toml(path), default_name=path.stem)
+    return from_dict(_read_toml(path), default_name=path.stem, here=path.parent)
 
 
 def resolve(config: str | Path | DuQuantConfig) -> DuQuantConfig:

@@ -270,3 +270,37 @@ def test_a_checkpoint_folder_without_model_safetensors_names_what_it_holds(tiny,
     code, _, err = _cli("list-layers", "-c", str(tiny["config"]), "--ckpt", str(jax))
     assert code == 2 and "JAX/Orbax checkpoint" in err
     assert f"convert_jax_model_to_pytorch.py --checkpoint_dir {jax}" in err
+
+
+# item 9: configs shows exclusions; base = accepts a TOML path
+
+
+def test_configs_shows_what_a_preset_excludes():
+    code, out, _ = _cli("configs")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "also excludes 'vision_tower'" in lines["llm_dit_w4a8"]
+    assert "excludes" not in lines["full_w4a8"]
+
+
+def test_base_may_be_a_toml_path_relative_to_the_including_file(tiny, tmp_path):
+    from duquant_runtime import ConfigError
+    from duquant_runtime.config import resolve
+
+    (tmp_path / "team.toml").write_text('name = "team"\n[select]\nscope = "net."\n[transform]\nblock_size = 16\n')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "w8.toml").write_text('name = "w8"\nbase = "../team.toml"\n[quant]\nweight_bits = 8\n')
+    cfg = resolve(tmp_path / "mine" / "w8.toml")
+    assert (cfg.name, cfg.select.scope, cfg.transform.block_size, cfg.quant.weight_bits) == ("w8", "net.", 16, 8)
+    code, out, err = _cli("list-layers", "-c", str(tmp_path / "mine" / "w8.toml"), "--ckpt", str(tiny["root"]))
+    assert code == 0, err
+    assert "2 layers selected by w8" in out and " w8 " in out
+    (tmp_path / "a.toml").write_text('name = "a"\nbase = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('name = "b"\nbase = "a.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        resolve(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('name = "c"\nbase = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match=r"base 'nowhere.toml': no such file"):
+        resolve(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text('name = "d"\nbase = "dit_w4a8"\n')
+    assert resolve(tmp_path / "d.toml").select.scope == "paligemma_with_expert.gemma_expert.model."
