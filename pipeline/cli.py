@@ -90,7 +90,8 @@ env_option = click.option(
     "use_env",
     default=True,
     show_default=True,
-    help="Apply the seed's OPENPI_DUQUANT_* variables (SCOPE, BLOCK, PERMUTE, ...) on top of the config.",
+    help="Apply the OPENPI_DUQUANT_* variables (SCOPE, BLOCK, PERMUTE, ...) of the seed, the openpi DuQuant "
+    "prototype this tool replaces, on top of the config; each override is said on stderr.",
 )
 
 

@@ -41,8 +41,9 @@ class Method:
 
 
 class Svd(Method):
-    """DESIGN.md §5, the seed's method: zigzag permutation by smoothed column energy, then per
-    block the left singular vectors of W_bᵀ; optionally the same on the output rows.
+    """The seed's method (the openpi DuQuant prototype this tool replaces): zigzag permutation
+    by smoothed column energy, then per block the left singular vectors of W_bᵀ; optionally
+    the same on the output rows.
     float64, so the seed's numbers are reproduced."""
 
     name, version, dtype, row_rotation = "svd", 1, torch.float64, True

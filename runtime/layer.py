@@ -1,6 +1,6 @@
 """DuQuantLinear: a drop-in replacement for nn.Linear whose buffers come straight from a bundle.
 
-Forward (DESIGN.md §5), purely functional (no attribute assignment, no in-place edit
+Forward (README, "The algorithms"), purely functional (no attribute assignment, no in-place edit
 of inputs), so it works under no_grad, autograd and ``torch.compile(fullgraph=True)``::
 
     x -> the input stages in order (``stages.py``: scale, permutation, block rotation)

@@ -1,4 +1,4 @@
-"""Independent, deliberately slow references of DESIGN.md §5 (pack) and its forward.
+"""Independent, deliberately slow references of the seed's svd pack (README, "The algorithms") and its forward.
 
 Written from the spec with plain loops and full SVDs, sharing no code with the
 pipeline or runtime, so a bug there cannot hide in here.

@@ -1,4 +1,4 @@
-"""The pack algorithm against the slow float64 reference of DESIGN.md §5."""
+"""The pack algorithm against the slow float64 reference in tests/reference.py."""
 
 from __future__ import annotations
 

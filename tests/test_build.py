@@ -30,7 +30,7 @@ def tiny_config(**transform):
     return from_dict(
         {
             "name": "tiny",
-            "base": "full_w4a8_seed",  # the seed's method: the reference below is DESIGN.md §5
+            "base": "full_w4a8_seed",  # the seed's method: the reference below is tests/reference.py
             "select": {"scope": "net."},
             "transform": {"block_size": 16, "block_out_size": 16, **transform},
         }

@@ -1,4 +1,4 @@
-"""The runtime layer and loader against an independent slow reference of DESIGN.md §5's forward."""
+"""The runtime layer and loader against an independent slow reference of the forward (tests/reference.py)."""
 
 from __future__ import annotations
 
