@@ -254,6 +254,18 @@ def test_calibrated_build_gptq_static_scales_and_quality(tiny_model_ckpt, tmp_pa
     # static scales come with the bundle: no calibrate() needed
     m = Tiny(model.net.up_proj.weight.detach().double().numpy(), model.net.down_proj.weight.detach().double().numpy())
     load_bundle(m, result.path, cfg)
+    # the stored scales are the static rule on the captured sample, written out here:
+    # torch.quantile of |x_t| per channel over the sample's rows, over qmax
+    from duquant_runtime.stats import StatsReader
+
+    layer = m.net.up_proj
+    sample = torch.from_numpy(StatsReader(stats_path).layer("net.up_proj").sample).float()
+    with torch.no_grad():
+        x_t = layer.rotate_input(sample).abs()
+    want = torch.quantile(x_t, cfg.quant.act_percentile / 100.0, dim=0) / 127.0
+    torch.testing.assert_close(torch.from_numpy(pack.act_scale).float(), want, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(layer.act_scale.float(), want, rtol=1e-5, atol=1e-8)
+    assert layer.act_calibrated
     x = torch.from_numpy(_correlated_inputs(np.random.default_rng(9), 64, 48)).float()
     with torch.no_grad():
         assert torch.isfinite(m(x)).all()
