@@ -14,12 +14,12 @@ FULL_DIR := $(OUT)/demo-full
 # defaults make small matmuls many times slower under load.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install packs verify test lint format bench bench-full fuzz full-checkpoint clean
+.PHONY: help install packs verify test lint format bench bench-full fuzz mutants full-checkpoint clean
 
 help:
 	@echo "make packs [CONFIG=llm_w4a8] [CKPT=path] [JOBS=n]   build + verify a bundle (demo checkpoint when no CKPT)"
 	@echo "make test                                           the test suite (CI runs this)"
-	@echo "make lint | format | verify BUNDLE=... | bench | bench-full | fuzz | full-checkpoint | clean"
+	@echo "make lint | format | verify BUNDLE=... | bench | bench-full | fuzz | mutants | full-checkpoint | clean"
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,11 @@ fuzz: $(STAMP)
 	ckpt=$$($(BIN)/duquant-packs demo-checkpoint --out $(DEMO_DIR)); \
 	bundle=$$($(BIN)/duquant-packs build --config llm_w4a8 --checkpoint "$$ckpt" --out $(OUT) -q | tail -n 1); \
 	$(BIN)/python bench/fuzz.py --bundle "$$bundle" --checkpoint $(DEMO_DIR) --cases 1000 --out $(OUT)/bench/fuzz.json
+
+# Mutation testing of the modules that guard users (tools/mutants.py, docs/mutation.md); not in CI.
+mutants: $(STAMP)
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+	$(BIN)/python tools/mutants.py
 
 full-checkpoint: $(STAMP)
 	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)
