@@ -78,14 +78,13 @@ def test_a_worker_killed_while_packing_has_its_layers_retried(demo_ckpt, cluster
             break
         time.sleep(0.02)
     assert proc.poll() is None and busy, "no worker was packing before the build ended"
-    victim, in_progress = next(iter(busy.items()))
+    victim = next(iter(busy))  # it holds layers in progress: finishing means they were retried
     os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the build hung after a worker was killed")
-    assert in_progress  # layers the killed worker held: finishing means they were retried
     assert proc.returncode == 0, stderr
     bundles = list((out / "full_w4a8").glob("*.h5"))
     assert not list((out / "full_w4a8").glob(".*.tmp"))

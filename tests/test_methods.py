@@ -19,7 +19,7 @@ from duquant_runtime import DuQuantLinear, StatsError, capture_stats, load_bundl
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import DuQuantConfig, QuantConfig, TransformConfig, from_dict
 from duquant_runtime.fingerprint import digest
-from duquant_runtime.stats import LayerStats
+from duquant_runtime.stats import LayerStats, StatsReader
 from torch import nn
 
 # One candidate each (no per-layer choice), so the pack holds exactly compute_transform's stages.
@@ -256,8 +256,6 @@ def test_calibrated_build_gptq_static_scales_and_quality(tiny_model_ckpt, tmp_pa
     load_bundle(m, result.path, cfg)
     # the stored scales are the static rule on the captured sample, written out here:
     # torch.quantile of |x_t| per channel over the sample's rows, over qmax
-    from duquant_runtime.stats import StatsReader
-
     layer = m.net.up_proj
     sample = torch.from_numpy(StatsReader(stats_path).layer("net.up_proj").sample).float()
     with torch.no_grad():

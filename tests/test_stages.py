@@ -83,7 +83,7 @@ def test_forward_and_weight_follow_the_stages_in_order(method, shape):
     ratio = w_frame / pack.w_scale.astype(np.float64)[:, None]
     codes = unpack_int4(pack.qweight, pack.in_features)
     expected = np.clip(np.rint(ratio), -8, 7)
-    near_tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-3
+    near_tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-3
     assert np.all((codes == expected) | near_tie), np.argwhere((codes != expected) & ~near_tie)[:5]
     assert near_tie.mean() < 0.01
 

@@ -11,6 +11,7 @@ See docs/mutation.md for how to read the result.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -46,8 +47,8 @@ source_paths = ["src"]
 # plain fork mode reaps their exits as if they were mutants.
 process_isolation = "forkserver"
 timeout_multiplier = 5.0
-only_mutate = [{modules}]
-pytest_add_cli_args_test_selection = [{tests}]
+only_mutate = {modules}
+pytest_add_cli_args_test_selection = {tests}
 # mutmut's trampolines read a ContextVar, which torch.compile(fullgraph=True) cannot trace.
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-k", "not torch_compile"]
 
@@ -65,9 +66,8 @@ def stage() -> None:
     shutil.copytree(ROOT / "runtime", STAGE / "src" / "duquant_runtime", ignore=ignore)
     shutil.copytree(ROOT / "pipeline", STAGE / "src" / "duquant_pipeline", ignore=ignore)
     shutil.copytree(ROOT / "tests", STAGE / "tests", ignore=ignore)
-    quoted = lambda items: ", ".join(f'"{item}"' for item in items)  # noqa: E731
-    modules = quoted(f"src/{m}" for m in MODULES)
-    (STAGE / "pyproject.toml").write_text(MUTMUT_CONFIG.format(modules=modules, tests=quoted(TESTS)))
+    modules = json.dumps([f"src/{m}" for m in MODULES])  # a TOML array of strings is a JSON one
+    (STAGE / "pyproject.toml").write_text(MUTMUT_CONFIG.format(modules=modules, tests=json.dumps(TESTS)))
 
 
 def results() -> dict[str, str]:
