@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,37 @@ def write_checkpoint(path: Path, tensors: dict[str, np.ndarray], dtype: torch.dt
     return path
 
 
+# Set by tools/mutants.py: every mutant gets its own pytest session, and rebuilding the demo
+# checkpoint and bundles in each would cost more than its tests. The first session (mutmut's
+# unmutated run) builds them here; later sessions reuse them, so mutated code is tested
+# against inputs built by the real code.
+FIXTURE_CACHE = "DUQUANT_TEST_FIXTURE_CACHE"
+
+
+def session_dir(tmp_path_factory: pytest.TempPathFactory, name: str, fill: Callable[[Path], object]) -> Path:
+    """A directory ``fill`` has filled: a fresh temp one, or the cached one when a cache is set."""
+    cache = os.environ.get(FIXTURE_CACHE)
+    if not cache:
+        out = tmp_path_factory.mktemp(name)
+        fill(out)
+        return out
+    final = Path(cache) / name
+    if not final.exists():
+        scratch = Path(cache) / f".{name}.{os.getpid()}"
+        fill(scratch)
+        os.replace(scratch, final)  # whole or absent: a session stopped halfway leaves no half-built cache
+    return final
+
+
 @pytest.fixture(scope="session")
 def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from duquant_pipeline.checkpoint import MODEL_NAME
     from duquant_pipeline.demo import write_demo_checkpoint
 
-    return write_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+    return session_dir(tmp_path_factory, "demo", write_demo_checkpoint) / MODEL_NAME
+
+
+DEMO_BUNDLE_CONFIGS = ("llm_w4a8", "dit_w4a8", "full_w4a8")
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +74,12 @@ def demo_bundles(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     from duquant_pipeline.build import build_bundle
     from duquant_runtime.config import resolve
 
-    out = tmp_path_factory.mktemp("bundles")
-    return {
-        name: build_bundle(resolve(name), demo_ckpt, out, jobs=2).path for name in ("llm_w4a8", "dit_w4a8", "full_w4a8")
-    }
+    def fill(out: Path) -> None:
+        for name in DEMO_BUNDLE_CONFIGS:
+            build_bundle(resolve(name), demo_ckpt, out, jobs=2)
+
+    out = session_dir(tmp_path_factory, "bundles", fill)
+    return {name: next((out / name).glob(f"{name}-*.h5")) for name in DEMO_BUNDLE_CONFIGS}
 
 
 def start_build_and_wait_for_temp(
