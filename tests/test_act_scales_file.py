@@ -170,7 +170,7 @@ def test_an_unsealed_version_1_file_is_read_and_checked_by_its_crcs(scales_file,
 
     bad = rewrite(path, tmp_path / "bad.h5", damage, seal=False, version=1, plain=True)
     err = refused(bundle, config, bad)
-    assert (str(err), err.layer) == (f"{bad}: scales of layer net.fc1 are damaged", "net.fc1")
+    assert (str(err), err.layer, err.field) == (f"{bad}: scales of layer net.fc1 are damaged", "net.fc1", "scales")
 
 
 def test_scales_for_a_bundle_without_static_layers_are_refused(scales_file, demo_bundles, demo_ckpt, tmp_path):

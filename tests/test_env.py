@@ -90,6 +90,8 @@ def test_the_process_environment_is_read_when_no_mapping_is_given(monkeypatch):
     monkeypatch.setenv("OPENPI_DUQUANT_ACT_SCALES", "scales.h5")
     assert [o.var for o in env_overrides()] == ["OPENPI_DUQUANT_ABITS"]
     assert config_from_env("llm_w4a8").quant.act_bits == 6
+    monkeypatch.setenv("OPENPI_DUQUANT_CONFIG", "llm_w4a8")
+    assert config_from_env().name == "llm_w4a8"  # the base too comes from the process environment
     request = request_from_env()
     assert (request.act_scales, request.bundle, request.config_given) == ("scales.h5", None, True)
 
