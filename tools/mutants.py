@@ -39,6 +39,7 @@ TESTS = [
     "tests/test_env.py",
     "tests/test_seal_fingerprint.py",
     "tests/test_act_scales_file.py",
+    "tests/test_checks_prefix.py",
     "tests/test_refusals.py",
     "tests/test_bundle_io.py",
     "tests/test_runtime.py",
