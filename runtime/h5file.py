@@ -246,8 +246,10 @@ def read_sealed(path: Path, magic: bytes) -> np.ndarray | None:
 def read_attr(obj: h5py.Group | h5py.Dataset, key: str) -> Any:
     """An attribute's value (bytes decoded), refused when it claims an implausible size."""
     aid = h5py.h5a.open(obj.id, key.encode())
+    # HDF5 sizes an attribute as elements x element size (an empty one raises here), so the byte
+    # bound also bounds the element count.
     size = aid.get_storage_size()
-    if size > MAX_ATTR_BYTES or (aid.shape is not None and int(np.prod(aid.shape)) > MAX_ATTR_BYTES):
+    if size > MAX_ATTR_BYTES:
         raise ValueError(f"attribute {key!r} claims {size} bytes")
     value = obj.attrs[key]
     return value.decode() if isinstance(value, bytes) else value
