@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from duquant_pipeline.algorithm import Transform
+from duquant_pipeline.basis import Transform
 from duquant_pipeline.methods import handler
 from duquant_pipeline.pack import LayerPacker, pack_layer
 from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scales

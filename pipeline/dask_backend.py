@@ -20,8 +20,8 @@ from duquant_runtime.errors import DuQuantError
 
 from . import process
 from .checkpoint import CheckpointError
+from .job import pack_job
 from .select import SelectedLayer
-from .workers import pack_job
 
 
 class ClusterError(DuQuantError):

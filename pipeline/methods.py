@@ -1,6 +1,6 @@
 """The pack methods: one handler each — name, version, validation, and its stages.
 
-A handler adds its stages to a :class:`~.algorithm.Basis` (which keeps the weight in the
+A handler adds its stages to a :class:`~.basis.Basis` (which keeps the weight in the
 current basis); codes and scales are then searched on the final weight by ``pack.py``, the
 same for every method. A new method made of existing stage kinds (scale, perm, rotate) is one
 more class here, registered in ``HANDLERS``; its version enters the fingerprint.
@@ -15,8 +15,8 @@ from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import ConfigError
 from duquant_runtime.stats import LayerStats
 
-from .algorithm import Basis, column_block_bases, zigzag_permutation
-from .rotations import balanced_zigzag, greedy_rotation, hadamard_blocks
+from .basis import Basis
+from .rotations import balanced_zigzag, column_block_bases, greedy_rotation, hadamard_blocks, zigzag_permutation
 
 PEAK_ROWS = 1024  # weight rows (evenly spaced) duquant's greedy rotation looks at: bounds its cost
 

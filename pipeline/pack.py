@@ -29,7 +29,8 @@ from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
 from . import kernels
-from .algorithm import Transform, column_rms, compute_transform, transformed_hessian
+from .algorithm import column_rms, compute_transform, transformed_hessian
+from .basis import Transform
 from .quality import db, output_sqnr_db, runtime_layer, static_scales, weight_error, weight_sqnr_db
 from .select import SelectedLayer
 from .weightquant import SCALE_FLOOR, gptq_codes, quantize_weight

@@ -22,7 +22,7 @@ from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear
 
 from . import kernels
-from .algorithm import Transform
+from .basis import Transform
 
 CHUNK = 1 << 20  # elements per step: temporaries stay cache-sized, no full float64 copies
 

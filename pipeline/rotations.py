@@ -138,3 +138,63 @@ def balanced_zigzag(channel_peak: np.ndarray, width: int) -> np.ndarray:
         members[cycle[pos % len(cycle)]].append(int(ch))
         pos += 1
     return np.concatenate([np.asarray(m, dtype=np.int64) for m in members])
+
+
+# ---------------------------------------------------------------- the seed's (svd) pieces
+
+
+def smoothed_energy(w: torch.Tensor, lam: float) -> torch.Tensor:
+    energy = (w * w).mean(dim=0)
+    return (1.0 - lam) * energy + lam * energy.mean()
+
+
+def zigzag(order: np.ndarray) -> np.ndarray:
+    """Take alternately from the front and the back: o0, o[n-1], o1, o[n-2], ..."""
+    n = order.shape[0]
+    out = np.empty_like(order)
+    out[0::2] = order[: (n + 1) // 2]
+    out[1::2] = order[::-1][: n // 2]
+    return out
+
+
+def zigzag_permutation(w: torch.Tensor, lam: float) -> np.ndarray:
+    energy = smoothed_energy(w, lam).numpy()
+    return zigzag(np.argsort(-energy, kind="stable"))
+
+
+def fix_signs(u: np.ndarray) -> np.ndarray:
+    """Make the largest-magnitude entry of every column positive (deterministic packs)."""
+    idx = np.argmax(np.abs(u), axis=-2)  # [..., B] row index per column
+    pivot = np.take_along_axis(u, idx[..., None, :], axis=-2)
+    return u * np.where(pivot < 0, -1.0, 1.0)
+
+
+def gram_basis(gram: np.ndarray) -> np.ndarray:
+    """Left singular vectors from Gram matrices [..., B, B]: eigenvectors, descending, sign-fixed.
+
+    eigh returns a full orthonormal basis even when the block is rank-deficient, so
+    U is always a complete B x B rotation.
+    """
+    _, vecs = np.linalg.eigh(gram)
+    return fix_signs(vecs[..., ::-1])
+
+
+def column_block_bases(w: torch.Tensor, block: int) -> np.ndarray:
+    """U_b = left singular vectors of W[:, block b]ᵀ, i.e. eigenvectors of W_bᵀW_b [nb, B, B].
+
+    Only B x B factors are formed (the seed's full SVD built up to 16384² per block). Zero-
+    padded columns make the short last block's Gram zero outside its r x r corner; that
+    corner is decomposed alone so the block is a true r x r basis, identity-padded.
+    """
+    k, n = w.shape
+    nb, tail = -(-n // block), n % block
+    padded = torch.nn.functional.pad(w, (0, nb * block - n))
+    blocks = padded.reshape(k, nb, block).permute(1, 2, 0)  # [nb, B, k]
+    gram = torch.bmm(blocks, blocks.transpose(1, 2)).numpy()
+    out = np.tile(np.eye(block), (nb, 1, 1))
+    full = nb - (1 if tail else 0)
+    if full:
+        out[:full] = gram_basis(gram[:full])
+    if tail:
+        out[full, :tail, :tail] = gram_basis(gram[full, :tail, :tail])
+    return out

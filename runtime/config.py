@@ -1,16 +1,14 @@
 """The config schema shared by the pipeline and the runtime.
 
 A config is three small frozen dataclasses (select, quant, transform) under a name.
-Presets are TOML files shipped as package data of ``duquant_pipeline`` (in
-``pipeline/configs/``); the runtime finds them by location, without importing any
-pipeline code, so eval environments stay slim.
+Presets are TOML files shipped as package data of the runtime (``runtime/presets/``), so an
+eval environment can resolve a bundle's preset without the pipeline installed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -365,11 +363,8 @@ def _base_file(base: object, here: Path | None) -> Path:
 
 
 def presets_dir() -> Path:
-    """Where the preset TOMLs live, found without importing duquant_pipeline."""
-    spec = importlib.util.find_spec("duquant_pipeline")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("preset configs not found: the duquant_pipeline package data is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "configs"
+    """Where the preset TOMLs live: the runtime's own package data."""
+    return Path(__file__).resolve().parent / "presets"
 
 
 def preset_names() -> list[str]:
