@@ -67,3 +67,9 @@ class Basis:
     def result(self) -> Transform:
         self.tr.w_t = np.ascontiguousarray(self.w.numpy())
         return self.tr
+
+
+def transformed_hessian(tr: Transform, hessian: np.ndarray) -> torch.Tensor:
+    """Tᵀ H T for the input transform T (equalization included: it is a stage)."""
+    h = torch.from_numpy(np.asarray(hessian, dtype=np.float64))
+    return tr.apply_input(tr.apply_input(h).t().contiguous())

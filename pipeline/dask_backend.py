@@ -15,12 +15,12 @@ import socket
 from collections.abc import Iterator
 
 from duquant_runtime.bundle import LayerPack
-from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import DuQuantError
 
 from . import process
 from .checkpoint import CheckpointError
 from .job import pack_job
+from .recipe import Recipe
 from .select import SelectedLayer
 
 
@@ -28,14 +28,14 @@ class ClusterError(DuQuantError):
     """The dask cluster cannot be reached, or lost the work."""
 
 
-def _pack_on_worker(ckpt_path: str, layer: SelectedLayer, config: DuQuantConfig, stats_path: str | None) -> LayerPack:
+def _pack_on_worker(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: str | None) -> LayerPack:
     for path, what in ((ckpt_path, "checkpoint"), (stats_path, "statistics file")):
         if path is not None and not os.path.exists(path):
             raise CheckpointError(
                 f"dask worker on {socket.gethostname()} cannot open the {what} {path}: the cluster's workers need "
                 "a shared filesystem where it has the same path"
             )
-    return pack_job(ckpt_path, layer, config, stats_path)
+    return pack_job(ckpt_path, layer, recipe, stats_path)
 
 
 def _worker_setup():
@@ -80,7 +80,7 @@ def _client(scheduler: str | None, jobs: int):
 def run_dask(
     ckpt_path: str,
     order: list[SelectedLayer],
-    config: DuQuantConfig,
+    recipe: Recipe,
     stats_path: str | None,
     jobs: int,
     scheduler: str | None,
@@ -93,7 +93,7 @@ def run_dask(
     client.register_plugin(_worker_setup())
     # No explicit keys: dask makes them unique (pure=False), so two builds sharing a cluster
     # never share a task.
-    futures = [client.submit(_pack_on_worker, ckpt_path, la, config, stats_path, pure=False) for la in order]
+    futures = [client.submit(_pack_on_worker, ckpt_path, la, recipe, stats_path, pure=False) for la in order]
     try:
         for future in as_completed(futures):
             yield future.result()

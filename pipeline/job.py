@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
-from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.signature import bits_digest, signature_matches, weight_signature
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
 from . import process
 from .checkpoint import Checkpoint, CheckpointError
-from .methods import handler
 from .pack import pack_layer, readonly_tensor
+from .recipe import Recipe
 from .select import SelectedLayer
 
 # Statistics may be captured on a model holding a rounded copy (bf16/fp16) of the
@@ -42,12 +41,12 @@ def _layer_stats(stats_path: str, layer: SelectedLayer, signature: tuple[float, 
     return reader.layer(layer.name)
 
 
-def pack_job(ckpt_path: str, layer: SelectedLayer, config: DuQuantConfig, stats_path: str | None = None) -> LayerPack:
+def pack_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: str | None = None) -> LayerPack:
     """Runs in a worker: open the checkpoint here, so only names cross the process boundary."""
     ckpt = process.cached_open(Checkpoint.open, ckpt_path)
     # A float64 method (the seed's svd reproduces its float64 numbers) reads float64; the
     # others float32, which holds bf16/fp16/fp32 sources exactly.
-    exact64 = handler(config.transform.method).dtype == torch.float64 or layer.dtype == "F64"
+    exact64 = recipe.rotation.dtype == torch.float64 or layer.dtype == "F64"
     raw = ckpt.raw(layer.weight)  # selection keeps floating tensors only
     weight = raw.to(torch.float64 if exact64 else torch.float32).numpy()
     if not np.isfinite(weight).all():
@@ -61,4 +60,4 @@ def pack_job(ckpt_path: str, layer: SelectedLayer, config: DuQuantConfig, stats_
     signature = weight_signature(readonly_tensor(weight))
     stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
     dtype = ckpt.tensors[layer.weight].dtype
-    return pack_layer(weight, bias, layer, dtype, config, stats, signature, source_bits=bits_digest(raw))
+    return pack_layer(weight, bias, layer, dtype, recipe, stats, signature, source_bits=bits_digest(raw))

@@ -1,15 +1,18 @@
-"""The pack methods: one handler each — name, version, validation, and its stages.
+"""The rotations (``transform.method``): one handler each — name, version, validation, and
+its stages.
 
 A handler adds its stages to a :class:`~.basis.Basis` (which keeps the weight in the
 current basis); codes and scales are then searched on the final weight by ``pack.py``, the
 same for every method. A new method made of existing stage kinds (scale, perm, rotate) is one
 more class here, registered in ``HANDLERS``; its version enters the fingerprint.
+``NO_ROTATION`` is the per-layer choice's round-to-nearest candidate: no stage at all.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import ConfigError
@@ -28,6 +31,15 @@ class Method:
     version: ClassVar[int]
     dtype: ClassVar[torch.dtype] = torch.float32
     row_rotation: ClassVar[bool] = False  # does it define transform.row_rot = 'restore'?
+
+    @property
+    def label(self) -> str:
+        """The rotation's part of a choice label."""
+        return self.name
+
+    def basis_dtype(self, w: np.ndarray) -> torch.dtype:
+        """The precision the weight is carried in while the stages are built."""
+        return self.dtype
 
     def validate(self, t: TransformConfig) -> None:
         if t.row_rot != "0" and not self.row_rotation:
@@ -113,6 +125,23 @@ class DuQuant(Method):
         basis.add("rotate", "r_in2", greedy_rotation(peaks.w, t.block_size, t.max_rotation_step, t.seed + 1))
 
 
+class NoRotation(Method):
+    """No rotation (the candidate labelled "rtn"): the weight keeps its own precision."""
+
+    name, version = "none", 1
+
+    @property
+    def label(self) -> str:
+        return "rtn"
+
+    def basis_dtype(self, w: np.ndarray) -> torch.dtype:
+        return torch.from_numpy(w[:0]).dtype
+
+    def build(self, basis: Basis, t: TransformConfig, stats: LayerStats | None) -> None:
+        return None
+
+
+NO_ROTATION = NoRotation()  # not a transform.method: only the per-layer choice pairs it in
 HANDLERS: dict[str, Method] = {m.name: m for m in (Svd(), Hadamard(), DuQuant())}
 
 

@@ -5,7 +5,7 @@ config) this is the configured method as it always was. Otherwise every candidat
 and measured with the runtime's own layer, and the best is kept:
 
 * data-free, by the error of the effective weight in the original basis (the expected
-  output error for inputs with independent, equal-variance channels; README "Quality"
+  output error for inputs with independent, equal-variance channels; docs/benchmarks.md, "Quality"
   shows it picks within ~0.5 dB of the best candidate measured on real inputs);
 * with calibration statistics, by the output error on the captured sample rows.
 
@@ -23,22 +23,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
-from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
-from . import kernels
-from .algorithm import column_rms, compute_transform, transformed_hessian
-from .basis import Transform
+from .basis import Transform, transformed_hessian
+from .pretransforms import column_rms
 from .quality import db, output_sqnr_db, runtime_layer, static_scales, weight_error, weight_sqnr_db
+from .recipe import Candidate, Recipe, resolve
 from .select import SelectedLayer
-from .weightquant import SCALE_FLOOR, gptq_codes, quantize_weight
+from .weightquant import gptq_codes, quantize_weight
 
 FALLBACK_BITS = 8  # quant.min_sqnr_db: layers that cannot reach it are packed at 8 bits
 # Data-free ranking sample: every k-th row, 1/RANK_FRACTION of the rows but at least
 # RANK_MIN_ROWS; layers with fewer than 2·RANK_MIN_ROWS rows are ranked on all of them.
-# (``choose``; README "Quality" gives how often this changes a choice, and by how much.)
+# (``choose``; docs/benchmarks.md, "Quality" gives how often this changes a choice, and by how much.)
 RANK_FRACTION = 8
 RANK_MIN_ROWS = 512
 RANK_MARGIN_DB = 0.5  # the sample's runner-up within this of the leader is packed on all rows too
@@ -50,31 +50,6 @@ def readonly_tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One transform build tries: an equalization, then the method (or no rotation)."""
-
-    rotate: bool = True
-    equalize: float = 0.0  # data-free strength beta
-    smooth: float | None = None  # SmoothQuant alpha (None: the config's smooth_alpha)
-
-    def label(self, method: str) -> str:
-        base = method if self.rotate else "rtn"
-        if self.smooth:
-            return f"{base}+smooth{self.smooth:g}"
-        return f"{base}+eq{self.equalize:g}" if self.equalize else base
-
-
-def candidates(t: TransformConfig, calibrated: bool) -> list[Candidate]:
-    """The transforms build tries for one layer, in a fixed order (ties keep the first)."""
-    rotations = (True, False) if t.rtn_candidate else (True,)
-    strengths = t.equalize or (0.0,)
-    out = [Candidate(rotate, equalize=beta) for rotate in rotations for beta in strengths]
-    if calibrated:
-        out += [Candidate(rotate, smooth=alpha) for rotate in rotations for alpha in t.smooth_search]
-    return out
 
 
 @dataclass
@@ -97,13 +72,15 @@ class LayerPacker:
         bias: np.ndarray | None,
         layer: SelectedLayer,
         source_dtype: str,
-        config: DuQuantConfig,
+        recipe: Recipe | DuQuantConfig,
         stats: LayerStats | None,
         signature: tuple[float, float],
         rms: np.ndarray | None = None,
         source_bits: int | None = None,
     ) -> None:
-        self.weight, self.bias, self.layer, self.config, self.stats = weight, bias, layer, config, stats
+        """``recipe``: the build's, or a config to resolve (with statistics when ``stats`` is given)."""
+        self.recipe = recipe if isinstance(recipe, Recipe) else resolve(recipe, stats is not None)
+        self.weight, self.bias, self.layer, self.config, self.stats = weight, bias, layer, self.recipe.config, stats
         self.source_dtype, self.signature = source_dtype, signature
         self._rms = rms
         self.source_bits = source_bits
@@ -128,7 +105,7 @@ class LayerPacker:
             return self
         sample = np.ascontiguousarray(self.weight[:: rows // wanted])
         signature = weight_signature(readonly_tensor(sample))
-        return LayerPacker(sample, None, self.layer, self.source_dtype, self.config, None, signature, self.rms)
+        return LayerPacker(sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms)
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
         stored = {
@@ -182,16 +159,8 @@ class LayerPacker:
         return None if self.stats is None else transformed_hessian(tr, self.stats.hessian())
 
     def candidate(self, cand: Candidate, bits: int) -> Measured:
-        tr = compute_transform(
-            self.weight,
-            self.config.transform,
-            self.stats,
-            rotate=cand.rotate,
-            equalize=cand.equalize,
-            smooth=cand.smooth,
-            rms=self.rms if cand.equalize else None,
-        )
-        return self.quantized(tr, bits)
+        rms = self.rms if cand.pre.uses_rms else None
+        return self.quantized(cand.transform(self.weight, self.config.transform, self.stats, rms), bits)
 
     def quantized(self, tr: Transform, bits: int) -> Measured:
         """The transform's weight quantized at ``bits`` (scale search, RTN codes), measured."""
@@ -219,15 +188,10 @@ class LayerPacker:
 
     def rtn_figures(self) -> dict[str, float]:
         """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""
-        w = self.w_ref.numpy()
-        q = 2 ** (self.layer.bits - 1) - 1
-        peaks = np.maximum(w.max(axis=1), -w.min(axis=1))  # max |w| per row, without an |w| copy
-        scales = np.maximum(peaks / q, SCALE_FLOOR).astype(np.float32)
-        codes = np.empty(w.shape, dtype=np.int8)
-        sq_err = float(kernels.round_codes(w, scales.astype(w.dtype), q, codes).sum())
+        codes, scales, sq_err = quantize_weight(self.w_ref, self.layer.bits, search="absmax")
         if self.stats is None:  # the weight figure needs no layer
             return {"rtn_weight_sqnr_db": db(self.signal, sq_err)}
-        m = self.measure(Transform(w_t=w), codes, scales, self.layer.bits)
+        m = self.measure(Transform(w_t=self.w_ref.numpy()), codes, scales, self.layer.bits)
         return {f"rtn_{k}": v for k, v in m.figures.items()}
 
 
@@ -267,7 +231,7 @@ def pack_layer(
     bias: np.ndarray | None,
     layer: SelectedLayer,
     source_dtype: str,
-    config: DuQuantConfig,
+    recipe: Recipe | DuQuantConfig,
     stats: LayerStats | None = None,
     signature: tuple[float, float] | None = None,
     *,
@@ -278,12 +242,13 @@ def pack_layer(
     with statistics) and the quality record. ``source_bits``: ``bits_digest`` of the stored
     source tensor, which loads check live weights of the source's dtype against."""
     signature = signature or weight_signature(readonly_tensor(weight))
-    packer = LayerPacker(weight, bias, layer, source_dtype, config, stats, signature, source_bits=source_bits)
+    packer = LayerPacker(weight, bias, layer, source_dtype, recipe, stats, signature, source_bits=source_bits)
     bits = layer.bits
-    options = candidates(config.transform, stats is not None)
+    options = list(packer.recipe.candidates)
     best, best_index = choose(packer, options, bits, stats is None)
+    config = packer.config
     q = config.quant
-    choice = options[best_index].label(config.transform.method)
+    choice = options[best_index].label()
     if q.gptq:
         refined = packer.with_gptq(best, bits)
         choice += "+gptq" if refined is not best else ""
@@ -299,5 +264,5 @@ def pack_layer(
     if config.per_layer_choice or q.min_sqnr_db > 0:
         figures.update(packer.rtn_figures())
     pack.quality = {k: round(v, 3) if np.isfinite(v) else 999.0 for k, v in figures.items()}
-    pack.choice = choice if config.per_layer_choice or q.gptq or q.min_sqnr_db > 0 else None
+    pack.choice = choice if packer.recipe.records_choice else None
     return pack

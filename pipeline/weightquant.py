@@ -2,10 +2,12 @@
 
 Three steps, each optional beyond the first:
 
-* scale search: ``"alpha"`` is the seed's (5 clip ratios, weight MSE);
-  ``"mse"`` searches a finer grid of clip ratios and, given calibration statistics,
-  weights each input channel's error by its mean squared activation — the output error
-  of that row under the captured inputs, not the weight's own error;
+* scale search, one strategy each in ``SEARCHES`` (``quant.weight_search`` names one):
+  ``"alpha"`` is the seed's (5 clip ratios, weight MSE); ``"mse"`` searches a finer grid of
+  clip ratios and, given calibration statistics, weights each input channel's error by its
+  mean squared activation — the output error of that row under the captured inputs, not the
+  weight's own error; ``"absmax"`` is plain round-to-nearest (the peak of each row), the
+  baseline every layer's quality record compares with;
 * codes: round-to-nearest, or GPTQ (``gptq=True``): columns are quantized in order and
   each one's rounding error is pushed onto the not-yet-quantized columns through the
   inverse of the input second-moment matrix H = XᵀX (in the transformed basis), so the
@@ -50,27 +52,35 @@ def _seed_alpha_scales(rows: torch.Tensor, q: int) -> torch.Tensor:
     return best_s
 
 
-def _search(
-    w_t: torch.Tensor, bits: int, search: str, channel_weight: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Scales (float64 holding float32 values), RTN codes and the unweighted squared weight
-    error. "mse" runs the fused per-row loops of ``kernels.py`` on a float32 copy for the
-    ranking; codes divide in ``w_t``'s own precision."""
-    q = qmax(bits)
-    if search == "alpha":
-        return _seed_search(w_t, q)
+Quantized = tuple[torch.Tensor, torch.Tensor, float]  # scales (float64 of float32 values), codes, Σ err²
+
+
+def _mse_search(w_t: torch.Tensor, q: int, channel_weight: torch.Tensor | None) -> Quantized:
+    """The fused per-row loops of ``kernels.py`` on a float32 copy for the ranking; codes divide
+    in ``w_t``'s own precision."""
     w32 = np.ascontiguousarray(w_t.numpy(), dtype=np.float32)
     cw = np.empty(0, np.float32) if channel_weight is None else channel_weight.numpy().astype(np.float32)
     scales32 = kernels.mse_scales(w32, q, MSE_COARSE_F32, MSE_REFINE_F32, cw)
+    return _rounded(w_t, scales32, q)
+
+
+def _absmax_rtn(w_t: torch.Tensor, q: int, channel_weight: torch.Tensor | None) -> Quantized:
+    """Per-row absmax scales, round-to-nearest codes."""
+    w = w_t.numpy()
+    peaks = np.maximum(w.max(axis=1), -w.min(axis=1))  # max |w| per row, without an |w| copy
+    return _rounded(w_t, np.maximum(peaks / q, SCALE_FLOOR).astype(np.float32), q)
+
+
+def _rounded(w_t: torch.Tensor, scales32: np.ndarray, q: int) -> Quantized:
     codes = np.empty(w_t.shape, dtype=np.int8)
     rows = np.ascontiguousarray(w_t.numpy())
     row_err = kernels.round_codes(rows, scales32.astype(rows.dtype), q, codes)
     return torch.from_numpy(scales32).double(), torch.from_numpy(codes), float(row_err.sum())
 
 
-def _seed_search(w_t: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _seed_search(w_t: torch.Tensor, q: int, channel_weight: torch.Tensor | None = None) -> Quantized:
     """The seed's "alpha" search in float64, chunk by chunk: each chunk's codes are computed
-    while its rows are still in cache."""
+    while its rows are still in cache. Weight MSE only: ``channel_weight`` is not used."""
     scales = torch.empty(w_t.shape[0], dtype=torch.float64)
     codes = torch.empty(w_t.shape, dtype=torch.int8)
     sq_err = 0.0
@@ -120,6 +130,10 @@ def gptq_codes(
     return codes
 
 
+# The scale searches by name; each takes (w_t, qmax, per-input-channel error weight or None).
+SEARCHES = {"alpha": _seed_search, "mse": _mse_search, "absmax": _absmax_rtn}
+
+
 def quantize_weight(
     w_t: torch.Tensor,
     bits: int,
@@ -137,7 +151,7 @@ def quantize_weight(
     and is what GPTQ compensates with.
     """
     cw = None if hessian is None else torch.diagonal(hessian).clamp_min(0)
-    scales, codes, sq_err = _search(w_t, bits, search, cw)
+    scales, codes, sq_err = SEARCHES[search](w_t, qmax(bits), cw)
     if gptq:
         if hessian is None:
             raise ValueError("GPTQ needs the input second-moment matrix (calibration statistics)")

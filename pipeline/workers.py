@@ -20,6 +20,7 @@ from . import process
 from .checkpoint import Checkpoint
 from .dask_backend import run_dask
 from .job import pack_job
+from .recipe import resolve
 from .select import SelectedLayer
 
 # loky: processes (default); threading: one process; dask: a dask.distributed cluster (dask_backend.py).
@@ -40,12 +41,13 @@ def run_jobs(
     ``scheduler``: a dask scheduler address (backend "dask"; none: a local cluster). Call
     ``start_pool`` first: the loky workers it starts ignore Ctrl-C, and are reused here."""
     order = sorted(layers, key=lambda la: -la.out_features * la.in_features)
+    recipe = resolve(config, calibrated=stats_path is not None)
     if backend == "dask":
-        yield from run_dask(str(ckpt.path), order, config, stats_path, jobs, scheduler)
+        yield from run_dask(str(ckpt.path), order, recipe, stats_path, jobs, scheduler)
         return
     if backend == "sequential" or jobs == 1:
         for layer in order:
-            yield pack_job(str(ckpt.path), layer, config, stats_path)
+            yield pack_job(str(ckpt.path), layer, recipe, stats_path)
             process.return_freed_memory()
         return
     from joblib import Parallel, delayed, parallel_config
@@ -59,7 +61,7 @@ def run_jobs(
         process.torch_threads(1) if in_process else nullcontext(),
     ):
         runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
-        yield from runner(delayed(pack_job)(str(ckpt.path), la, config, stats_path) for la in order)
+        yield from runner(delayed(pack_job)(str(ckpt.path), la, recipe, stats_path) for la in order)
 
 
 # loky caps each worker's BLAS threads itself, and runs process.init_worker once per worker.

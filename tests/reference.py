@@ -1,4 +1,4 @@
-"""Independent, deliberately slow references of the seed's svd pack (README, "The algorithms") and its forward.
+"""Independent, deliberately slow references of the seed's svd pack (docs/algorithms.md) and its forward.
 
 Written from the spec with plain loops and full SVDs, sharing no code with the
 pipeline or runtime, so a bug there cannot hide in here.

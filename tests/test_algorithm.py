@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import outlier_weight
-from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.basis import Transform
+from duquant_pipeline.recipe import compute_transform
 from duquant_pipeline.weightquant import quantize_weight
 from duquant_runtime.config import TransformConfig
 from reference import blocks_from_stacked, reference_forward, reference_pack

@@ -12,12 +12,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_checkpoint
-from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.cli import main
 from duquant_pipeline.fingerprints import fingerprint_document
-from duquant_pipeline.pack import RANK_MARGIN_DB, RANK_MIN_ROWS, LayerPacker, candidates, pack_layer
+from duquant_pipeline.pack import RANK_MARGIN_DB, RANK_MIN_ROWS, LayerPacker, pack_layer
 from duquant_pipeline.quality import runtime_layer, weight_sqnr_db
+from duquant_pipeline.recipe import candidates, compute_transform
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import DuQuantLinear, load_bundle
 from duquant_runtime.bundle import BundleReader
@@ -339,7 +339,7 @@ def test_ranking_on_a_row_sample_keeps_a_full_layer_choice():
     config = DEFAULT.replace("transform", block_size=32)
     packer = LayerPacker(w, None, selected(w), "F32", config, None, signature(w))
     assert packer.row_sample() is not packer
-    full = {c.label("hadamard"): packer.candidate(c, 4).sqnr for c in candidates(config.transform, False)}
+    full = {c.label(): packer.candidate(c, 4).sqnr for c in candidates(config.transform, False)}
     pack = pack_layer(w, None, selected(w), "F32", config)
     assert pack.choice in full
     assert full[pack.choice] >= max(full.values()) - RANK_MARGIN_DB

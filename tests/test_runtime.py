@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import outlier_weight
-from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import pack_layer
+from duquant_pipeline.recipe import compute_transform
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import (
     ActScalesError,

@@ -1,0 +1,126 @@
+"""Pre-transforms: a per-input-channel scale s applied before the rotation (x/s, W·s), stored
+as the ``in_scale`` stage 1/s and applied first. One small frozen strategy each; a build's
+candidates pair each pre-transform with a rotation (``recipe.py``).
+
+In trained networks the largest activation channels feed the smallest weight columns; a
+rotation that mixes such a channel with ordinary ones multiplies the large activation by
+full-size 4-bit errors. Equalizing first makes the product x_j·W[:, j], which is what
+matters, the thing the rotation spreads: from the weights alone (``Equalize``) or, with
+calibration statistics, SmoothQuant's (``Smooth``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from duquant_runtime.config import TransformConfig
+from duquant_runtime.stats import LayerStats
+
+from . import kernels
+
+# Factors are clipped to this range (geometric mean 1): a dead channel cannot blow up the other side.
+FACTOR_RANGE = (1e-4, 1e4)
+
+
+def _normalized(s: np.ndarray) -> np.ndarray:
+    s = np.clip(s, *FACTOR_RANGE)
+    return np.clip(s / np.exp(np.mean(np.log(s))), *FACTOR_RANGE)  # geometric mean 1: no scale drift
+
+
+def smoothing_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant: s_j = max|x_j|^α / max|W_:,j|^(1-α); x/s and W·s leave x·Wᵀ unchanged."""
+    a = np.maximum(act_absmax.astype(np.float64), 1e-5)
+    wmax = np.maximum(np.abs(w).max(axis=0), 1e-5)
+    return _normalized(a**alpha / wmax ** (1.0 - alpha))
+
+
+def column_rms(w: np.ndarray) -> np.ndarray:
+    """rms(W[:, j]) per input column, float64 (what equalization is computed from)."""
+    return np.sqrt(kernels.column_sum_squares(np.ascontiguousarray(w)) / max(1, w.shape[0]))
+
+
+def equalization_factors(w: np.ndarray, beta: float, rms: np.ndarray | None = None) -> np.ndarray:
+    """Data-free equalization: s_j = rms(W[:, j])^-β, so W·s has columns of equal size at β = 1.
+
+    In trained networks a tiny weight column usually meets a large activation channel (the
+    consumer compensates its producer), so x/s shrinks exactly the channels that a rotation
+    must not spread; with independent outliers β = 0.5 is the choice that balances weight and
+    activation error (Cauchy-Schwarz on ‖x/s‖·‖W·s‖). Build measures which β each layer wants.
+    ``rms``: ``column_rms(w)`` when already known (a build computes it once per layer, and
+    ranks candidates on a sample of rows with the whole weight's factors).
+    """
+    rms = column_rms(w) if rms is None else rms
+    floor = max(float(rms.max()) * 1e-6, 1e-30)  # all-zero columns keep factor ~1
+    return _normalized(np.maximum(rms, floor) ** -beta)
+
+
+@dataclass(frozen=True)
+class PreTransform:
+    """No pre-transform: the weight goes to the rotation as it is."""
+
+    uses_rms: ClassVar[bool] = False  # does ``factors`` read the weight's column RMS?
+
+    @property
+    def suffix(self) -> str:
+        """What the pre-transform adds to a choice label ("" for none)."""
+        return ""
+
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> np.ndarray | None:
+        """s per input column, or None for no stage. ``rms``: ``column_rms(w)`` when known."""
+        return None
+
+
+@dataclass(frozen=True)
+class Equalize(PreTransform):
+    """Data-free equalization of strength ``beta`` (``equalization_factors``)."""
+
+    beta: float
+    uses_rms: ClassVar[bool] = True
+
+    @property
+    def suffix(self) -> str:
+        return f"+eq{self.beta:g}"
+
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> np.ndarray:
+        return equalization_factors(w, self.beta, rms)
+
+
+@dataclass(frozen=True)
+class Smooth(PreTransform):
+    """SmoothQuant of strength ``alpha`` from the captured activation maxima."""
+
+    alpha: float
+
+    @property
+    def suffix(self) -> str:
+        return f"+smooth{self.alpha:g}"
+
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> np.ndarray:
+        if stats is None:
+            raise ValueError("SmoothQuant smoothing needs calibration statistics (--calib)")
+        return smoothing_factors(stats.absmax, w, self.alpha)
+
+
+NONE = PreTransform()
+
+
+def equalizing(beta: float) -> PreTransform:
+    return Equalize(beta) if beta > 0 else NONE  # strength 0 is no stage
+
+
+def smoothing(alpha: float) -> PreTransform:
+    return Smooth(alpha) if alpha > 0 else NONE
+
+
+def pre_transform_groups(t: TransformConfig, calibrated: bool) -> list[list[PreTransform]]:
+    """The pre-transforms a build tries, in groups it pairs with every rotation in turn: the
+    data-free strengths (a fixed SmoothQuant strength, smooth_alpha, stands in for them), then,
+    with statistics, the smooth_search strengths."""
+    if t.smooth_alpha > 0:
+        return [[Smooth(t.smooth_alpha)]]
+    groups = [[equalizing(beta) for beta in t.equalize or (0.0,)]]
+    if calibrated and t.smooth_search:
+        groups.append([smoothing(alpha) for alpha in t.smooth_search])
+    return groups
