@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.errors import DuQuantError
@@ -77,6 +78,24 @@ def _client(scheduler: str | None, jobs: int):
     return Client(cluster), cluster
 
 
+def _connect(scheduler: str | None, jobs: int):
+    """``_client`` in a helper thread. Python runs signal handlers in the main thread only, so a
+    Ctrl-C or SIGTERM during the seconds a LocalCluster takes to start interrupts this wait, not
+    the cluster's construction: the cluster is then finished and closed whole. (Interrupted
+    half-way, it left a worker in Status.init that distributed's exit hook tripped over.)"""
+    with ThreadPoolExecutor(1, thread_name_prefix="duquant-dask-start") as pool:
+        starting = pool.submit(_client, scheduler, jobs)
+        try:
+            return starting.result()
+        except KeyboardInterrupt:
+            if starting.exception() is None:  # waits for the start-up to finish
+                client, cluster = starting.result()
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+            raise
+
+
 def run_dask(
     ckpt_path: str,
     order: list[SelectedLayer],
@@ -89,12 +108,13 @@ def run_dask(
     from distributed import KilledWorker, as_completed
     from distributed.client import FutureCancelledError
 
-    client, cluster = _client(scheduler, jobs)
-    client.register_plugin(_worker_setup())
-    # No explicit keys: dask makes them unique (pure=False), so two builds sharing a cluster
-    # never share a task.
-    futures = [client.submit(_pack_on_worker, ckpt_path, la, recipe, stats_path, pure=False) for la in order]
+    client, cluster = _connect(scheduler, jobs)
+    futures = []
     try:
+        client.register_plugin(_worker_setup())
+        # No explicit keys: dask makes them unique (pure=False), so two builds sharing a cluster
+        # never share a task.
+        futures = [client.submit(_pack_on_worker, ckpt_path, la, recipe, stats_path, pure=False) for la in order]
         for future in as_completed(futures):
             yield future.result()
     except KilledWorker as exc:

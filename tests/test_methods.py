@@ -7,11 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import outlier_weight, write_checkpoint
-from duquant_pipeline.algorithm import compute_transform
 from duquant_pipeline.build import build_bundle, pack_layer
 from duquant_pipeline.cli import main
 from duquant_pipeline.fingerprints import fingerprint_document
 from duquant_pipeline.methods import check
+from duquant_pipeline.recipe import compute_transform
 from duquant_pipeline.rotations import balanced_zigzag, greedy_rotation, hadamard_blocks
 from duquant_pipeline.select import SelectedLayer
 from duquant_pipeline.weightquant import gptq_codes, quantize_weight
