@@ -80,17 +80,34 @@ SIZES = {
 }
 
 
-def tensor_specs(d: Pi05Dims) -> list[tuple[str, tuple[int, ...]]]:
+Spec = tuple[str, tuple[int, ...]]  # a tensor's name and shape
+
+
+def tensor_specs(d: Pi05Dims) -> list[Spec]:
     """(name, shape) of every tensor, in file order."""
-    specs: list[tuple[str, tuple[int, ...]]] = []
+    e = d.expert_width
+    return [
+        *_vision_specs(d),
+        *_linear(f"{PG}multi_modal_projector.linear", d.llm_width, d.vision_width, bias=True),
+        (f"{LLM}embed_tokens.weight", (d.vocab, d.llm_width)),
+        *_gemma_specs(d, expert=False),
+        *_gemma_specs(d, expert=True),
+        *_linear("action_in_proj", e, d.action_dim, bias=True),
+        *_linear("action_out_proj", d.action_dim, e, bias=True),
+        *_linear("time_mlp_in", e, e, bias=True),
+        *_linear("time_mlp_out", e, e, bias=True),
+    ]
 
-    def linear(name: str, out: int, inp: int, bias: bool) -> None:
-        specs.append((f"{name}.weight", (out, inp)))
-        if bias:
-            specs.append((f"{name}.bias", (out,)))
 
+def _linear(name: str, out: int, inp: int, *, bias: bool) -> list[Spec]:
+    weight = (f"{name}.weight", (out, inp))
+    return [weight, (f"{name}.bias", (out,))] if bias else [weight]
+
+
+def _vision_specs(d: Pi05Dims) -> list[Spec]:
+    """SigLIP: patch and position embeddings, the encoder layers, the last norm."""
     v = d.vision_width
-    specs += [
+    specs: list[Spec] = [
         (f"{VISION}embeddings.patch_embedding.weight", (v, 3, d.patch, d.patch)),
         (f"{VISION}embeddings.patch_embedding.bias", (v,)),
         (f"{VISION}embeddings.position_embedding.weight", (d.vision_positions, v)),
@@ -99,51 +116,36 @@ def tensor_specs(d: Pi05Dims) -> list[tuple[str, tuple[int, ...]]]:
         p = f"{VISION}encoder.layers.{i}."
         specs += [(f"{p}layer_norm1.weight", (v,)), (f"{p}layer_norm1.bias", (v,))]
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{p}self_attn.{proj}", v, v, True)
+            specs += _linear(f"{p}self_attn.{proj}", v, v, bias=True)
         specs += [(f"{p}layer_norm2.weight", (v,)), (f"{p}layer_norm2.bias", (v,))]
-        linear(f"{p}mlp.fc1", d.vision_mlp, v, True)
-        linear(f"{p}mlp.fc2", v, d.vision_mlp, True)
-    specs += [(f"{VISION}post_layernorm.weight", (v,)), (f"{VISION}post_layernorm.bias", (v,))]
-    linear(f"{PG}multi_modal_projector.linear", d.llm_width, v, True)
+        specs += _linear(f"{p}mlp.fc1", d.vision_mlp, v, bias=True)
+        specs += _linear(f"{p}mlp.fc2", v, d.vision_mlp, bias=True)
+    return [*specs, (f"{VISION}post_layernorm.weight", (v,)), (f"{VISION}post_layernorm.bias", (v,))]
 
-    def gemma(prefix: str, width: int, heads: int, head_dim: int, kv: int, mlp: int, n: int, ada: bool) -> None:
-        def norm(name: str) -> None:
-            if ada:  # pi0.5's adaptive RMSNorm: a Linear from the time conditioning
-                linear(f"{name}.dense", 3 * width, width, True)
-            else:
-                specs.append((f"{name}.weight", (width,)))
 
-        for i in range(n):
-            p = f"{prefix}layers.{i}."
-            norm(f"{p}input_layernorm")
-            linear(f"{p}self_attn.q_proj", heads * head_dim, width, False)
-            linear(f"{p}self_attn.k_proj", kv * head_dim, width, False)
-            linear(f"{p}self_attn.v_proj", kv * head_dim, width, False)
-            linear(f"{p}self_attn.o_proj", width, heads * head_dim, False)
-            norm(f"{p}post_attention_layernorm")
-            linear(f"{p}mlp.gate_proj", mlp, width, False)
-            linear(f"{p}mlp.up_proj", mlp, width, False)
-            linear(f"{p}mlp.down_proj", width, mlp, False)
-        norm(f"{prefix}norm")
+def _gemma_specs(d: Pi05Dims, *, expert: bool) -> list[Spec]:
+    """A Gemma stack's layers and final norm: the LLM's, or the action expert's, whose norms
+    are pi0.5's adaptive RMSNorm (a Linear from the time conditioning) instead of a gain."""
+    prefix, stem = (EXPERT, "expert") if expert else (LLM, "llm")  # Pi05Dims: expert_width, llm_width, ...
+    fields = ("width", "heads", "head_dim", "kv_heads", "mlp", "layers")
+    width, heads, head_dim, kv, mlp, depth = (int(getattr(d, f"{stem}_{field}")) for field in fields)
 
-    specs.append((f"{LLM}embed_tokens.weight", (d.vocab, d.llm_width)))
-    gemma(LLM, d.llm_width, d.llm_heads, d.llm_head_dim, d.llm_kv_heads, d.llm_mlp, d.llm_layers, False)
-    gemma(
-        EXPERT,
-        d.expert_width,
-        d.expert_heads,
-        d.expert_head_dim,
-        d.expert_kv_heads,
-        d.expert_mlp,
-        d.expert_layers,
-        True,
-    )
-    e = d.expert_width
-    linear("action_in_proj", e, d.action_dim, True)
-    linear("action_out_proj", d.action_dim, e, True)
-    linear("time_mlp_in", e, e, True)
-    linear("time_mlp_out", e, e, True)
-    return specs
+    def norm(name: str) -> list[Spec]:
+        return _linear(f"{name}.dense", 3 * width, width, bias=True) if expert else [(f"{name}.weight", (width,))]
+
+    specs: list[Spec] = []
+    for i in range(depth):
+        p = f"{prefix}layers.{i}."
+        specs += norm(f"{p}input_layernorm")
+        specs += _linear(f"{p}self_attn.q_proj", heads * head_dim, width, bias=False)
+        specs += _linear(f"{p}self_attn.k_proj", kv * head_dim, width, bias=False)
+        specs += _linear(f"{p}self_attn.v_proj", kv * head_dim, width, bias=False)
+        specs += _linear(f"{p}self_attn.o_proj", width, heads * head_dim, bias=False)
+        specs += norm(f"{p}post_attention_layernorm")
+        specs += _linear(f"{p}mlp.gate_proj", mlp, width, bias=False)
+        specs += _linear(f"{p}mlp.up_proj", mlp, width, bias=False)
+        specs += _linear(f"{p}mlp.down_proj", width, mlp, bias=False)
+    return [*specs, *norm(f"{prefix}norm")]
 
 
 def _rng(name: str) -> np.random.Generator:

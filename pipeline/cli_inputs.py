@@ -1,0 +1,91 @@
+"""`duquant-packs list-layers`, `configs` and `demo-checkpoint`: the commands about a build's
+inputs (what a config selects in a checkpoint, the presets, the demo checkpoint)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from duquant_runtime.config import SelectConfig, preset_names, resolve
+
+from .cli_common import checkpoint_option, config_option, env_option, friendly, load_config, prefix_note
+from .report import human
+
+
+@click.command("list-layers")
+@config_option
+@checkpoint_option
+@env_option
+@friendly
+def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
+    """Dry run: print every layer the config selects, with its shape and bits, and the total."""
+    from .checkpoint import Checkpoint
+    from .select import select_layers
+
+    cfg = load_config(config, use_env)
+    layers = select_layers(cfg, Checkpoint.open(checkpoint))
+    width = max(len(la.name) for la in layers)
+    for la in layers:
+        click.echo(f"{la.name:<{width}}  {la.out_features:>6} x {la.in_features:<6}  w{la.bits}  {la.dtype}")
+    total = sum(la.weight_bytes for la in layers)
+    click.echo(
+        f"{len(layers)} layers selected by {cfg.name} ({human(total)} of weights){prefix_note(layers[0].prefix)}"
+    )
+
+
+@click.command()
+def configs() -> None:
+    """List the preset configs and what each one selects."""
+    for name in preset_names():
+        cfg = resolve(name)
+        t = cfg.transform
+        click.echo(
+            f"{name:<16} scope={cfg.select.scope!r:<58} w{cfg.quant.weight_bits}a{cfg.quant.act_bits} "
+            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} method={t.method} "
+            f"weights={cfg.quant.weight_search}{'+gptq' if cfg.quant.gptq else ''}"
+            f"{f' smooth={t.smooth_alpha}' if t.smooth_alpha else ''}"
+            f"{f' per-layer: eq={list(t.equalize)}' if t.equalize else ''}"
+            f"{f' smooth={list(t.smooth_search)}' if t.smooth_search else ''}"
+            f"{' +no-rotation' if t.rtn_candidate else ''}{_selection_note(cfg.select)}"
+        )
+
+
+def _selection_note(select: SelectConfig) -> str:
+    """What a preset selects besides its scope, where it departs from the defaults."""
+    default = SelectConfig()
+    notes = []
+    if select.exclude.startswith(default.exclude + "|"):
+        notes.append(f"also excludes {select.exclude[len(default.exclude) + 1 :]!r}")
+    elif select.exclude != default.exclude:
+        notes.append(f"exclude={select.exclude!r}")
+    if select.include != default.include:
+        notes.append(f"include={select.include!r}")
+    if select.layers:
+        notes.append(f"only {len(select.layers)} listed layers")
+    return "".join(f"  {n}" for n in notes)
+
+
+@click.command("demo-checkpoint")
+@click.option("--out", "out_dir", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--full-size", is_flag=True, help="Real pi0.5 widths (~6.5 GB bf16), streamed tensor by tensor.")
+@click.option(
+    "--size",
+    type=click.Choice(["small", "demo", "mid", "full"]),
+    default=None,
+    help="Widths for benchmarks: full_w4a8 selects ~7 M (small), ~30 M (demo, the default), ~114 M (mid) "
+    "or ~2.7 G (full, same as --full-size) weights.",
+)
+@click.option("--dtype", type=click.Choice(["BF16", "F32"]), default="BF16", show_default=True)
+@friendly
+def demo_checkpoint(out_dir: str, full_size: bool, size: str | None, dtype: str) -> None:
+    """Write the deterministic pi0.5-shaped demo checkpoint (kept if already there)."""
+    from tqdm import tqdm
+
+    from .demo import SIZES, tensor_specs, write_demo_checkpoint
+
+    size = size or ("full" if full_size else "demo")
+    n = len(tensor_specs(SIZES[size]))
+    # Only the full size takes long enough to want a bar.
+    with tqdm(total=n, unit="tensor", desc="demo checkpoint", file=sys.stderr, disable=size != "full") as bar:
+        path = write_demo_checkpoint(out_dir, size=size, dtype=dtype, on_tensor=lambda name, nbytes: bar.update(1))
+    click.echo(str(path))
