@@ -8,7 +8,6 @@ choice is known, and names the file.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import os
 import time
@@ -16,14 +15,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import h5py
-from duquant_runtime import __version__, h5file
-from duquant_runtime.bundle import LAYERS, BundleReader, LayerPack, seal, write_header, write_layer
+from duquant_runtime import __version__
+from duquant_runtime.bundle import BundleReader, BundleWriter, LayerPack
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError
-from duquant_runtime.fingerprint import SourceTensor, digest
+from duquant_runtime.fingerprint import SourceTensor
 from duquant_runtime.stats import StatsError, StatsReader
 
 from .checkpoint import Checkpoint
@@ -54,7 +51,7 @@ class BuildResult:
 # Below this many selected weights a pool's start-up (worker processes importing torch and
 # loading the compiled kernels, ~2 s here) costs more than a second core saves: on 2 cores
 # the in-process build was faster at 7 M, 30 M and 114 M weights and the pool at 2.7 G
-# (README "Build speed"); the linear fit of those runs crosses at ~240 M.
+# (docs/benchmarks.md, "Build and load speed"); the linear fit of those runs crosses at ~240 M.
 POOL_MIN_WEIGHTS = 250_000_000
 
 
@@ -118,29 +115,86 @@ def _reusable(
 
 
 def _write_packs(
-    f: h5py.File, packs: Iterator[LayerPack], layers: list[SelectedLayer], out_cfg: Path, progress: Progress | None
-) -> tuple[dict[str, str], dict[str, Any], dict[str, dict[str, float]]]:
-    """Write packs as they arrive; returns each layer's choice (for the fingerprint), its
-    index entry (for the header) and its quality figures (for the build's summary)."""
+    writer: BundleWriter,
+    packs: Iterator[LayerPack],
+    layers: list[SelectedLayer],
+    out_cfg: Path,
+    progress: Progress | None,
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Write packs as they arrive; returns each layer's choice (for the fingerprint) and its
+    quality figures (for the build's summary)."""
     by_name = {la.name: la for la in layers}
     total_bytes = sum(la.weight_bytes for la in layers)
     choices: dict[str, str] = {}
-    index: dict[str, Any] = {}
     quality: dict[str, dict[str, float]] = {}
-    shared: dict = {}
     done_bytes = 0
-    with output_errors(out_cfg):
-        f.require_group(LAYERS)
     for done_layers, pack in enumerate(packs, 1):
-        with output_errors(out_cfg):
-            index[pack.name] = write_layer(f, pack, shared)
+        with output_errors(out_cfg):  # only our own writes: a packing error is not an output error
+            writer.add(pack)
         if pack.choice:
             choices[pack.name] = pack.choice
         quality[pack.name] = dict(pack.quality or {})
         done_bytes += by_name[pack.name].weight_bytes
         if progress:
             progress(done_layers, len(layers), done_bytes, total_bytes)
-    return choices, index, quality
+    return choices, quality
+
+
+@dataclass
+class _Plan:
+    """What a build that writes knows before its first pack: the inputs and where it writes."""
+
+    config: DuQuantConfig
+    ckpt: Checkpoint
+    layers: list[SelectedLayer]
+    out_dir: Path
+    stats_digest: str | None
+    sources: Callable[[], list[SourceTensor]]  # the sources' digests, when they are needed
+
+    @property
+    def out_cfg(self) -> Path:
+        return self.out_dir / self.config.name
+
+
+def _reuse(plan: _Plan, start: float) -> BuildResult | None:
+    """The result of an existing bundle built from exactly these inputs, or None."""
+    sources = plan.sources()
+    doc = fingerprint_document(plan.config, sources, plan.stats_digest, name_prefix=plan.layers[0].prefix)
+    reusable = _reusable(plan.out_cfg, plan.config, inputs_of(doc), sources)
+    if reusable is None:
+        return None
+    final, fp, quality = reusable
+    total_bytes = sum(la.weight_bytes for la in plan.layers)
+    seconds = time.perf_counter() - start
+    return BuildResult(final, fp, len(plan.layers), True, seconds, total_bytes, plan.layers[0].prefix, quality)
+
+
+def _write_bundle(plan: _Plan, packs: Iterator[LayerPack], progress: Progress | None) -> tuple[Path, str, dict]:
+    """Write the packs and the header into a sealed bundle named by its fingerprint; returns
+    its path, fingerprint and the layers' quality figures."""
+    out_cfg, config = plan.out_cfg, plan.config
+    closing = False  # set once only the temp file's fsync and rename are left
+    try:
+        with output_errors(out_cfg):
+            writer = BundleWriter(out_cfg / f"{config.name}.h5")
+        with writer:
+            choices, quality = _write_packs(writer, packs, plan.layers, out_cfg, progress)
+            doc = fingerprint_document(config, plan.sources(), plan.stats_digest, choices, plan.layers[0].prefix)
+            with output_errors(out_cfg):
+                fp = writer.finish(
+                    fingerprint_doc=doc,
+                    config=config.to_dict(),
+                    provenance=plan.ckpt.provenance(),
+                    tool_version=__version__,
+                    created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                )  # the seal: crc32 of every byte, checked before HDF5 parses the file
+            writer.target = bundle_path(plan.out_dir, config, fp)
+            closing = True
+    except (OSError, RuntimeError) as exc:
+        if closing:
+            raise output_error(out_cfg, exc) from None
+        raise
+    return writer.target, fp, quality
 
 
 def build_bundle(
@@ -169,76 +223,41 @@ def build_bundle(
     check(config)
     ckpt = Checkpoint.open(checkpoint)
     layers = select_layers(config, ckpt)
-    name_prefix = layers[0].prefix
     jobs = jobs or default_jobs(layers, backend)
     stats_digest = _check_calib(config, layers, calib)
-    total_bytes = sum(la.weight_bytes for la in layers)
-    out_cfg = Path(out_dir) / config.name
-    hashing: Future[list[SourceTensor]] | None = None
     pool = ThreadPoolExecutor(max_workers=1, initializer=block_stop_signals)
+    out_cfg = Path(out_dir) / config.name
     if not force and any(out_cfg.glob(f"{config.name}-*.h5")):
         # A bundle of this config exists: the fingerprint's inputs decide whether it can be reused.
         sources = source_tensors(ckpt, layers, jobs)
-        reusable = _reusable(
-            out_cfg,
-            config,
-            inputs_of(fingerprint_document(config, sources, stats_digest, name_prefix=name_prefix)),
-            sources,
-        )
-        if reusable is not None:
-            final, fp, quality = reusable
-            seconds = time.perf_counter() - start
-            return BuildResult(final, fp, len(layers), True, seconds, total_bytes, name_prefix, quality)
+        plan = _Plan(config, ckpt, layers, Path(out_dir), stats_digest, lambda: sources)
+        reused = _reuse(plan, start)
+        if reused is not None:
+            return reused
     else:
         # Nothing to reuse: hash the sources (seconds for GBs) while the layers are packed.
-        hashing = pool.submit(source_tensors, ckpt, layers, 1)
-    with output_errors(out_cfg):  # a read-only or forbidden folder is said as such, first
-        out_cfg.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out_cfg)
-    check_space(layers, config, out_cfg)
-    stats_path = None if calib is None else str(calib)
+        hashing: Future[list[SourceTensor]] = pool.submit(source_tensors, ckpt, layers, 1)
+        plan = _Plan(config, ckpt, layers, Path(out_dir), stats_digest, hashing.result)
+    _prepare_output(plan)
     if scheduler and backend != "dask":
         raise ValueError("a scheduler address is for backend 'dask'")
     start_pool(backend, jobs)
-    packs = run_jobs(ckpt, layers, config, stats_path, jobs, backend, scheduler)
-    closing = False  # set once only the temp file's fsync and rename are left
+    packs = run_jobs(ckpt, layers, config, None if calib is None else str(calib), jobs, backend, scheduler)
     try:
-        with h5file.atomic_file(out_cfg / f"{config.name}.h5") as out:
-            with output_errors(out_cfg):
-                f = h5file.create(out.tmp)
-            try:
-                choices, index, quality = _write_packs(f, packs, layers, out_cfg, progress)
-                if hashing is not None:
-                    sources = hashing.result()
-                doc = fingerprint_document(config, sources, stats_digest, choices, name_prefix)
-                with output_errors(out_cfg):
-                    write_header(
-                        f,
-                        fingerprint_doc=doc,
-                        config=config.to_dict(),
-                        provenance=ckpt.provenance(),
-                        tool_version=__version__,
-                        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                        index=index,
-                    )
-                    f.close()
-            finally:
-                with contextlib.suppress(Exception):  # already closed, or closing after a failure
-                    f.close()
-            with output_errors(out_cfg):
-                seal(out.tmp)  # crc32 of every byte, checked before HDF5 parses the file
-            fp = digest(doc)
-            out.target = bundle_path(Path(out_dir), config, fp)
-            closing = True
-    except (OSError, RuntimeError) as exc:
-        if closing:
-            raise output_error(out_cfg, exc) from None
-        raise
+        path, fp, quality = _write_bundle(plan, packs, progress)
     finally:
         packs.close()  # stops the workers now (loky's, a local dask cluster), not when collected
         pool.shutdown(wait=False, cancel_futures=True)
-    seconds = time.perf_counter() - start
-    return BuildResult(out.target, fp, len(layers), False, seconds, total_bytes, name_prefix, quality)
+    seconds, total_bytes = time.perf_counter() - start, sum(la.weight_bytes for la in layers)
+    return BuildResult(path, fp, len(layers), False, seconds, total_bytes, layers[0].prefix, quality)
+
+
+def _prepare_output(plan: _Plan) -> None:
+    """The output folder made, stale temp files of dead builds removed, the space checked."""
+    with output_errors(plan.out_cfg):  # a read-only or forbidden folder is said as such, first
+        plan.out_cfg.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(plan.out_cfg)
+    check_space(plan.layers, plan.config, plan.out_cfg)
 
 
 __all__ = ["BuildResult", "BundleError", "OutputError", "build_bundle", "bundle_path", "pack_layer", "source_tensors"]

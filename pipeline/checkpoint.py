@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from duquant_runtime.atomic import atomic_file
 from duquant_runtime.errors import DuQuantError
-from duquant_runtime.h5file import atomic_file
 from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from duquant_runtime.config import CONFIG_SCHEMA, DuQuantConfig
 from duquant_runtime.fingerprint import FORMAT_VERSION, SourceTensor
+from duquant_runtime.schema import CONFIG_SCHEMA, DuQuantConfig
 
 from .methods import handler
 
@@ -33,7 +33,7 @@ def fingerprint_document(
         "format_version": FORMAT_VERSION,
         "schema": CONFIG_SCHEMA,
         "algorithm": {"method": method.name, "version": method.version},
-        "config": config.fingerprint_fields(CONFIG_SCHEMA),
+        "config": config.fingerprint_fields(),
         "source": sorted((t.to_json() for t in tensors), key=lambda row: row[0]),
         "calib": calib_digest,
     }

@@ -1,5 +1,5 @@
 """Where a bundle goes: its path, the space it needs, output faults as one sentence, and
-the atomic write (``h5file``: unique temp name, fsync, rename, sealed)."""
+the stale temp files of builds that died (``duquant_runtime.atomic`` names them)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from duquant_runtime.atomic import temp_owner
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN
-from duquant_runtime.h5file import temp_owner
 
 from .select import SelectedLayer
 

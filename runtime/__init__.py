@@ -22,8 +22,8 @@ _EXPORTS = {
     "capture_stats": "stats",
     "DuQuantConfig": "config",
     "DuQuantLinear": "layer",
-    "LoadReport": "loader",
-    "enable_from_env": "loader",
+    "LoadReport": "load_report",
+    "enable_from_env": "env_load",
     "load_bundle": "loader",
     **{
         name: "errors"

@@ -12,19 +12,20 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from . import h5file
 from .actquant import StaticScaleObserver
+from .crc import crc32
 from .errors import ActScalesError, DuQuantError
+from .h5file import SCALES_MAGIC, FileKind, SealedReader, SealedWriter
 from .layer import DuQuantLinear
+from .read_errors import translated
 
-SCALES_FORMAT = "duquant-packs-act-scales"
-SCALES_VERSION = 2  # 2: sealed; 1 is still read
-SEAL_MAGIC = h5file.SCALES_MAGIC
+# 2: sealed; 1 (unsealed, each dataset with its crc32) is still read.
+KIND = FileKind(SCALES_MAGIC, "duquant-packs-act-scales", 2, unsealed=(1,))
+SCALES_FORMAT, SCALES_VERSION, SEAL_MAGIC = KIND.format, KIND.version, KIND.magic
 
 
 class _Observer:
@@ -98,42 +99,36 @@ def save_act_scales(model: nn.Module, path: str | Path) -> Path:
     fingerprints = {m.bundle_fingerprint for m in layers.values()}
     if len(fingerprints) != 1 or None in fingerprints:
         raise DuQuantError("save_act_scales(): the static layers do not come from one loaded bundle")
-    path = Path(path)
-    with h5file.atomic_file(path) as out:
-        with h5file.create(out.tmp) as f:
-            f.attrs["format"] = SCALES_FORMAT
-            f.attrs["format_version"] = SCALES_VERSION
-            f.attrs["bundle_fingerprint"] = fingerprints.pop()
-            g = f.create_group("scales")
-            for layer in layers.values():
-                data = layer.act_scale.detach().float().cpu().numpy()
-                ds = g.create_dataset(layer.bundle_name, data=data)
-                ds.attrs["crc32"] = h5file.crc32(data)
-        h5file.seal(out.tmp, SEAL_MAGIC)
-    return path
+    with SealedWriter(Path(path), KIND) as out:
+        out.attrs({**KIND.stamp(), "bundle_fingerprint": fingerprints.pop()})
+        out.group("scales")
+        for layer in layers.values():
+            data = layer.act_scale.detach().float().cpu().numpy()
+            out.dataset(f"scales/{layer.bundle_name}", data)
+            out.attrs({"crc32": crc32(data)}, f"scales/{layer.bundle_name}")
+    return Path(path)
 
 
 def apply_act_scales(layers: Mapping[str, DuQuantLinear], path: str | Path, fingerprint: str) -> None:
     """Load a scales file into prepared (not yet swapped) layers; refuse any other bundle's file."""
     path = Path(path)
     static = {t: m for t, m in layers.items() if m.act_scale is not None}
-    with h5file.translated(path, "the activation scales", ActScalesError, "the file is damaged", "calibrate again"):
+    with translated(path, "the activation scales", ActScalesError, "the file is damaged", "calibrate again"):
         if not path.is_file():
             raise ActScalesError(f"activation scales file not found: {path}")
-        sealed = h5file.check_seal(path, SEAL_MAGIC)
-        with h5py.File(path, "r") as f:
-            if "format" not in f.attrs or h5file.read_attr(f, "format") != SCALES_FORMAT:
+        with SealedReader(path, KIND) as f:
+            if not f.has_attr("format") or f.attr("format") != SCALES_FORMAT:
                 raise ActScalesError(f"{path} is not a duquant activation-scales file", field="format")
-            if int(h5file.read_attr(f, "format_version")) >= 2 and not sealed:
+            if int(f.attr("format_version")) not in KIND.unsealed and not f.sealed:
                 raise ActScalesError(f"{path} has lost its seal; the file is damaged — calibrate again", field="format")
-            theirs = str(h5file.read_attr(f, "bundle_fingerprint"))
+            theirs = str(f.attr("bundle_fingerprint"))
             if theirs != fingerprint:
                 raise ActScalesError(
                     f"{path} holds activation scales calibrated for bundle {theirs[:12]}, not for "
                     f"this bundle {fingerprint[:12]}: recalibrate with this bundle",
                     field="bundle_fingerprint",
                 )
-            scales = {target: _read_scales(f, path, target, layer, sealed) for target, layer in static.items()}
+            scales = {target: _read_scales(f, target, layer) for target, layer in static.items()}
     if not static:
         raise ActScalesError(
             f"act_scales={path} given, but the bundle's layers use no static activation scales", field="act_mode"
@@ -142,14 +137,14 @@ def apply_act_scales(layers: Mapping[str, DuQuantLinear], path: str | Path, fing
         static[target].set_act_scale(torch.from_numpy(data))
 
 
-def _read_scales(f: h5py.File, path: Path, target: str, layer: DuQuantLinear, sealed: bool) -> np.ndarray:
-    key = f"scales/{layer.bundle_name}"
-    if key not in f:
-        raise ActScalesError(f"{path} has no scales for layer {layer.bundle_name}", layer=target, field="scales")
-    ds = f[key]
-    if ds.shape != (layer.in_features,):
-        raise ActScalesError(f"{path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
-    data = np.asarray(ds[()], dtype=np.float32)
-    if not sealed and int(h5file.read_attr(ds, "crc32")) != h5file.crc32(data):
-        raise ActScalesError(f"{path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
+def _read_scales(f: SealedReader, target: str, layer: DuQuantLinear) -> np.ndarray:
+    at = f"scales/{layer.bundle_name}"
+    node = f.node(at)
+    if node is None:
+        raise ActScalesError(f"{f.path} has no scales for layer {layer.bundle_name}", layer=target, field="scales")
+    if node.shape != (layer.in_features,):
+        raise ActScalesError(f"{f.path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
+    data = np.asarray(f.read(at), dtype=np.float32)
+    if not f.sealed and int(f.attr("crc32", at)) != crc32(data):
+        raise ActScalesError(f"{f.path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
     return data

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .bundle import BundleHeader, BundleReader
-from .config import CONFIG_SCHEMA, DuQuantConfig
-from .errors import BundleReadError
+from .errors import BundleReadError, ConfigMismatchError
 from .fingerprint import diff_fields
+from .schema import CONFIG_SCHEMA, SCHEMA_1_REFUSED, DuQuantConfig
 
 
 def expected_layers(header: BundleHeader) -> set[str]:
@@ -33,11 +33,27 @@ class ConfigProblem(NamedTuple):
 
 def config_problems(header: BundleHeader, expected: DuQuantConfig) -> list[ConfigProblem]:
     """Field-by-field differences between the bundle's config and ``expected`` (empty: match)."""
-    schema = header.fingerprint_doc.get("schema", 1)  # bundles of 0.1 and 0.2 wrote schema 1
-    if schema not in (1, CONFIG_SCHEMA):
+    schema = header.fingerprint_doc.get("schema", 1)  # bundles of 0.1 and 0.2 wrote none: schema 1
+    if schema == 1:
+        return [ConfigProblem("schema", SCHEMA_1_REFUSED)]
+    if schema != CONFIG_SCHEMA:
         return [ConfigProblem("schema", f"config schema {schema!r} is not one this tool knows (1, {CONFIG_SCHEMA})")]
-    bundle, want = header.fingerprint_doc.get("config", {}), expected.fingerprint_fields(schema)
+    bundle, want = header.fingerprint_doc.get("config", {}), expected.fingerprint_fields()
     return [ConfigProblem(path, f"config {line}") for path, line in diff_fields(bundle, want)]
+
+
+def require_config(header: BundleHeader, expected: DuQuantConfig) -> None:
+    """Refuses a bundle built for another config than ``expected`` (``load_bundle``), naming every
+    field that differs; a schema-1 bundle is refused with the rebuild that fixes it."""
+    problems = config_problems(header, expected)
+    if not problems:
+        return
+    if problems[0].text == SCHEMA_1_REFUSED:  # not another config: one no longer compared
+        raise ConfigMismatchError(f"{header.path}: {SCHEMA_1_REFUSED}", field="schema")
+    raise ConfigMismatchError(
+        f"{header.path} was built for another config than {expected.name!r}: " + "; ".join(p.text for p in problems),
+        field=problems[0].field,
+    )
 
 
 def integrity_problems(reader: BundleReader) -> list[str]:

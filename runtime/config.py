@@ -1,258 +1,54 @@
-"""The config schema shared by the pipeline and the runtime.
+"""A config from where it is written: a preset by name, a TOML file, ``base =`` resolution.
 
-A config is three small frozen dataclasses (select, quant, transform) under a name.
 Presets are TOML files shipped as package data of the runtime (``runtime/presets/``), so an
-eval environment can resolve a bundle's preset without the pipeline installed.
+eval environment can resolve a bundle's preset without the pipeline installed. The schema
+itself is ``schema.py`` and the selection rule ``selection.py``; both are re-exported here,
+where the pipeline and clients have always imported them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SelectionError
+from .errors import ConfigError
+from .schema import (
+    ACT_MODES,
+    CONFIG_SCHEMA,
+    ROW_ROT_MODES,
+    SECTIONS,
+    WEIGHT_SEARCHES,
+    DuQuantConfig,
+    QuantConfig,
+    SelectConfig,
+    TransformConfig,
+    validate,
+)
+from .selection import COMPONENTS, NEVER_UNLESS_LISTED, component_of, matches
 
-ROW_ROT_MODES = ("0", "restore")
-ACT_MODES = ("per_token_dynamic", "per_channel_static")
-WEIGHT_SEARCHES = ("alpha", "mse")
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    """Which Linear layers a config quantizes (matched on module names)."""
-
-    scope: str = ""
-    include: str = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2|gate_proj|up_proj|down_proj).*"
-    exclude: str = r"(?:^|\.)(norm|ln|layernorm|emb)(?:\.|$)"
-    layers: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    weight_bits: int = 4
-    act_bits: int = 8  # 0 turns activation quantization off (the seed's ABITS=0)
-    act_mode: str = "per_token_dynamic"
-    act_percentile: float = 99.9
-    calib_steps: int = 32
-    # "alpha": the seed's 5 clip ratios; "mse": 9 clip ratios (5 coarse, 4 refined), activation-weighted with --calib
-    weight_search: str = "mse"
-    gptq: bool = False  # GPTQ error compensation (needs --calib statistics)
-    gptq_damp: float = 0.01
-    # Layers whose measured SQNR (output SQNR with --calib, else the weight's) stays below
-    # this are packed at 8 bits instead; 0 = off.
-    min_sqnr_db: float = 0.0
-    # Sorted (layer name, bits) pairs: a tuple keeps the dataclass hashable and canonical.
-    per_layer_weight_bits: tuple[tuple[str, int], ...] = ()
-
-    def bits_for(self, layer: str) -> int:
-        return dict(self.per_layer_weight_bits).get(layer, self.weight_bits)
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """Defaults are the recommended settings (README "Presets"); the seed's are in
-    ``full_w4a8_seed.toml``."""
-
-    block_size: int = 64
-    block_out_size: int = 16
-    permute: bool = False
-    row_rot: str = "0"
-    lambda_smooth: float = 0.15
-    method: str = "hadamard"  # a handler of duquant_pipeline.methods
-    hadamard_signs: bool = False  # hadamard: a seeded random +-1 diagonal before H
-    max_rotation_step: int = 16  # duquant: greedy steps per rotation
-    seed: int = 0  # hadamard signs and duquant's random inner rotations
-    smooth_alpha: float = 0.0  # SmoothQuant migration strength with --calib; 0 = off
-    # Per-layer choice (build keeps the candidate with the lowest measured error):
-    # data-free equalization strengths beta tried (column scale ||W_:,j||^-beta; 0 = none),
-    equalize: tuple[float, ...] = (0.0, 0.5, 1.0)
-    # SmoothQuant strengths alpha tried with --calib (chosen by output error on the sample),
-    smooth_search: tuple[float, ...] = ()
-    # and whether "no rotation" (plain per-row round-to-nearest, after equalization) competes.
-    rtn_candidate: bool = True
-
-
-# The fingerprint document's config schema. 1 (bundles of 0.1 and 0.2): fields added after
-# the first release appear only when they differ from the value they had before they
-# existed (LATER_FIELDS). 2: every field, always. Schema-1 documents stay reproducible, so
-# older bundles keep verifying against a config.
-CONFIG_SCHEMA = 2
-LATER_FIELDS = {
-    "quant": {"weight_search": "alpha", "gptq": False, "gptq_damp": 0.01, "min_sqnr_db": 0.0},
-    "transform": {
-        "hadamard_signs": False,
-        "max_rotation_step": 16,
-        "seed": 0,
-        "smooth_alpha": 0.0,
-        "equalize": [],
-        "smooth_search": [],
-        "rtn_candidate": False,
-    },
-}
-
-
-@dataclass(frozen=True)
-class DuQuantConfig:
-    name: str
-    select: SelectConfig = field(default_factory=SelectConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    transform: TransformConfig = field(default_factory=TransformConfig)
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/TOML-able form (lists and tables instead of tuples)."""
-        d = dataclasses.asdict(self)
-        d["select"]["layers"] = list(self.select.layers)
-        d["quant"]["per_layer_weight_bits"] = dict(self.quant.per_layer_weight_bits)
-        d["transform"]["equalize"] = list(self.transform.equalize)
-        d["transform"]["smooth_search"] = list(self.transform.smooth_search)
-        return d
-
-    @property
-    def per_layer_choice(self) -> bool:
-        """Does build choose each layer's transform among several candidates?"""
-        t = self.transform
-        return bool(t.equalize or t.smooth_search or t.rtn_candidate)
-
-    def fingerprint_fields(self, schema: int = CONFIG_SCHEMA) -> dict[str, Any]:
-        """Every field that changes the packs or the runtime numerics: all but the name,
-        as config schema ``schema`` writes them."""
-        d = self.to_dict()
-        del d["name"]
-        if schema == 1:
-            for section, defaults in LATER_FIELDS.items():
-                for key, default in defaults.items():
-                    if d[section][key] == default:
-                        del d[section][key]
-        return d
-
-    def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
-        if section is None:
-            return dataclasses.replace(self, **changes)
-        sub = dataclasses.replace(getattr(self, section), **changes)
-        return dataclasses.replace(self, **{section: sub})
-
-
-_SECTIONS: dict[str, type] = {
-    "select": SelectConfig,
-    "quant": QuantConfig,
-    "transform": TransformConfig,
-}
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: DuQuantConfig) -> None:
-    """Refuse values that would build wrong or meaningless packs, with one sentence each."""
-    s, q, t = cfg.select, cfg.quant, cfg.transform
-    _check(bool(cfg.name) and isinstance(cfg.name, str), "config name must be a non-empty string")
-    for key in ("include", "exclude"):
-        pattern = getattr(s, key)
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"select.{key} is not a valid regular expression ({exc}): {pattern!r}") from None
-    _check(2 <= q.weight_bits <= 8, f"quant.weight_bits must be between 2 and 8, got {q.weight_bits}")
-    _check(
-        q.act_bits == 0 or 2 <= q.act_bits <= 16,
-        f"quant.act_bits must be 0 (off) or between 2 and 16, got {q.act_bits}",
-    )
-    _check(q.act_mode in ACT_MODES, f"quant.act_mode must be one of {', '.join(ACT_MODES)}, got {q.act_mode!r}")
-    _check(0.0 < q.act_percentile <= 100.0, f"quant.act_percentile must be in (0, 100], got {q.act_percentile}")
-    _check(q.calib_steps >= 1, f"quant.calib_steps must be at least 1, got {q.calib_steps}")
-    for layer, bits in q.per_layer_weight_bits:
-        _check(2 <= bits <= 8, f"quant.per_layer_weight_bits[{layer!r}] must be between 2 and 8, got {bits}")
-    _check(t.block_size >= 2, f"transform.block_size must be at least 2, got {t.block_size}")
-    _check(t.block_out_size >= 2, f"transform.block_out_size must be at least 2, got {t.block_out_size}")
-    _check(
-        t.row_rot != "propagate",
-        "transform.row_rot = 'propagate' is refused: it rotates a layer's output basis without "
-        "telling the next layer, which gives wrong numbers; use 'restore' or '0'",
-    )
-    _check(t.row_rot in ROW_ROT_MODES, f"transform.row_rot must be '0' or 'restore', got {t.row_rot!r}")
-    _check(0.0 <= t.lambda_smooth <= 1.0, f"transform.lambda_smooth must be in [0, 1], got {t.lambda_smooth}")
-    # The method's own rules live with its handler (duquant_pipeline.methods), which the
-    # pipeline runs on every config it builds with; the runtime only applies stages.
-    _check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", t.method)), f"transform.method must be a name, got {t.method!r}")
-    _check(
-        0 <= t.max_rotation_step <= 4096,
-        f"transform.max_rotation_step must be in [0, 4096], got {t.max_rotation_step}",
-    )
-    _check(0.0 <= t.smooth_alpha <= 1.0, f"transform.smooth_alpha must be in [0, 1], got {t.smooth_alpha}")
-    _check(
-        q.weight_search in WEIGHT_SEARCHES,
-        f"quant.weight_search must be one of {', '.join(WEIGHT_SEARCHES)}, got {q.weight_search!r}",
-    )
-    _check(0.0 < q.gptq_damp <= 1.0, f"quant.gptq_damp must be in (0, 1], got {q.gptq_damp}")
-    _check(0.0 <= q.min_sqnr_db <= 100.0, f"quant.min_sqnr_db must be in [0, 100] dB (0 = off), got {q.min_sqnr_db}")
-    for key, values in (("equalize", t.equalize), ("smooth_search", t.smooth_search)):
-        _check(
-            all(0.0 <= v <= 1.0 for v in values) and len(set(values)) == len(values),
-            f"transform.{key} must be distinct strengths in [0, 1], got {list(values)}",
-        )
-    _check(
-        not (t.smooth_search and t.smooth_alpha > 0),
-        "transform.smooth_alpha and transform.smooth_search are exclusive: give one strength, or the list to search",
-    )
-    _check(
-        not (cfg.per_layer_choice and t.row_rot != "0"),
-        "the per-layer choice (equalize / smooth_search / rtn_candidate) needs transform.row_rot = '0'",
-    )
-
-
-# pi0.5's components by a marker in the module name (openpi's names; LeRobot's sit under
-# "model."), for bytes per component in inspect and the load report.
-COMPONENTS = {"vision": ".vision_tower.", "llm": ".language_model.", "expert": ".gemma_expert."}
-
-
-def component_of(name: str) -> str:
-    return next((c for c, marker in COMPONENTS.items() if marker in "." + name), "other")
-
-
-# The policy's last layer is quantized only when named in select.layers.
-NEVER_UNLESS_LISTED = re.compile(r"(?:^|\.)action_out_proj$")
-
-
-def matches(select: SelectConfig, names: Iterable[str]) -> list[str]:
-    """The names a selection picks, sorted — the one implementation of the rules:
-
-    * ``select.layers`` non-empty: exactly those names, each of which must be among ``names``
-      (a missing one is refused, with the nearest real name);
-    * otherwise: starts with ``scope``, matches ``include`` and not ``exclude`` (re.search),
-      and is never the policy's last layer (``action_out_proj``) unless whitelisted.
-    """
-    names = list(names)
-    if select.layers:
-        known = set(names)
-        missing = [n for n in select.layers if n not in known]
-        if missing:
-            near = difflib.get_close_matches(missing[0], names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise SelectionError(
-                f"select.layers names {len(missing)} layer(s) that are not Linear layers here, "
-                f"e.g. {missing[0]!r}{hint}"
-            )
-        return sorted(set(select.layers))
-    include, exclude = re.compile(select.include), re.compile(select.exclude) if select.exclude else None
-    return sorted(
-        n
-        for n in names
-        if n.startswith(select.scope)
-        and include.search(n)
-        and not (exclude and exclude.search(n))
-        and not NEVER_UNLESS_LISTED.search(n)
-    )
+__all__ = [
+    "ACT_MODES",
+    "COMPONENTS",
+    "CONFIG_SCHEMA",
+    "NEVER_UNLESS_LISTED",
+    "ROW_ROT_MODES",
+    "WEIGHT_SEARCHES",
+    "DuQuantConfig",
+    "QuantConfig",
+    "SelectConfig",
+    "TransformConfig",
+    "component_of",
+    "from_dict",
+    "load_toml",
+    "matches",
+    "preset_names",
+    "presets_dir",
+    "resolve",
+    "validate",
+]
 
 
 def _typed(section: str, key: str, value: Any, default: Any) -> Any:
@@ -305,18 +101,18 @@ def from_dict(data: Mapping[str, Any], *, default_name: str | None = None, here:
     ``base = "<preset>"`` (or ``"<path>.toml"``, relative to ``here``, the folder of the file
     the mapping was read from) starts from that config's fields (its name aside), so a config
     says only what differs from it; anything else starts from the schema's defaults."""
-    unknown = set(data) - {"name", "base", *_SECTIONS}
+    unknown = set(data) - {"name", "base", *SECTIONS}
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(sorted(unknown))}; "
-            f"allowed top-level keys are name, base, {', '.join(_SECTIONS)}"
+            f"allowed top-level keys are name, base, {', '.join(SECTIONS)}"
         )
     data = _with_base(data, set(), here)
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise ConfigError("config needs a non-empty string 'name'")
     sections: dict[str, Any] = {}
-    for section, cls in _SECTIONS.items():
+    for section, cls in SECTIONS.items():
         raw = data.get(section, {})
         if not isinstance(raw, Mapping):
             raise ConfigError(f"[{section}] must be a table, got {raw!r}")
@@ -343,7 +139,7 @@ def _with_base(data: Mapping[str, Any], seen: set[str], here: Path | None = None
         raise ConfigError(f"configs extend each other in a cycle through base {base!r}")
     parent = _with_base(_read_toml(source), seen | {key}, source.parent)
     merged: dict[str, Any] = {k: data[k] for k in ("name",) if k in data}
-    for section in _SECTIONS:
+    for section in SECTIONS:
         parent_section, own = parent.get(section, {}), data.get(section, {})
         if not isinstance(own, Mapping) or not isinstance(parent_section, Mapping):
             raise ConfigError(f"[{section}] must be a table")

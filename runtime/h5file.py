@@ -1,17 +1,16 @@
-"""Every HDF5 file the project writes (bundles, statistics, activation scales), one way.
+"""The sealed container every file of the project is (bundles, statistics, activation scales):
+the one module that touches HDF5. A file's kind (its seal's magic, ``format`` attribute and
+version) is a :class:`FileKind`; everything else is the same for every kind.
 
-* ``atomic_file``: written under a unique temp name beside the target (so concurrent
-  writers never collide), fsynced, renamed over the target, and removed on any failure.
-* A seal: files are created with a 512-byte HDF5 user block (which HDF5 skips) holding a
-  magic, the length and the crc32 of the rest of the file. ``check_seal`` reads it before
-  HDF5 parses a byte, so damage anywhere (metadata included, which could make libhdf5
-  spin or crash) is one error sentence, and a verified seal vouches for every dataset.
-  ``read_sealed`` does the same and keeps the bytes it checked. Large files are checked in
-  pieces on several threads, their crcs combined (``crc32_combine``).
-* ``read_attr``: attribute reads bounded in size, so a damaged header cannot make HDF5
-  allocate gigabytes; ``json_attr``: a JSON attribute decoded and type-checked.
-* ``translated``: any low-level failure while reading is one sentence of the caller's
-  error class; nothing from h5py escapes.
+* Writing (:class:`SealedWriter`): under a unique temp name (``atomic``), with a 512-byte
+  HDF5 user block (which HDF5 skips) that holds the seal once closed — magic, length and
+  crc32 of the rest — then fsynced and renamed over the target; removed on any failure.
+* Reading (:class:`SealedReader`): the seal is checked before HDF5 parses a byte, so damage
+  anywhere (metadata included, which could make libhdf5 spin or crash) is one sentence and a
+  verified seal vouches for every dataset; the checked bytes can be kept, so nothing read from
+  them needs checking again. Large files are checked in pieces on several threads.
+* Attribute reads are bounded in size, so a damaged header cannot make HDF5 allocate
+  gigabytes; callers read inside ``read_errors.translated``, so nothing from h5py escapes.
 """
 
 from __future__ import annotations
@@ -20,17 +19,19 @@ import contextlib
 import json
 import os
 import struct
-import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 
-from .errors import BundleError
+from .atomic import Pending
+from .crc import crc32_combine
+from .read_errors import NotHDF5Error, SealError, WrongKindError
 
 # HDF5's v110 file format checksums every metadata block (superblock, object headers,
 # attribute heaps), so a damaged header is reported as an error instead of being parsed.
@@ -54,111 +55,26 @@ KINDS = {
 }
 # No legitimate attribute comes near this; a damaged header can claim gigabytes.
 MAX_ATTR_BYTES = 64 << 20
-READ_FAILURES = (
-    OSError,
-    KeyError,
-    ValueError,
-    TypeError,
-    RuntimeError,
-    AttributeError,
-    IndexError,
-    OverflowError,
-    UnicodeDecodeError,
-)
 
 
-def crc32(array: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+@dataclass(frozen=True)
+class FileKind:
+    """One kind of sealed file: its seal's magic, its ``format`` attribute, the version this
+    tool writes, and older versions read without a seal (their datasets carry crc32s)."""
 
+    magic: bytes
+    format: str
+    version: int
+    unsealed: tuple[int, ...] = ()
 
-def temp_name(path: Path) -> Path:
-    """A temp file beside ``path``, unique per process and call: ``.<name>.<pid>.<hex>.tmp``."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def temp_owner(tmp: Path) -> int | None:
-    """The pid in a name made by ``temp_name`` (None for any other name)."""
-    parts = tmp.name.split(".")
-    return int(parts[-3]) if len(parts) >= 5 and parts[-1] == "tmp" and parts[-3].isdigit() else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system can open a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class Pending:
-    """A file being written: ``tmp`` is where, ``target`` where it goes on success (the
-    writer may change it before the end: a bundle's name holds its fingerprint)."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.tmp = temp_name(target)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Pending]:
-    """Write ``pending.tmp``; on success it is fsynced and renamed to ``pending.target``
-    (readers see the old file or the whole new one), on any failure (Ctrl-C included) removed."""
-    pending = Pending(Path(path))
-    try:
-        yield pending
-        with open(pending.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(pending.tmp, pending.target)
-        _fsync_dir(pending.target.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            pending.tmp.unlink(missing_ok=True)
-        raise
+    def stamp(self) -> dict[str, Any]:
+        """The root attributes that name the kind and version."""
+        return {"format": self.format, "format_version": self.version}
 
 
 def create(path: Path) -> h5py.File:
     """A new HDF5 file with room for the seal (write it with ``seal`` once closed)."""
     return h5py.File(path, "w", libver=LIBVER, userblock_size=USERBLOCK)
-
-
-class SealError(Exception):
-    """The seal does not match the bytes (message: what is wrong, without the fix)."""
-
-
-class WrongKindError(SealError):
-    """The file carries the seal of another of our kinds (message: what it is; no fix to
-    suggest but passing the right file)."""
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """crc32 of A+B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine, which Python's
-    zlib does not expose): crc1 is advanced over len2 zero bytes by squaring the GF(2)
-    operator of one zero bit, ~2.5 ms here for lengths of gigabytes."""
-
-    def times(matrix: list[int], vector: int) -> int:
-        total, row = 0, 0
-        while vector:
-            if vector & 1:
-                total ^= matrix[row]
-            vector >>= 1
-            row += 1
-        return total
-
-    def square(matrix: list[int]) -> list[int]:
-        return [times(matrix, column) for column in matrix]
-
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-    odd = square(square(odd))  # four zero bits; the loop starts at one zero byte
-    while len2:
-        even = square(odd)
-        if len2 & 1:
-            crc1 = times(even, crc1)
-        len2 >>= 1
-        odd, even = even, odd
-    return crc1 ^ crc2
 
 
 def _piece_crc(path: Path, lo: int, hi: int, into: np.ndarray | None) -> int:
@@ -263,22 +179,119 @@ def json_attr(obj: h5py.Group | h5py.Dataset, key: str, kind: type = dict) -> An
     return value
 
 
-@contextlib.contextmanager
-def translated(
-    path: Path, what: str, error: type[Exception], damaged: str, fix: str, passthrough: tuple = ()
-) -> Iterator[None]:
-    """Any low-level failure inside the block becomes ``error("<path>: cannot read <what>
-    (<detail>); <damaged> — <fix>")``; ``error`` itself and ``passthrough`` classes go through."""
-    try:
-        yield
-    except (error, *passthrough):
-        raise
-    except WrongKindError as exc:
-        where = {"field": "file"} if issubclass(error, BundleError) else {}
-        raise error(f"{path}: {exc}", **where) from None
-    except SealError as exc:
-        where = {"field": "file"} if issubclass(error, BundleError) else {}
-        raise error(f"{path}: {exc} — {fix}", **where) from None
-    except READ_FAILURES as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise error(f"{path}: cannot read {what} ({detail}); {damaged} — {fix}") from None
+class SealedWriter:
+    """A file of one kind being written: datasets, groups and attributes by path, then
+    ``seal`` (closed, crc32 of every byte) and, leaving the ``with`` block, renamed over
+    ``target``; a failure anywhere removes the temp file."""
+
+    def __init__(self, target: Path, kind: FileKind) -> None:
+        self.kind, self.pending, self.sealed = kind, Pending(Path(target)), False
+        try:
+            self._f = create(self.pending.tmp)
+        except BaseException:
+            self.pending.discard()
+            raise
+
+    def __enter__(self) -> SealedWriter:
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        if kind is None:
+            self.seal()
+            self.pending.commit()
+        else:
+            with contextlib.suppress(Exception):  # closing after a failure
+                self._f.close()
+            self.pending.discard()
+
+    def attrs(self, values: Mapping[str, Any], at: str = "/") -> None:
+        """Set attributes in this order (the order they are laid out in the file)."""
+        obj = self._f[at]
+        for key, value in values.items():
+            obj.attrs[key] = value
+
+    def group(self, at: str, *, exist_ok: bool = False) -> None:
+        _ = self._f.require_group(at) if exist_ok else self._f.create_group(at)
+
+    def dataset(self, at: str, data: np.ndarray) -> int | None:
+        """Store an array; its byte offset in the file (None without contiguous storage)."""
+        return self._f.create_dataset(at, data=data).id.get_offset()
+
+    def link(self, at: str, target: str) -> int | None:
+        """A hard link to a stored dataset: read like its own, stored once; its offset."""
+        self._f[at] = ds = self._f[target]
+        return ds.id.get_offset()
+
+    def seal(self) -> None:
+        """Close the file and write its seal (once; ``__exit__`` does it when not done)."""
+        if not self.sealed:
+            self._f.close()
+            seal(self.pending.tmp, self.kind.magic)
+            self.sealed = True
+
+
+class Node(NamedTuple):
+    """Where one dataset's values are: shape, dtype, its byte offset in the file (None when
+    not stored contiguously) and its path, to read it through HDF5."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int | None
+    path: str | None = None
+
+
+class SealedReader:
+    """A file of one kind, open read-only, its seal checked first. ``keep``: the checked bytes
+    are kept in ``bytes``; ``check=False`` skips the seal (a build's workers, once the build
+    has checked it), so ``sealed`` is False and datasets must be checked by their crc32."""
+
+    def __init__(self, path: Path, kind: FileKind, *, keep: bool = False, check: bool = True) -> None:
+        self.path, self.kind, self.bytes = path, kind, None
+        if keep:
+            self.bytes = read_sealed(path, kind.magic)
+            self.sealed = self.bytes is not None
+        else:
+            self.sealed = check_seal(path, kind.magic) if check else False
+        if not h5py.is_hdf5(path):
+            raise NotHDF5Error("it holds no HDF5 data")
+        self._f = h5py.File(path, "r")
+
+    def __enter__(self) -> SealedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.bytes = None
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def has_attr(self, key: str, at: str = "/") -> bool:
+        return key in self._f[at].attrs
+
+    def attr(self, key: str, at: str = "/") -> Any:
+        return read_attr(self._f[at], key)
+
+    def json(self, key: str, at: str = "/", kind: type = dict) -> Any:
+        return json_attr(self._f[at], key, kind)
+
+    def is_group(self, at: str) -> bool:
+        return isinstance(self._f.get(at), h5py.Group)
+
+    def names(self, at: str) -> list[str]:
+        """The names in a group, sorted."""
+        return sorted(self._f[at].keys())
+
+    def node(self, at: str) -> Node | None:
+        """A dataset's place; None when nothing, or no dataset, is at ``at``."""
+        ds = self._f.get(at)
+        return Node(ds.shape, ds.dtype, ds.id.get_offset(), at) if isinstance(ds, h5py.Dataset) else None
+
+    def read(self, at: str) -> np.ndarray:
+        return self._f[at][()]
+
+    def stored_at(self, at: str) -> tuple[int, int]:
+        """A dataset's object address (one per stored array) and how many links it has."""
+        info = h5py.h5o.get_info(self._f[at].id)
+        return int(info.addr), int(info.rc)

@@ -14,11 +14,9 @@ a state dict names what a bundle names.
 from __future__ import annotations
 
 import json
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,29 +24,28 @@ from torch import nn
 from . import stages as st
 from .actquant import ACT_EPS, fake_quant, per_token_scale
 from .bundle import LayerPack
-from .errors import NotCalibratedError
+from .errors import DuQuantError, NotCalibratedError
+from .layer_buffers import (
+    SharedTensors,
+    placeholders,
+    stage_tensors,
+    static_act_scale,
+    unpack_codes,
+    uses_static_scales,
+    weight_tensors,
+)
 from .lazy_weight import LazyWeight
+from .schema import QuantConfig
 from .stages import StageSpec
 
 WEIGHT_STORAGES = ("int4", "dequant")
-__all__ = ["ACT_EPS", "WEIGHT_STORAGES", "DuQuantLinear", "unpack_codes"]
-
-
-def unpack_codes(stored: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Stored codes (uint8 nibble pairs or int8) -> int8 codes [out, in_features]."""
-    if stored.dtype == torch.int8:
-        return stored
-    low = (stored & 0x0F).to(torch.int8) - 8
-    high = (stored >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).reshape(stored.shape[0], -1)[:, :in_features]
-
-
-def _stage_buffer(spec: StageSpec, width: int, block: int, fkw: dict[str, Any]) -> torch.Tensor:
-    if spec.kind == "perm":  # int32 indices: half the bytes of int64, and index_select accepts them
-        return torch.zeros(width, dtype=torch.int32, device=fkw["device"])
-    if spec.kind == "scale":
-        return torch.ones(width, dtype=torch.float32, device=fkw["device"])
-    return torch.zeros(-(-width // block), block, block, **fkw)
+# What calibrate() runs by default on a layer built without a bundle config: the schema's defaults.
+CALIB_DEFAULTS = (QuantConfig.calib_steps, QuantConfig.act_percentile)
+STATE_BEFORE_0_3 = (
+    "this DuQuantLinear state was saved by duquant-packs 0.1 or 0.2, which this version no longer reads: "
+    "load the bundle onto the model again with load_bundle"
+)
+__all__ = ["ACT_EPS", "CALIB_DEFAULTS", "WEIGHT_STORAGES", "DuQuantLinear", "unpack_codes"]
 
 
 class DuQuantLinear(nn.Module):
@@ -62,6 +59,11 @@ class DuQuantLinear(nn.Module):
     ``act_scale`` (static activations). ``stages`` / ``out_stages`` are
     :class:`~duquant_runtime.stages.StageSpec` lists; ``blocks`` gives each rotation's
     block size by key.
+
+    Provenance, given by whoever builds the layer from a bundle (``load_bundle``): its name
+    in the bundle and the bundle's fingerprint (what a saved activation-scales file is bound
+    to), and the bundle config's ``calib_steps`` and ``act_percentile`` (``calib_defaults``,
+    what ``calibrate`` runs by default).
     """
 
     def __init__(
@@ -80,47 +82,34 @@ class DuQuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         buffers: dict[str, torch.Tensor | None] | None = None,
+        uniform: frozenset[str] = frozenset(),
+        act_calibrated: bool = False,
+        bundle_name: str | None = None,
+        bundle_fingerprint: str | None = None,
+        calib_defaults: tuple[int, float] = CALIB_DEFAULTS,
     ) -> None:
         """``buffers`` holds ready tensors by buffer name (``from_pack``); the others start
-        as zeros (ones for scales), to be filled by ``load_state_dict``."""
+        as zeros (ones for scales), to be filled by ``load_state_dict``. ``uniform``: the
+        rotations whose blocks are all one matrix (one GEMM instead of a batched one);
+        ``act_calibrated``: ``buffers`` holds the static activation scales already."""
         super().__init__()
         if weight_storage not in WEIGHT_STORAGES:
             raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
         self.stages, self.out_stages = tuple(stages), tuple(out_stages)
         st.check_plan(self.stages, self.out_stages)
-        blocks = blocks or {}
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.act_bits, self.act_mode = weight_bits, act_bits, act_mode
         self.weight_storage = weight_storage
-        # Python state, set by calibrate()/load_bundle outside forward (never inside it):
-        # torch.compile guards on it instead of tracing a mutation. Saved by get_extra_state.
-        self.act_calibrated = False
+        # Python state, set by calibrate() outside forward (never inside it): torch.compile
+        # guards on it instead of tracing a mutation. Saved by get_extra_state.
+        self.act_calibrated = act_calibrated
         self.calibrating = False
-        self.uniform: frozenset[str] = frozenset()  # rotations whose blocks are all one matrix
-        self.bundle_name: str | None = None  # the layer's name in its bundle
-        self.bundle_fingerprint: str | None = None
-        self.calib_defaults = (32, 99.9)  # the bundle config's calib_steps, act_percentile
-        fkw: dict[str, Any] = {"dtype": dtype, "device": device}
-        given = buffers if buffers is not None else {}
-
-        def hold(name: str, placeholder: Callable[[], torch.Tensor | None]) -> None:
+        self.uniform = frozenset(uniform)
+        self.bundle_name, self.bundle_fingerprint = bundle_name, bundle_fingerprint
+        self.calib_defaults = calib_defaults
+        given = buffers or {}
+        for name, placeholder in placeholders(self, blocks or {}, bias, dtype, device).items():
             self.register_buffer(name, given[name] if name in given else placeholder())
-
-        # An empty tensor in the compute dtype: it follows .to() like every buffer, so the
-        # layer knows its dtype even when it holds no float buffer of that dtype (int4 RTN).
-        hold("dtype_ref", lambda: torch.empty(0, **fkw))
-        for specs, width in ((self.stages, in_features), (self.out_stages, out_features)):
-            for spec in specs:
-                hold(spec.key, lambda s=spec, w=width: _stage_buffer(s, w, blocks.get(s.key, 1), fkw))
-        packed = weight_storage == "int4"
-        cols = in_features if weight_bits > 4 else (in_features + 1) // 2
-        code_dtype = torch.int8 if weight_bits > 4 else torch.uint8
-        hold("qweight", lambda: torch.zeros(out_features, cols, dtype=code_dtype, device=device) if packed else None)
-        hold("w_scale", lambda: torch.zeros(out_features, dtype=torch.float32, device=device) if packed else None)
-        hold("w_t", lambda: None if packed else torch.zeros(out_features, in_features, **fkw))
-        hold("bias", lambda: torch.zeros(out_features, **fkw) if bias else None)
-        static = act_mode == "per_channel_static" and act_bits > 0
-        hold("act_scale", lambda: torch.ones(in_features, dtype=torch.float32, device=device) if static else None)
 
     # ------------------------------------------------------------ construction
 
@@ -134,56 +123,27 @@ class DuQuantLinear(nn.Module):
         weight_storage: str = "int4",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        shared: dict[tuple[Any, ...], tuple[np.ndarray, torch.Tensor]] | None = None,
+        shared: SharedTensors | None = None,
+        bundle_name: str | None = None,
+        bundle_fingerprint: str | None = None,
+        calib_defaults: tuple[int, float] = CALIB_DEFAULTS,
     ) -> DuQuantLinear:
-        """``shared`` (a dict kept across one load) makes layers whose rotation or
-        permutation arrays are identical (every hadamard layer of one width) hold one
-        tensor instead of a copy each."""
-        fdev = {"device": device}
-        cache = shared if shared is not None else {}
-
-        def tensor(array: np.ndarray, to: torch.dtype) -> torch.Tensor:
-            # A reader returns one array object per dataset stored once (/shared): found by
-            # identity. Bundles before 0.4 store copies: found by value.
-            hit = cache.get(("object", id(array), to))
-            if hit is not None and hit[0] is array:
-                return hit[1]
-            key = (array.shape, str(array.dtype), zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")), to)
-            hit = cache.get(key)
-            if hit is None or not np.array_equal(hit[0], array):
-                hit = cache[key] = (array, torch.from_numpy(array).to(dtype=to, **fdev))
-            cache[("object", id(array), to)] = (array, hit[1])
-            return hit[1]
-
-        def uniform_blocks(value: torch.Tensor, width: int) -> bool:
-            key = ("uniform", id(value), width)
-            if key not in cache:
-                cache[key] = (value, st.is_uniform(value, width))  # holds value: its id stays unique
-            return cache[key][1]
-
-        # Every buffer is made here, in its final dtype and device: nothing is allocated twice.
-        buffers: dict[str, torch.Tensor | None] = {"dtype_ref": torch.empty(0, dtype=dtype, **fdev)}
-        uniform = set()
-        for spec in (*pack.stages, *pack.out_stages):
-            value = pack.stage_values[spec.key]
-            if spec.kind == "perm":
-                buffers[spec.key] = tensor(value.astype(np.int32, copy=False), torch.int32)
-            elif spec.kind == "scale":
-                buffers[spec.key] = torch.from_numpy(value).to(dtype=torch.float32, **fdev)
-            else:
-                buffers[spec.key] = blocks = tensor(value, dtype)
-                width = pack.out_features if spec in pack.out_stages else pack.in_features
-                if uniform_blocks(blocks, width):
-                    uniform.add(spec.key)
-        if weight_storage == "int4":
-            buffers["qweight"] = torch.from_numpy(pack.qweight).to(**fdev)
-            buffers["w_scale"] = torch.from_numpy(pack.w_scale).to(**fdev)
-        else:
-            codes = unpack_codes(torch.from_numpy(pack.qweight), pack.in_features)
-            buffers["w_t"] = (codes.float() * torch.from_numpy(pack.w_scale)[:, None]).to(dtype=dtype, **fdev)
+        """The layer a pack describes, every buffer made once in its final dtype and device.
+        ``shared`` (a dict kept across one load) makes layers whose rotation or permutation
+        arrays are identical (every hadamard layer of one width) hold one tensor instead of a
+        copy each. A pack built with ``--calib`` brings its static activation scales."""
+        stage_values, uniform = stage_tensors(pack, dtype, device, shared if shared is not None else {})
+        buffers: dict[str, torch.Tensor | None] = {"dtype_ref": torch.empty(0, dtype=dtype, device=device)}
+        buffers.update(stage_values)
+        buffers.update(weight_tensors(pack, weight_storage, dtype, device))
         if pack.bias is not None:
-            buffers["bias"] = torch.from_numpy(pack.bias).to(dtype=dtype, **fdev)
-        layer = cls(
+            buffers["bias"] = torch.from_numpy(pack.bias).to(dtype=dtype, device=device)
+        calibrated = uses_static_scales(act_mode, act_bits) and pack.act_scale is not None
+        if calibrated:  # built with --calib: no runtime calibration
+            buffers["act_scale"] = static_act_scale(
+                _checked_scale(torch.from_numpy(pack.act_scale), pack.in_features), buffers["dtype_ref"].device
+            )
+        return cls(
             pack.in_features,
             pack.out_features,
             weight_bits=pack.weight_bits,
@@ -196,11 +156,12 @@ class DuQuantLinear(nn.Module):
             dtype=dtype,
             device=device,
             buffers=buffers,
+            uniform=uniform,
+            act_calibrated=calibrated,
+            bundle_name=bundle_name,
+            bundle_fingerprint=bundle_fingerprint,
+            calib_defaults=calib_defaults,
         )
-        layer.uniform = frozenset(uniform)
-        if layer.act_scale is not None and pack.act_scale is not None:
-            layer.set_act_scale(torch.from_numpy(pack.act_scale))  # built with --calib: no runtime calibration
-        return layer
 
     # ------------------------------------------------------------ forward pieces
 
@@ -290,16 +251,11 @@ class DuQuantLinear(nn.Module):
         return torch.frombuffer(bytearray(json.dumps(state, sort_keys=True).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: torch.Tensor | dict[str, Any]) -> None:
-        if isinstance(state, dict):  # state dicts saved by 0.1
-            state = {
-                "act_calibrated": state.get("act_calibrated"),
-                "uniform": ["r_in"] * bool(state.get("uniform_r_in")),
-            }
-        elif state.numel() == 2:  # 0.2: [act_calibrated, uniform_r_in]
-            flags = [bool(v) for v in state.tolist()]
-            state = {"act_calibrated": flags[0], "uniform": ["r_in"] * flags[1]}
-        else:
-            state = json.loads(bytes(state.tolist()).decode())
+        # 0.1 saved a dict, 0.2 two flags [act_calibrated, uniform_r_in]: neither holds the
+        # provenance a layer is built with since, so such a state is refused, not guessed.
+        if not isinstance(state, torch.Tensor) or state.numel() == 2:
+            raise DuQuantError(STATE_BEFORE_0_3)
+        state = json.loads(bytes(state.tolist()).decode())
         keys = {s.key for s in (*self.stages, *self.out_stages)}
         self.act_calibrated = bool(state.get("act_calibrated", False))
         self.uniform = frozenset(k for k in state.get("uniform", []) if k in keys)
@@ -312,11 +268,15 @@ class DuQuantLinear(nn.Module):
         """Freeze static activation scales (called outside forward by calibrate/load)."""
         if self.act_scale is None:
             raise ValueError("this layer does not use static activation scales")
-        if scale.shape != (self.in_features,):
-            raise ValueError(f"act scale must have shape ({self.in_features},), got {tuple(scale.shape)}")
-        self.act_scale = scale.detach().to(device=self.dtype_ref.device, dtype=torch.float32).clamp_min(ACT_EPS)
+        self.act_scale = static_act_scale(_checked_scale(scale, self.in_features), self.dtype_ref.device)
         self.act_calibrated = True
 
     def buffer_bytes(self) -> int:
         """Bytes of this layer's buffers (a buffer shared with other layers counts in full)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _checked_scale(scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    if scale.shape != (in_features,):
+        raise ValueError(f"act scale must have shape ({in_features},), got {tuple(scale.shape)}")
+    return scale

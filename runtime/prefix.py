@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .config import SelectConfig, matches
 from .errors import ModelMismatchError, SelectionError
+from .schema import SelectConfig
+from .selection import matches
 
 
 def _picks(select: SelectConfig, names: list[str]) -> bool:

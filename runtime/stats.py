@@ -26,20 +26,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from . import h5file
 from .config import DuQuantConfig, matches, resolve
+from .crc import crc32
 from .errors import StatsError
+from .h5file import STATS_MAGIC, FileKind, SealedReader, SealedWriter
 from .prefix import selection_prefix
+from .read_errors import translated
 from .signature import weight_signature
 
-STATS_FORMAT = "duquant-packs-stats"
-STATS_VERSION = 2  # 2: sealed, no percentile dataset; 1 is still read
-SEAL_MAGIC = h5file.STATS_MAGIC
+# 2 (0.3): sealed, no percentile dataset. 1 (0.2) is refused: capture the statistics again.
+KIND = FileKind(STATS_MAGIC, "duquant-packs-stats", 2)
+STATS_FORMAT, STATS_VERSION, SEAL_MAGIC = KIND.format, KIND.version, KIND.magic
 DATASETS = ("absmax", "gram", "sample")
 FIX = "capture the statistics again"
 
@@ -135,6 +136,25 @@ class StatsCapture:
         self._observers = observers
         self.config = config
 
+    @staticmethod
+    def _write_layer(out: SealedWriter, name: str, obs: _LayerObserver) -> dict[str, object]:
+        """One layer's group: its datasets and their metadata; returns the metadata."""
+        stats = obs.result()
+        at = f"layers/{name}"
+        out.group(at)
+        arrays = {k: getattr(stats, k) for k in DATASETS}
+        meta = {
+            "in_features": stats.in_features,
+            "tokens": stats.tokens,
+            "weight_sum": obs.weight_sum,
+            "weight_sumsq": obs.weight_sumsq,
+            "crc32": {k: crc32(a) for k, a in arrays.items()},
+        }
+        out.attrs({"meta": json.dumps(meta, sort_keys=True)}, at)
+        for key, array in arrays.items():
+            out.dataset(f"{at}/{key}", np.ascontiguousarray(array))
+        return meta
+
     def save(self, path: str | Path) -> Path:
         """Write the statistics file (temp file + rename); returns its path."""
         silent = [n for n, o in self._observers.items() if not o.tokens]
@@ -145,28 +165,10 @@ class StatsCapture:
             )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5file.atomic_file(path) as out:
-            with h5file.create(out.tmp) as f:
-                f.attrs["format"] = STATS_FORMAT
-                f.attrs["format_version"] = STATS_VERSION
-                index = {}
-                for name, obs in sorted(self._observers.items()):
-                    stats = obs.result()
-                    g = f.create_group(f"layers/{name}")
-                    arrays = {k: getattr(stats, k) for k in DATASETS}
-                    meta = {
-                        "in_features": stats.in_features,
-                        "tokens": stats.tokens,
-                        "weight_sum": obs.weight_sum,
-                        "weight_sumsq": obs.weight_sumsq,
-                        "crc32": {k: h5file.crc32(a) for k, a in arrays.items()},
-                    }
-                    g.attrs["meta"] = json.dumps(meta, sort_keys=True)
-                    for key, array in arrays.items():
-                        g.create_dataset(key, data=np.ascontiguousarray(array))
-                    index[name] = meta
-                f.attrs["digest"] = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()
-            h5file.seal(out.tmp, SEAL_MAGIC)
+        with SealedWriter(path, KIND) as out:
+            out.attrs(KIND.stamp())
+            index = {name: self._write_layer(out, name, obs) for name, obs in sorted(self._observers.items())}
+            out.attrs({"digest": hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()})
         return path
 
 
@@ -222,32 +224,37 @@ class StatsReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise StatsError(f"statistics file not found: {self.path}")
-        with self._translated("the statistics file"):
-            self.sealed = h5file.check_seal(self.path, SEAL_MAGIC) if whole_file else False
-            with h5py.File(self.path, "r") as f:
-                fmt = h5file.read_attr(f, "format") if "format" in f.attrs else None
-                if fmt != STATS_FORMAT:
-                    raise StatsError(f"{self.path} is not a duquant statistics file (format {fmt!r})")
-                version = int(h5file.read_attr(f, "format_version"))
-                if version not in (1, STATS_VERSION) or (version >= 2 and whole_file and not self.sealed):
-                    raise StatsError(
-                        f"{self.path} has statistics format {version}{'' if self.sealed else ' without its seal'}; "
-                        f"this tool reads formats 1 and {STATS_VERSION}: {FIX}"
-                    )
-                self.digest = str(h5file.read_attr(f, "digest"))
-                self.meta = {name: h5file.json_attr(g, "meta") for name, g in f["layers"].items()}
+        with self._translated("the statistics file"), SealedReader(self.path, KIND, check=whole_file) as f:
+            self.sealed = f.sealed
+            fmt = f.attr("format") if f.has_attr("format") else None
+            if fmt != STATS_FORMAT:
+                raise StatsError(f"{self.path} is not a duquant statistics file (format {fmt!r})")
+            self._check_version(int(f.attr("format_version")), whole_file)
+            self.digest = str(f.attr("digest"))
+            self.meta = {name: f.json("meta", f"layers/{name}") for name in f.names("layers")}
+
+    def _check_version(self, version: int, whole_file: bool) -> None:
+        if version == 1:
+            raise StatsError(
+                f"{self.path} holds statistics of format 1 (duquant-packs 0.2), which this tool no longer reads: "
+                "capture them again with `capture_stats`"
+            )
+        if version != STATS_VERSION or (whole_file and not self.sealed):
+            raise StatsError(
+                f"{self.path} has statistics format {version}{'' if self.sealed else ' without its seal'}; "
+                f"this tool reads format {STATS_VERSION}: {FIX}"
+            )
 
     def _translated(self, what: str) -> contextlib.AbstractContextManager[None]:
-        return h5file.translated(self.path, what, StatsError, "the file is damaged", FIX)
+        return translated(self.path, what, StatsError, "the file is damaged", FIX)
 
     def layer(self, name: str) -> LayerStats:
         with self._translated(f"the statistics of {name}"):
-            with h5py.File(self.path, "r") as f:
-                g = f["layers"][name]
-                arrays = {k: g[k][()] for k in DATASETS}
+            with SealedReader(self.path, KIND, check=False) as f:
+                arrays = {k: f.read(f"layers/{name}/{k}") for k in DATASETS}
             meta = self.meta[name]
             if not self.sealed:  # a sealed file's bytes are vouched for by its seal
                 for key, array in arrays.items():
-                    if h5file.crc32(array) != int(meta["crc32"][key]):
+                    if crc32(array) != int(meta["crc32"][key]):
                         raise StatsError(f"{self.path}: {name}/{key} fails its checksum; the file is corrupted")
             return LayerStats(tokens=int(meta["tokens"]), **arrays)

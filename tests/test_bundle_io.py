@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import outlier_weight, write_checkpoint
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.cli import main
-from duquant_runtime import h5file, load_bundle
+from duquant_runtime import crc, h5file, load_bundle
 from duquant_runtime.bundle import INDEX, SEAL_MAGIC, BundleReader, seal
 from duquant_runtime.config import from_dict
 from duquant_runtime.errors import BundleReadError
@@ -57,7 +57,7 @@ def test_crc32_combine_and_the_threaded_seal_match_zlib(tmp_path, monkeypatch):
     for _ in range(200):
         a = rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
         b = rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
-        assert h5file.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
     path = tmp_path / "blob"
     data = rng.integers(0, 256, 300_001, dtype=np.uint8).tobytes()
     path.write_bytes(data)

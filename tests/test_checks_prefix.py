@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 from duquant_runtime.bundle import BundleHeader
-from duquant_runtime.checks import ConfigProblem, config_problems, expected_layers, integrity_problems
+from duquant_runtime.checks import (
+    ConfigProblem,
+    config_problems,
+    expected_layers,
+    integrity_problems,
+    require_config,
+)
 from duquant_runtime.config import CONFIG_SCHEMA, SelectConfig, resolve
-from duquant_runtime.errors import BundleReadError, ModelMismatchError, SelectionError
+from duquant_runtime.errors import BundleReadError, ConfigMismatchError, ModelMismatchError, SelectionError
 from duquant_runtime.prefix import detect_prefix, selection_prefix
+from duquant_runtime.schema import SCHEMA_1_REFUSED
 
 
 def _header(doc: dict, layer_names: tuple[str, ...] = ()) -> BundleHeader:
@@ -52,35 +59,25 @@ def test_config_problems_schema_2_match_and_one_field_off(cfg):
     assert str(config_problems(_header(doc), other)[0]) == "config transform.block_size: bundle 64, expected 16"
 
 
-def test_config_problems_schema_1_documents_still_match(cfg):
-    one = copy.deepcopy(cfg.fingerprint_fields(1))
-    assert "gptq" not in one["quant"]  # schema 1 leaves out the later fields at their default
-    assert config_problems(_header({"schema": 1, "config": one}), cfg) == []
-    # no "schema" key: a 0.1/0.2 bundle, read as schema 1
-    assert config_problems(_header({"config": one}), cfg) == []
-    # a schema-1 document compared as such: a later field set off its default is expected
-    other = cfg.replace("quant", gptq=True)
-    assert config_problems(_header({"config": one}), other) == [
-        ConfigProblem("quant.gptq", "config quant.gptq: missing in bundle, expected True")
-    ]
+@pytest.mark.parametrize("doc", [{"schema": 1}, {}])  # 0.1 and 0.2 wrote no "schema" key: schema 1
+def test_config_problems_refuse_schema_1_naming_the_rebuild(cfg, doc):
+    got = config_problems(_header({**doc, "config": cfg.fingerprint_fields(2)}), cfg)
+    assert got == [ConfigProblem("schema", SCHEMA_1_REFUSED)]
+    assert "no longer compared" in got[0].text and "`duquant-packs build`" in got[0].text
 
 
-def test_config_problems_no_schema_is_not_read_as_schema_2(cfg):
-    # a schema-2 document without the key is compared with schema-1 fields: the later ones
-    # at their default are "not expected"
-    two = copy.deepcopy(cfg.fingerprint_fields(2))
-    got = config_problems(_header({"config": two}), cfg)
-    assert [p.field for p in got] == [
-        "quant.gptq",
-        "quant.gptq_damp",
-        "quant.min_sqnr_db",
-        "transform.hadamard_signs",
-        "transform.max_rotation_step",
-        "transform.seed",
-        "transform.smooth_alpha",
-        "transform.smooth_search",
-    ]
-    assert got[0].text == "config quant.gptq: bundle has False, not expected"
+def test_require_config_refuses_schema_1_with_the_rebuild_and_other_configs_field_by_field(cfg):
+    with pytest.raises(ConfigMismatchError) as err:
+        require_config(_header({"config": cfg.fingerprint_fields(2)}), cfg)
+    assert str(err.value) == f"fake.duq: {SCHEMA_1_REFUSED}" and err.value.field == "schema"
+    doc = {"schema": 2, "config": cfg.fingerprint_fields(2)}
+    require_config(_header(doc), cfg)
+    with pytest.raises(ConfigMismatchError) as err:
+        require_config(_header(doc), cfg.replace("transform", block_size=16).replace(name="other"))
+    assert str(err.value) == (
+        "fake.duq was built for another config than 'other': config transform.block_size: bundle 64, expected 16"
+    )
+    assert err.value.field == "transform.block_size"
 
 
 @pytest.mark.parametrize("schema", [3, 0, "2", None])

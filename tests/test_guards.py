@@ -21,6 +21,7 @@ from duquant_runtime import (
     DuQuantLinear,
     ModelMismatchError,
     calibrate,
+    crc,
     h5file,
     load_bundle,
 )
@@ -97,7 +98,7 @@ def test_crc32_combine_matches_zlib_on_random_splits():
     data = rng.integers(0, 256, 10_000, dtype=np.uint8).tobytes()
     for cut in (0, 1, 7, 4096, 9_999):
         a, b = data[:cut], data[cut:]
-        assert h5file.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+        assert crc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
 
 
 # ---------------------------------------------------------------- the config, field by field

@@ -169,10 +169,17 @@ def test_fingerprint_changes_with_method_and_with_stats():
     assert docs["svd"] != docs["hadamard"]
     a = digest(fingerprint_document(base, [], "a" * 64))
     assert a != digest(fingerprint_document(base, [], "b" * 64)) and a != digest(fingerprint_document(base, []))
-    # schema 2 lists every field; schema 1 (bundles of 0.1/0.2) left later fields out at their old defaults
+    # schema 2 lists every field
     assert base.fingerprint_fields()["quant"]["gptq"] is False
-    assert "gptq" not in base.fingerprint_fields(1)["quant"]
-    assert base.replace("quant", gptq=True).fingerprint_fields(1)["quant"]["gptq"] is True
+
+
+def test_fingerprint_fields_of_schema_1_are_refused_naming_the_rebuild():
+    from duquant_runtime.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"schema 1 .*no longer compared: rebuild the bundle with `duquant-packs build`"
+    ):
+        DuQuantConfig(name="x").fingerprint_fields(1)
 
 
 class Tiny(nn.Module):
@@ -303,15 +310,6 @@ def test_presets_default_to_the_measured_method_and_keep_the_seed_reproducible()
     assert (full.transform.method, full.transform.block_size, full.quant.weight_search) == ("hadamard", 64, "mse")
     seed = resolve("full_w4a8_seed")
     assert (seed.transform.method, seed.transform.row_rot, seed.quant.weight_search) == ("svd", "restore", "alpha")
-    # the seed preset's schema-1 fingerprint fields are exactly the first release's (no later fields)
-    assert set(seed.fingerprint_fields(1)["quant"]) == {
-        "weight_bits",
-        "act_bits",
-        "act_mode",
-        "act_percentile",
-        "calib_steps",
-        "per_layer_weight_bits",
-    }
 
 
 def test_uniform_hadamard_fast_path_matches_the_block_path():
@@ -329,44 +327,31 @@ def test_uniform_hadamard_fast_path_matches_the_block_path():
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_statistics_files_of_0_2_are_still_read(tmp_path):
-    """An unsealed format-1 statistics file (0.2 wrote a percentile dataset too) reads; a
-    damaged byte in it is caught by its per-dataset crc32."""
+def test_statistics_files_of_0_2_are_refused_with_the_capture_command(tmp_path):
+    """An unsealed format-1 statistics file (0.2 wrote a percentile dataset too) is refused:
+    the sentence says to capture the statistics again."""
     import json
-    import zlib
 
     import h5py
     from duquant_runtime.stats import StatsReader
 
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((20, 8)).astype(np.float32)
-    arrays = {
-        "absmax": np.abs(x).max(axis=0),
-        "percentile": np.abs(x).max(axis=0) * 0.9,
-        "gram": (x.T @ x / 20)[None].astype(np.float32),
-        "sample": x,
-    }
+    x = np.random.default_rng(3).standard_normal((20, 8)).astype(np.float32)
     path = tmp_path / "old.h5"
     with h5py.File(path, "w") as f:
         f.attrs.update(format="duquant-packs-stats", format_version=1, digest="d" * 64)
         g = f.create_group("layers/net.fc1")
-        crcs = {k: zlib.crc32(a.tobytes()) for k, a in arrays.items()}
-        g.attrs["meta"] = json.dumps(
-            {"in_features": 8, "tokens": 20, "weight_sum": 0.0, "weight_sumsq": 1.0, "crc32": crcs}
-        )
-        for key, array in arrays.items():
-            g.create_dataset(key, data=array)
-    stats = StatsReader(path).layer("net.fc1")
-    np.testing.assert_array_equal(stats.sample, x)
-    assert stats.tokens == 20 and stats.gram.shape == (1, 8, 8)
-    with h5py.File(path, "r+") as f:
-        f["layers/net.fc1/sample"][0, 0] = 123.0
-    with pytest.raises(StatsError, match="fails its checksum"):
-        StatsReader(path).layer("net.fc1")
+        g.attrs["meta"] = json.dumps({"in_features": 8, "tokens": 20, "weight_sum": 0.0, "weight_sumsq": 1.0})
+        g.create_dataset("sample", data=x)
+    with pytest.raises(StatsError) as err:
+        StatsReader(path)
+    assert str(err.value) == (
+        f"{path} holds statistics of format 1 (duquant-packs 0.2), which this tool no longer reads: "
+        "capture them again with `capture_stats`"
+    )
 
 
 def _reference_mse_error(row: np.ndarray, cw: np.ndarray, q: int = 7) -> float:
-    """The "mse" search as a plain loop (README "Weights"): clip ratios 1.0 .. 0.6, then
+    """The "mse" search as a plain loop (docs/algorithms.md, "Weights"): clip ratios 1.0 .. 0.6, then
     +-0.025 and +-0.05 around the best, error Σ cw (Q(x) - x)² in float64; the best error."""
 
     def err(clip: float) -> float:

@@ -136,7 +136,7 @@ def test_future_format_version_is_refused(demo_bundles, tmp_path, demo_model):
     seal(bad)  # a well-formed file of a future format
     with pytest.raises(BundleVersionError) as info:
         load_bundle(copy.deepcopy(demo_model), bad)
-    assert "built by duquant-packs 9.1 (format 7); this runtime reads formats 1, 2" in str(info.value)
+    assert "built by duquant-packs 9.1 (format 7); this runtime reads format 2" in str(info.value)
     code, _, err = cli("verify", bad)
     assert code == 1 and "format 7" in err
 
@@ -177,7 +177,7 @@ def test_runtime_refuses_another_preset(demo_model, demo_bundles):
 @pytest.mark.parametrize("ahead", [False, True])
 def test_runtime_refuses_weights_one_ulp_away(ulp_ckpt, demo_ckpt, demo_bundles, monkeypatch, ahead):
     from duquant_pipeline.demo_model import load_demo_model
-    from duquant_runtime import loader
+    from duquant_runtime import live_weights as loader
 
     # digests summed in line, or all of them on the background threads
     monkeypatch.setattr(loader, "AHEAD_MIN_BYTES", 0 if ahead else 1 << 60)

@@ -14,6 +14,7 @@ from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import (
     ActScalesError,
     ConfigMismatchError,
+    DuQuantError,
     DuQuantLinear,
     NotCalibratedError,
     NothingLoadedWarning,
@@ -226,6 +227,37 @@ def test_state_dict_round_trip_and_to_dtype():
     assert rel(half(x.bfloat16()).float().detach(), layer(x).detach()) <= 5e-2
     assert layer.weight.shape == (40, 37) and layer.in_features == 37 and layer.out_features == 40
     assert "w4a8" in repr(layer)
+
+
+@pytest.mark.parametrize(
+    "saved", [{"act_calibrated": True, "uniform_r_in": False}, torch.tensor([1, 0], dtype=torch.uint8)]
+)
+def test_layer_states_of_0_1_and_0_2_are_refused_naming_the_fix(saved):
+    pack, _, _ = make_pack()
+    layer = DuQuantLinear.from_pack(pack, act_bits=8, act_mode="per_channel_static")
+    state = layer.state_dict()
+    state["_extra_state"] = saved  # 0.1: a dict; 0.2: the flags [act_calibrated, uniform_r_in]
+    with pytest.raises(DuQuantError, match=r"saved by duquant-packs 0\.1 or 0\.2.*load the bundle .* with load_bundle"):
+        layer.load_state_dict(state)
+
+
+def test_provenance_is_built_in_and_survives_the_state_dict():
+    pack, _, _ = make_pack()
+    made = {"bundle_name": "l", "bundle_fingerprint": "f" * 64, "calib_defaults": (4, 99.0)}
+    layer = DuQuantLinear.from_pack(pack, act_bits=8, act_mode="per_channel_static", **made)
+    assert (layer.bundle_name, layer.bundle_fingerprint, layer.calib_defaults) == ("l", "f" * 64, (4, 99.0))
+    fresh = DuQuantLinear(
+        37,
+        40,
+        weight_bits=4,
+        act_bits=8,
+        act_mode="per_channel_static",
+        bias=True,
+        **seed_plan(permute=True, row_rot=True),
+    )
+    assert (fresh.bundle_name, fresh.bundle_fingerprint, fresh.calib_defaults) == (None, None, (32, 99.9))
+    fresh.load_state_dict(layer.state_dict())
+    assert (fresh.bundle_name, fresh.bundle_fingerprint, fresh.calib_defaults) == ("l", "f" * 64, (4, 99.0))
 
 
 def test_static_layer_before_calibration_raises():

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from duquant_runtime import actquant, h5file
+from duquant_runtime import actquant, atomic, crc, h5file
 from duquant_runtime.fingerprint import canonical_json, diff_fields, diff_sources, digest
 
 MAGIC = h5file.BUNDLE_MAGIC
@@ -111,7 +111,7 @@ def test_large_files_are_checked_in_min_of_cores_cap_and_size_pieces(
 
 def test_crc32_of_any_array_is_zlibs_crc_of_its_bytes():
     strided = np.arange(60, dtype=np.float32).reshape(6, 10)[:, ::3]
-    assert h5file.crc32(strided) == zlib.crc32(np.ascontiguousarray(strided).tobytes())
+    assert crc.crc32(strided) == zlib.crc32(np.ascontiguousarray(strided).tobytes())
 
 
 def test_the_container_is_written_with_the_pinned_hdf5_versions(tmp_path):
@@ -125,7 +125,7 @@ def test_an_unopenable_directory_is_not_an_error(tmp_path, monkeypatch):
         raise PermissionError("no")
 
     monkeypatch.setattr(h5file.os, "open", refuse)
-    h5file._fsync_dir(tmp_path)  # suppressed: not every file system can open a directory
+    atomic.fsync_dir(tmp_path)  # suppressed: not every file system can open a directory
 
 
 # ---------------------------------------------------------------- attributes
@@ -155,11 +155,11 @@ def test_attributes_are_bounded_at_exactly_the_limit(tmp_path, monkeypatch):
 
 
 def test_temp_names_carry_the_pid_and_eight_hex_digits(tmp_path):
-    tmp = h5file.temp_name(tmp_path / "b.h5")
+    tmp = atomic.temp_name(tmp_path / "b.h5")
     name, pid, hex8, suffix = tmp.name.rsplit(".", 3)
     assert (name, pid, suffix, tmp.parent) == (".b.h5", str(os.getpid()), "tmp", tmp_path)
     assert len(hex8) == 8 and int(hex8, 16) >= 0
-    assert h5file.temp_owner(tmp) == os.getpid()
+    assert atomic.temp_owner(tmp) == os.getpid()
 
 
 @pytest.mark.parametrize(
@@ -176,7 +176,7 @@ def test_temp_names_carry_the_pid_and_eight_hex_digits(tmp_path):
     ],
 )
 def test_temp_owner_reads_only_names_temp_name_makes(name, owner):
-    assert h5file.temp_owner(Path(name)) == owner
+    assert atomic.temp_owner(Path(name)) == owner
 
 
 # ---------------------------------------------------------------- fingerprint document

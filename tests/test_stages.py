@@ -2,8 +2,8 @@
 
 The runtime applies a layer's stages in the order the bundle lists them; ``.weight`` walks
 them backwards. Both are checked here against ``reference.py`` (plain loops, no shared code)
-for svd, hadamard and duquant, with and without equalization, and for a format-1 bundle
-written by hand as 0.1 wrote them.
+for svd, hadamard and duquant, with and without equalization. Bundles written by hand as 0.1
+and 0.2.0 wrote them (no stage list) are refused with the command that rebuilds them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch
 from conftest import outlier_weight
 from duquant_pipeline.pack import pack_layer
 from duquant_pipeline.select import SelectedLayer
-from duquant_runtime import DuQuantLinear, load_bundle
+from duquant_runtime import DuQuantLinear, h5file, load_bundle
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.errors import BundleVersionError
 from reference import (
     blocks_from_stacked,
     reference_equalization,
@@ -117,22 +118,23 @@ def test_equalization_stage_is_the_reference_factor(beta):
     )
 
 
-def write_format1(path, pack, config: DuQuantConfig) -> None:
+def write_format1(path, pack, config: DuQuantConfig, version: int = 1) -> None:
     """A bundle as duquant-packs 0.1 wrote it: no seal, format_version 1, perm / r_in / r_out
-    datasets without a stage list, block sizes in the metadata, every dataset checksummed."""
+    datasets without a stage list, block sizes in the metadata, every dataset checksummed
+    (``version=2``: as 0.2.0 wrote it, the same sealed)."""
     import zlib
 
     arrays = {k: pack.array(k) for k in ("perm", "r_in", "r_out")}
     arrays.update(qweight=pack.qweight, w_scale=pack.w_scale)
     doc = {"format_version": 1, "algorithm": {"method": "svd", "version": 1}, "calib": None}
-    doc["config"] = config.fingerprint_fields(1)
+    doc["config"] = config.fingerprint_fields()
     doc["source"] = [["l.weight", "F32", [pack.out_features, pack.in_features], "0" * 64]]
     from duquant_runtime.fingerprint import canonical_json, digest
 
-    with h5py.File(path, "w") as f:
+    with h5file.create(path) if version > 1 else h5py.File(path, "w") as f:
         f.attrs.update(
             format="duquant-packs-bundle",
-            format_version=1,
+            format_version=version,
             fingerprint=digest(doc),
             fingerprint_json=canonical_json(doc),
             config_json=json.dumps(config.to_dict()),
@@ -156,30 +158,42 @@ def write_format1(path, pack, config: DuQuantConfig) -> None:
         g.attrs["meta"] = json.dumps(meta)
         for key, array in arrays.items():
             g.create_dataset(key, data=array)
+    if version > 1:
+        h5file.seal(path, h5file.BUNDLE_MAGIC)
 
 
-def test_format1_bundles_keep_loading(tmp_path):
+REBUILD = "rebuild it with `duquant-packs build -c <config> --ckpt <checkpoint>`"
+
+
+def _old_bundle(tmp_path, version: int):
     rng = np.random.default_rng(8)
     w = outlier_weight(rng, 24, 40).astype(np.float32)
     config = DuQuantConfig(name="old", transform=TransformConfig(**METHODS["svd"]))
-    pack = pack_of(w, **METHODS["svd"])
     path = tmp_path / "old.h5"
-    write_format1(path, pack, config)
-    with BundleReader(path) as r:
-        assert r.header.format_version == 1 and not r.sealed
-        old = r.read_layer("l")
-    assert [(s.kind, s.key) for s in old.stages] == [("perm", "perm"), ("rotate", "r_in")]
-    assert [s.key for s in old.out_stages] == ["r_out"]
+    write_format1(path, pack_of(w, **METHODS["svd"]), config, version)
     model = nn.Module()
     model.l = nn.Linear(40, 24, bias=False)
-    with torch.no_grad():
-        model.l.weight.copy_(torch.from_numpy(w))
-    load_bundle(model, path, config)
-    x = rng.standard_normal((5, 40))
-    with torch.no_grad():
-        got = model.l(torch.from_numpy(x).float()).double().numpy()
-    want = reference_stages(
-        reference_stages(x, reference_plan(pack, pack.stages)) @ dequantized(pack).T,
-        reference_plan(pack, pack.out_stages),
+    return path, config, model
+
+
+def test_format1_bundles_are_refused_with_the_rebuild_command(tmp_path):
+    path, config, model = _old_bundle(tmp_path, 1)
+    with pytest.raises(BundleVersionError) as err:
+        load_bundle(model, path, config)
+    assert str(err.value) == (
+        f"{path} was built by duquant-packs 0.1.0 (format 1), which this runtime no longer reads: {REBUILD}"
     )
-    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)  # activations fake-quantized to 8 bits
+    assert err.value.field == "format_version" and isinstance(model.l, nn.Linear)
+
+
+def test_bundles_whose_layers_list_no_stages_are_refused_with_the_rebuild_command(tmp_path):
+    path, _, _ = _old_bundle(tmp_path, 2)
+    with BundleReader(path) as reader:
+        assert reader.sealed and reader.header.format_version == 2
+        with pytest.raises(BundleVersionError) as err:
+            reader.read_layer("l")
+    assert str(err.value) == (
+        f"{path}: layer 'l' lists no stages, as bundles before duquant-packs 0.3 did, which this runtime no "
+        f"longer reads: {REBUILD}"
+    )
+    assert (err.value.layer, err.value.field) == ("l", "stages")

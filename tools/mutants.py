@@ -28,6 +28,8 @@ FIXTURE_CACHE = "DUQUANT_TEST_FIXTURE_CACHE"  # read by tests/conftest.py
 MODULES = [
     "duquant_runtime/checks.py",  # config comparison and the loader's integrity checks
     "duquant_runtime/h5file.py",  # seal and container
+    "duquant_runtime/crc.py",  # the seal's crc32, combined across threads
+    "duquant_runtime/atomic.py",  # temp names, their owners, the rename
     "duquant_runtime/prefix.py",  # the loader's module-prefix detection
     "duquant_runtime/env.py",  # OPENPI_DUQUANT_* -> config
     "duquant_runtime/actquant.py",  # activation quantization
