@@ -10,13 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from duquant_runtime import stages as st
-from duquant_runtime.stages import StageSpec
-
-Plan = list[tuple[str, torch.Tensor, bool]]
-
-
-def _as_tensor(kind: str, value: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.int64 if kind == "perm" else np.float64))
+from duquant_runtime.stages import ROTATE, Plan, StageKind, StageSpec
 
 
 @dataclass
@@ -31,14 +25,11 @@ class Transform:
         return next((v for s, v in (*self.stages, *self.out_stages) if s.key == key), None)
 
     def plan(self, dtype: torch.dtype = torch.float64) -> Plan:
-        """The input stages as a loaded layer runs them: values in ``dtype``, uniform rotations
-        flagged for the one-GEMM path."""
-        width = self.w_t.shape[1]
+        """The input stages as a loaded layer runs them, float values in ``dtype``."""
         plan: Plan = []
         for s, v in self.stages:
-            t = _as_tensor(s.kind, v)
-            t = t if s.kind == "perm" else t.to(dtype)
-            plan.append((s.kind, t, s.kind == "rotate" and st.is_uniform(t, width)))
+            t = s.kind.exact(v)
+            plan.append((s.kind, t.to(dtype) if t.is_floating_point() else t))
         return plan
 
     def apply_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,16 +44,14 @@ class Basis:
         self.w = w
         self.tr = Transform()
 
-    def add(self, kind: str, key: str, value: np.ndarray) -> None:
-        """Append an input stage; the weight moves into its basis (one GEMM for a uniform rotation)."""
-        t = _as_tensor(kind, value)
-        uniform = kind == "rotate" and st.is_uniform(t, self.w.shape[1])
-        self.w = st.to_basis(kind, self.w, t, uniform)
+    def add(self, kind: StageKind, key: str, value: np.ndarray) -> None:
+        """Append an input stage; the weight moves into its basis."""
+        self.w = kind.to_basis(self.w, kind.exact(value))
         self.tr.stages.append((StageSpec(kind, key), value))
 
     def add_output_rotation(self, key: str, blocks: np.ndarray) -> None:
-        self.w = st.rows_to_basis([("rotate", _as_tensor("rotate", blocks), False)], self.w)
-        self.tr.out_stages.append((StageSpec("rotate", key), blocks))
+        self.w = st.rows_to_basis([(ROTATE, ROTATE.exact(blocks))], self.w)
+        self.tr.out_stages.append((StageSpec(ROTATE, key), blocks))
 
     def result(self) -> Transform:
         self.tr.w_t = np.ascontiguousarray(self.w.numpy())

@@ -3,7 +3,7 @@ its stages.
 
 A handler adds its stages to a :class:`~.basis.Basis` (which keeps the weight in the
 current basis); codes and scales are then searched on the final weight by ``pack.py``, the
-same for every method. A new method made of existing stage kinds (scale, perm, rotate) is one
+same for every method. A new method made of existing stage kinds (``duquant_runtime.stages``) is one
 more class here, registered in ``HANDLERS``; its version enters the fingerprint.
 ``NO_ROTATION`` is the per-layer choice's round-to-nearest candidate: no stage at all.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from duquant_runtime.config import DuQuantConfig, TransformConfig
 from duquant_runtime.errors import ConfigError
+from duquant_runtime.stages import PERM, ROTATE, TILED_ROTATE
 from duquant_runtime.stats import LayerStats
 
 from .basis import Basis
@@ -63,8 +64,8 @@ class Svd(Method):
     def build(self, basis: Basis, t: TransformConfig, stats: LayerStats | None) -> None:
         w = basis.w
         if t.permute:
-            basis.add("perm", "perm", zigzag_permutation(w, t.lambda_smooth))
-        basis.add("rotate", "r_in", column_block_bases(basis.w, t.block_size))
+            basis.add(PERM, "perm", zigzag_permutation(w, t.lambda_smooth))
+        basis.add(ROTATE, "r_in", column_block_bases(basis.w, t.block_size))
         if t.row_rot == "restore":  # rows of W are columns of Wᵀ
             basis.add_output_rotation("r_out", column_block_bases(w.t(), t.block_out_size))
 
@@ -86,10 +87,13 @@ class Hadamard(Method):
 
     def build(self, basis: Basis, t: TransformConfig, stats: LayerStats | None) -> None:
         if t.permute:
-            basis.add("perm", "perm", zigzag_permutation(basis.w, t.lambda_smooth))
-        basis.add(
-            "rotate", "r_in", hadamard_blocks(basis.w.shape[1], t.block_size, signs=t.hadamard_signs, seed=t.seed)
-        )
+            basis.add(PERM, "perm", zigzag_permutation(basis.w, t.lambda_smooth))
+        width = basis.w.shape[1]
+        blocks = hadamard_blocks(width, t.block_size, signs=t.hadamard_signs, seed=t.seed)
+        if t.hadamard_signs or width % t.block_size:  # the blocks differ (signs, a short tail)
+            basis.add(ROTATE, "r_in", blocks)
+        else:  # one matrix tiles the width: stored once, one GEMM per forward
+            basis.add(TILED_ROTATE, "r_in", blocks[0])
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -116,13 +120,13 @@ class DuQuant(Method):
     def build(self, basis: Basis, t: TransformConfig, stats: LayerStats | None) -> None:
         peaks = Basis(peak_rows(basis.w, stats))  # the peak rows follow the weight through the stages
         r1 = greedy_rotation(peaks.w, t.block_size, t.max_rotation_step, t.seed)
-        basis.add("rotate", "r_in", r1)
-        peaks.add("rotate", "r_in", r1)
+        basis.add(ROTATE, "r_in", r1)
+        peaks.add(ROTATE, "r_in", r1)
         if t.permute:
             perm2 = balanced_zigzag(peaks.w.abs().amax(dim=0).numpy(), t.block_size)
-            basis.add("perm", "perm2", perm2)
-            peaks.add("perm", "perm2", perm2)
-        basis.add("rotate", "r_in2", greedy_rotation(peaks.w, t.block_size, t.max_rotation_step, t.seed + 1))
+            basis.add(PERM, "perm2", perm2)
+            peaks.add(PERM, "perm2", perm2)
+        basis.add(ROTATE, "r_in2", greedy_rotation(peaks.w, t.block_size, t.max_rotation_step, t.seed + 1))
 
 
 class NoRotation(Method):

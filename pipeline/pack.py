@@ -108,9 +108,7 @@ class LayerPacker:
         return LayerPacker(sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms)
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
-        stored = {
-            s.key: v.astype(np.int32 if s.kind == "perm" else np.float32) for s, v in (*tr.stages, *tr.out_stages)
-        }
+        stored = {s.key: s.kind.stored(v) for s, v in (*tr.stages, *tr.out_stages)}
         return LayerPack(
             name=self.layer.name,
             in_features=self.layer.in_features,

@@ -58,7 +58,7 @@ def weight_error(tr: Transform, codes: np.ndarray, scales: np.ndarray, transform
     the float rounding of W = W_t·Tᵀ (~1e-7, far below a 4-bit step): the error rows go
     through the runtime's ``weight_from_basis`` in cache-sized chunks. Permutations and
     rotations keep norms, so only a transform with a scale stage pays for the mapping."""
-    if all(s.kind in ("perm", "rotate") for s, _ in tr.stages):
+    if all(s.kind.preserves_norm for s, _ in tr.stages):
         return transformed_error
     w_t = np.ascontiguousarray(tr.w_t)
     plan = tr.plan(torch.from_numpy(w_t).dtype)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.stages import SCALE
 from duquant_runtime.stats import LayerStats
 
 from .basis import Basis, Transform
@@ -38,7 +39,7 @@ class Candidate:
         basis = Basis(torch.from_numpy(np.ascontiguousarray(w)).to(self.rotation.basis_dtype(w)))
         s = self.pre.factors(w, stats, rms)
         if s is not None:
-            basis.add("scale", "in_scale", 1.0 / s)
+            basis.add(SCALE, "in_scale", 1.0 / s)
             stats = None if stats is None else stats.scaled(1.0 / s)
         self.rotation.build(basis, t, stats)
         return basis.result()

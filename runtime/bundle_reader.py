@@ -254,6 +254,7 @@ class BundleReader:
             stages = plan(self.path, name, meta)
             arrays, places = self._datasets(name, meta, present, stages)
             pack = pack_of(name, meta, arrays, stages)
+            pack.shared = places
         check_pack_values(self.path, pack, {k for k, where in places.items() if where in self._vetted})
         self._vetted.update(places.values())
         return pack
@@ -280,7 +281,7 @@ class BundleReader:
                 continue
             width = n_out if key in out_keys or key in ("w_scale", "bias") else n_in
             check_dataset(self.path, name, key, stored, kinds.get(key), width, n_out, storage)
-            arrays[key], where = self._read(name, key, stored, key in kinds)
+            arrays[key], where = self._read(name, key, stored, key in kinds and kinds[key].shareable)
             if where is not None and key in kinds:
                 places[key] = where
         return arrays, places

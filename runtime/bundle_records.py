@@ -20,7 +20,6 @@ LAYERS = "layers"  # one group per layer: /layers/<module name>
 SHARED = "shared"  # datasets identical across layers (e.g. one Hadamard per width), stored once
 INDEX = "index_json"  # root attribute (from 0.5): every layer's meta and dataset offsets
 FIXED = ("qweight", "w_scale", "bias", "act_scale")  # every layer's own datasets besides its stages
-SHAREABLE_KINDS = ("perm", "rotate")
 # Which tool release first wrote each format version (for "built by X" messages).
 FORMAT_WRITERS = {1: "0.1", 2: "0.2"}
 FIX = "rebuild it with `duquant-packs build`"
@@ -53,6 +52,9 @@ class LayerPack:
     act_scale: np.ndarray | None = None
     quality: dict[str, float] | None = None
     choice: str | None = None
+    # stage key -> where the bundle stores an array several layers link to (set by the reader,
+    # never written): the loader makes one tensor per location
+    shared: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def array(self, key: str) -> np.ndarray | None:
         """A stage's array (``"r_in"``, ``"perm"``...) or a fixed dataset, None when absent."""

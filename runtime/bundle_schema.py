@@ -15,15 +15,14 @@ from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
 from .packing import INT4, INT8
-from .stages import StageSpec, check_plan
+from .stages import StageKind, StageSpec, check_plan
 
 F32 = (np.dtype(np.float32),)
-INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def _block(specs: tuple[StageSpec, ...], values: dict[str, np.ndarray]) -> int:
     """The first rotation's block size (0 without one): written for readers of 0.2.0."""
-    return next((int(values[s.key].shape[1]) for s in specs if s.kind == "rotate"), 0)
+    return next((b for s in specs if (b := s.kind.block(values[s.key]))), 0)
 
 
 def layer_meta(pack: LayerPack, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -39,8 +38,8 @@ def layer_meta(pack: LayerPack, arrays: dict[str, np.ndarray]) -> dict[str, Any]
         "source_sum": float(pack.source_sum),
         "source_sumsq": float(pack.source_sumsq),
         **({} if pack.source_bits is None else {"source_bits": int(pack.source_bits)}),
-        "stages": [[s.kind, s.key] for s in pack.stages],
-        "out_stages": [[s.kind, s.key] for s in pack.out_stages],
+        "stages": [[s.kind.name, s.key] for s in pack.stages],
+        "out_stages": [[s.kind.name, s.key] for s in pack.out_stages],
         "crc32": {k: crc32(a) for k, a in arrays.items()},
     }
     if pack.quality:
@@ -78,16 +77,11 @@ def plan(path: Path, name: str, meta: dict[str, Any]) -> tuple[tuple[StageSpec, 
     return inputs, outputs
 
 
-def _expected(key: str, kind: str | None, shape: tuple[int, ...], width: int, n_out: int, storage: str) -> tuple:
-    """(shape, allowed dtypes) of a dataset, from the layer's attributes and, for a
-    rotation, its block size (the dataset's second dimension, bounded)."""
-    if kind == "rotate":
-        b = int(shape[1]) if len(shape) == 3 else 0
-        if not 1 <= b <= 1 << 12:
-            raise ValueError(f"implausible rotation block size {b}")
-        return (-(-width // b), b, b), F32
-    if kind == "perm":
-        return (width,), INDEX_DTYPES
+def _expected(key: str, kind: StageKind | None, shape: tuple[int, ...], width: int, n_out: int, storage: str) -> tuple:
+    """(shape, allowed dtypes) of a dataset, from the layer's attributes and, for a stage,
+    what its kind demands (a rotation's block size is the dataset's last dimension, bounded)."""
+    if kind is not None:
+        return kind.shape(width, shape), kind.stored_dtypes
     if key == "qweight":
         if storage == INT4:
             return (n_out, (width + 1) // 2), (np.dtype(np.uint8),)
@@ -96,7 +90,7 @@ def _expected(key: str, kind: str | None, shape: tuple[int, ...], width: int, n_
 
 
 def check_dataset(
-    path: Path, name: str, key: str, stored: Node, kind: str | None, width: int, n_out: int, storage: str
+    path: Path, name: str, key: str, stored: Node, kind: StageKind | None, width: int, n_out: int, storage: str
 ) -> None:
     """Refuse a dataset whose shape or dtype the layer's sizes do not give (before any read,
     so a damaged header can never make us allocate a huge array)."""
@@ -115,23 +109,13 @@ def check_dataset(
 
 
 def check_pack_values(path: Path, p: LayerPack, vetted: set[str]) -> None:
-    """Values that shapes cannot vouch for: a permutation must be one, numbers finite,
-    scales positive. Stage keys in ``vetted`` (arrays shared by layers, checked before) are
-    skipped."""
+    """Values that shapes cannot vouch for, as each stage's kind checks them (a permutation
+    must be one, numbers finite, scales positive). Stage keys in ``vetted`` (arrays shared
+    by layers, checked before) are skipped."""
     for spec in (*p.stages, *p.out_stages):
-        value = p.stage_values[spec.key]
-        if spec.key in vetted:
-            continue
-        if spec.kind == "perm" and not np.array_equal(np.sort(value), np.arange(p.in_features)):
-            raise BundleReadError(
-                f"{path}: layer {p.name!r} {spec.key} is not a permutation of the input channels",
-                layer=p.name,
-                field=spec.key,
-            )
-        if spec.kind != "perm" and not np.isfinite(value).all():
-            raise BundleReadError(f"{path}: layer {p.name!r} {spec.key} holds NaN/Inf", layer=p.name, field=spec.key)
-        if spec.kind == "scale" and not (value > 0).all():
-            raise BundleReadError(f"{path}: layer {p.name!r} {spec.key} is not positive", layer=p.name, field=spec.key)
+        problem = None if spec.key in vetted else spec.kind.problem(p.stage_values[spec.key])
+        if problem:
+            raise BundleReadError(f"{path}: layer {p.name!r} {spec.key} {problem}", layer=p.name, field=spec.key)
     for key in ("w_scale", "bias", "act_scale"):
         value = getattr(p, key)
         if value is not None and not np.isfinite(value).all():

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import h5file
-from .bundle_records import INDEX, KIND, LAYERS, SHAREABLE_KINDS, SHARED, LayerPack
+from .bundle_records import INDEX, KIND, LAYERS, SHARED, LayerPack
 from .bundle_schema import layer_meta
 from .fingerprint import canonical_json, digest
 from .stages import check_plan
@@ -66,8 +66,9 @@ class BundleWriter:
         located: dict[str, list[Any]] = {}
         for key, array in arrays.items():
             data = np.ascontiguousarray(array)
-            if kinds.get(key) in SHAREABLE_KINDS:
-                offset = self._share(at, key, (kinds[key], data.shape, data.dtype.str, meta["crc32"][key]), data)
+            kind = kinds.get(key)
+            if kind is not None and kind.shareable:
+                offset = self._share(at, key, (kind.name, data.shape, data.dtype.str, meta["crc32"][key]), data)
             else:
                 offset = self._file.dataset(f"{at}/{key}", data)
             located[key] = [offset, data.dtype.str, list(data.shape)]

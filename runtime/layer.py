@@ -52,9 +52,9 @@ class DuQuantLinear(nn.Module):
     """A quantized Linear. Attributes ``in_features``, ``out_features``, ``bias`` and
     ``weight`` behave as on nn.Linear (``weight`` is computed on access; see its doc).
 
-    Buffers: one per stage, named by its key (float32 [in] scales, int32 [in] permutations,
-    [nb, B, B] rotation blocks in the compute dtype), either ``qweight`` (packed codes) +
-    ``w_scale`` (``weight_storage="int4"``: real 4-bit memory, dequantized on each call) or
+    Buffers: one per stage, named by its key, as its kind holds it (float32 [in] scales, int32
+    [in] permutations, [nb, B, B] or one tiled [B, B] rotation in the compute dtype), either
+    ``qweight`` (packed codes) + ``w_scale`` (``weight_storage="int4"``: real 4-bit memory, dequantized on each call) or
     ``w_t`` (``"dequant"``: unpacked once at load, for speed), ``bias`` (optional) and
     ``act_scale`` (static activations). ``stages`` / ``out_stages`` are
     :class:`~duquant_runtime.stages.StageSpec` lists; ``blocks`` gives each rotation's
@@ -82,16 +82,14 @@ class DuQuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         buffers: dict[str, torch.Tensor | None] | None = None,
-        uniform: frozenset[str] = frozenset(),
         act_calibrated: bool = False,
         bundle_name: str | None = None,
         bundle_fingerprint: str | None = None,
         calib_defaults: tuple[int, float] = CALIB_DEFAULTS,
     ) -> None:
         """``buffers`` holds ready tensors by buffer name (``from_pack``); the others start
-        as zeros (ones for scales), to be filled by ``load_state_dict``. ``uniform``: the
-        rotations whose blocks are all one matrix (one GEMM instead of a batched one);
-        ``act_calibrated``: ``buffers`` holds the static activation scales already."""
+        as zeros (ones for scales), to be filled by ``load_state_dict``. ``act_calibrated``:
+        ``buffers`` holds the static activation scales already."""
         super().__init__()
         if weight_storage not in WEIGHT_STORAGES:
             raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
@@ -104,7 +102,6 @@ class DuQuantLinear(nn.Module):
         # guards on it instead of tracing a mutation. Saved by get_extra_state.
         self.act_calibrated = act_calibrated
         self.calibrating = False
-        self.uniform = frozenset(uniform)
         self.bundle_name, self.bundle_fingerprint = bundle_name, bundle_fingerprint
         self.calib_defaults = calib_defaults
         given = buffers or {}
@@ -132,7 +129,7 @@ class DuQuantLinear(nn.Module):
         ``shared`` (a dict kept across one load) makes layers whose rotation or permutation
         arrays are identical (every hadamard layer of one width) hold one tensor instead of a
         copy each. A pack built with ``--calib`` brings its static activation scales."""
-        stage_values, uniform = stage_tensors(pack, dtype, device, shared if shared is not None else {})
+        stage_values = stage_tensors(pack, dtype, device, shared if shared is not None else {})
         buffers: dict[str, torch.Tensor | None] = {"dtype_ref": torch.empty(0, dtype=dtype, device=device)}
         buffers.update(stage_values)
         buffers.update(weight_tensors(pack, weight_storage, dtype, device))
@@ -156,7 +153,6 @@ class DuQuantLinear(nn.Module):
             dtype=dtype,
             device=device,
             buffers=buffers,
-            uniform=uniform,
             act_calibrated=calibrated,
             bundle_name=bundle_name,
             bundle_fingerprint=bundle_fingerprint,
@@ -169,8 +165,8 @@ class DuQuantLinear(nn.Module):
         """A stage's buffer by key (``"perm"``, ``"r_in"``...), None when the layer has no such stage."""
         return getattr(self, key) if any(s.key == key for s in (*self.stages, *self.out_stages)) else None
 
-    def _plan(self, specs: tuple[StageSpec, ...]) -> list[tuple[str, torch.Tensor, bool]]:
-        return [(s.kind, getattr(self, s.key), s.key in self.uniform) for s in specs]
+    def _plan(self, specs: tuple[StageSpec, ...]) -> st.Plan:
+        return [(s.kind, getattr(self, s.key)) for s in specs]
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """x in the transformed basis: the input stages, in order."""
@@ -230,7 +226,7 @@ class DuQuantLinear(nn.Module):
             return st.rows_from_basis(self._plan(self.out_stages), w).contiguous()
 
     def extra_repr(self) -> str:
-        plan = " -> ".join(f"{s.kind}:{s.key}" for s in self.stages) or "none"
+        plan = " -> ".join(f"{s.kind.name}:{s.key}" for s in self.stages) or "none"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"w{self.weight_bits}a{self.act_bits} ({self.act_mode}), storage={self.weight_storage}, stages={plan}"
@@ -243,7 +239,6 @@ class DuQuantLinear(nn.Module):
         from it can still save activation scales for its bundle."""
         state = {
             "act_calibrated": self.act_calibrated,
-            "uniform": sorted(self.uniform),
             "bundle_name": self.bundle_name,
             "bundle_fingerprint": self.bundle_fingerprint,
             "calib_defaults": list(self.calib_defaults),
@@ -256,9 +251,7 @@ class DuQuantLinear(nn.Module):
         if not isinstance(state, torch.Tensor) or state.numel() == 2:
             raise DuQuantError(STATE_BEFORE_0_3)
         state = json.loads(bytes(state.tolist()).decode())
-        keys = {s.key for s in (*self.stages, *self.out_stages)}
         self.act_calibrated = bool(state.get("act_calibrated", False))
-        self.uniform = frozenset(k for k in state.get("uniform", []) if k in keys)
         self.bundle_name = state.get("bundle_name")
         self.bundle_fingerprint = state.get("bundle_fingerprint")
         steps, pct = state.get("calib_defaults", self.calib_defaults)

@@ -1,5 +1,5 @@
 """The tensors a ``DuQuantLinear`` holds: from a bundle layer's arrays, each made once in its final
-dtype and device (arrays identical across the layers of one load held as one tensor), or as
+dtype and device (an array the bundle stores once for many layers held as one tensor), or as
 placeholders that ``load_state_dict`` fills.
 
 Also the integer codes' unpacking, which the layer runs on every int4 forward.
@@ -7,21 +7,17 @@ Also the integer codes' unpacking, which the layer runs on every int4 forward.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import stages as st
 from .actquant import ACT_EPS
 from .bundle import LayerPack
-from .stages import StageSpec
 
-# Kept across one load: (shape, dtype, crc32, torch dtype) or ("object", id, torch dtype) ->
-# (the array, its tensor); ("uniform", id(tensor), width) -> (the tensor, is it uniform).
-SharedTensors = dict[tuple[Any, ...], tuple[Any, Any]]
+# Kept across one load: (where the bundle stores an array shared by layers, torch dtype) -> its
+# tensor, so every layer linked to one stored array holds one tensor.
+SharedTensors = dict[tuple[Any, ...], torch.Tensor]
 
 
 def unpack_codes(stored: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -33,51 +29,22 @@ def unpack_codes(stored: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(stored.shape[0], -1)[:, :in_features]
 
 
-class _Shared:
-    """Tensors of one load, found again by the array's identity or, failing that, its value."""
-
-    def __init__(self, cache: SharedTensors, device: torch.device | str | None) -> None:
-        self.cache, self.device = cache, device
-
-    def tensor(self, array: np.ndarray, to: torch.dtype) -> torch.Tensor:
-        # A reader returns one array object per dataset stored once (/shared): found by
-        # identity. Bundles before 0.4 store copies: found by value.
-        hit = self.cache.get(("object", id(array), to))
-        if hit is not None and hit[0] is array:
-            return hit[1]
-        key = (array.shape, str(array.dtype), zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B")), to)
-        hit = self.cache.get(key)
-        if hit is None or not np.array_equal(hit[0], array):
-            hit = self.cache[key] = (array, torch.from_numpy(array).to(dtype=to, device=self.device))
-        self.cache[("object", id(array), to)] = (array, hit[1])
-        return hit[1]
-
-    def uniform(self, value: torch.Tensor, width: int) -> bool:
-        key = ("uniform", id(value), width)
-        if key not in self.cache:
-            self.cache[key] = (value, st.is_uniform(value, width))  # holds value: its id stays unique
-        return self.cache[key][1]
-
-
 def stage_tensors(
     pack: LayerPack, dtype: torch.dtype, device: torch.device | str | None, shared: SharedTensors
-) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
-    """Each stage's tensor by key, and the rotations whose blocks are all one matrix."""
-    cache = _Shared(shared, device)
+) -> dict[str, torch.Tensor]:
+    """Each stage's tensor by key, as its kind holds it; one tensor per stored shared array."""
     tensors: dict[str, torch.Tensor] = {}
-    uniform = set()
     for spec in (*pack.stages, *pack.out_stages):
         value = pack.stage_values[spec.key]
-        if spec.kind == "perm":
-            tensors[spec.key] = cache.tensor(value.astype(np.int32, copy=False), torch.int32)
-        elif spec.kind == "scale":
-            tensors[spec.key] = torch.from_numpy(value).to(dtype=torch.float32, device=device)
-        else:
-            tensors[spec.key] = blocks = cache.tensor(value, dtype)
-            width = pack.out_features if spec in pack.out_stages else pack.in_features
-            if cache.uniform(blocks, width):
-                uniform.add(spec.key)
-    return tensors, frozenset(uniform)
+        where = pack.shared.get(spec.key)
+        if where is None:
+            tensors[spec.key] = spec.kind.tensor(value, dtype, device)
+            continue
+        key = (where, dtype)
+        if key not in shared:
+            shared[key] = spec.kind.tensor(value, dtype, device)
+        tensors[spec.key] = shared[key]
+    return tensors
 
 
 def weight_tensors(
@@ -103,14 +70,6 @@ def uses_static_scales(act_mode: str, act_bits: int) -> bool:
     return act_mode == "per_channel_static" and act_bits > 0
 
 
-def _stage_placeholder(spec: StageSpec, width: int, block: int, fkw: dict[str, Any]) -> torch.Tensor:
-    if spec.kind == "perm":  # int32 indices: half the bytes of int64, and index_select accepts them
-        return torch.zeros(width, dtype=torch.int32, device=fkw["device"])
-    if spec.kind == "scale":
-        return torch.ones(width, dtype=torch.float32, device=fkw["device"])
-    return torch.zeros(-(-width // block), block, block, **fkw)
-
-
 def placeholders(
     layer: Any, blocks: dict[str, int], bias: bool, dtype: torch.dtype, device: torch.device | str | None
 ) -> dict[str, Callable[[], torch.Tensor | None]]:
@@ -124,7 +83,7 @@ def placeholders(
     made: dict[str, Callable[[], torch.Tensor | None]] = {"dtype_ref": lambda: torch.empty(0, **fkw)}
     for specs, width in ((layer.stages, in_features), (layer.out_stages, out_features)):
         for spec in specs:
-            made[spec.key] = lambda s=spec, w=width: _stage_placeholder(s, w, blocks.get(s.key, 1), fkw)
+            made[spec.key] = lambda s=spec, w=width: s.kind.placeholder(w, blocks.get(s.key, 1), dtype, device)
     packed = layer.weight_storage == "int4"
     cols = in_features if layer.weight_bits > 4 else (in_features + 1) // 2
     code_dtype = torch.int8 if layer.weight_bits > 4 else torch.uint8

@@ -312,19 +312,28 @@ def test_presets_default_to_the_measured_method_and_keep_the_seed_reproducible()
     assert (seed.transform.method, seed.transform.row_rot, seed.quant.weight_search) == ("svd", "restore", "alpha")
 
 
-def test_uniform_hadamard_fast_path_matches_the_block_path():
+def test_tiled_hadamard_fast_path_matches_the_block_path():
+    """The tiled rotation (one GEMM) gives the numbers of the same blocks stored one per block."""
+    import dataclasses
+
+    from duquant_runtime.stages import StageSpec
+
     rng = np.random.default_rng(2)
     w = outlier_weight(rng, 24, 64)
     cfg = DuQuantConfig(name="x", transform=TransformConfig(block_size=16, **METHODS["hadamard"]))
     pack = pack_layer(w, None, SelectedLayer("l", "l.weight", None, 24, 64, "F32", 4), "F32", cfg)
-    layer = DuQuantLinear.from_pack(pack, act_bits=8, act_mode="per_token_dynamic")
-    assert layer.uniform == {"r_in"}
+    assert [s.kind.name for s in pack.stages] == ["tiled_rotate"]
+    stacked = dataclasses.replace(
+        pack,
+        stages=(StageSpec("rotate", "r_in"),),
+        stage_values={"r_in": np.tile(pack.array("r_in"), (4, 1, 1))},
+    )
+    fast, slow = (DuQuantLinear.from_pack(p, act_bits=8, act_mode="per_token_dynamic") for p in (pack, stacked))
+    assert tuple(fast.r_in.shape) == (16, 16) and tuple(slow.r_in.shape) == (4, 16, 16)
     x = torch.from_numpy(_correlated_inputs(rng, 32, 64)).float()
     with torch.no_grad():
-        fast = layer(x)
-        layer.uniform = frozenset()
-        slow = layer(x)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.dense_weight(), slow.dense_weight(), rtol=1e-6, atol=1e-6)
 
 
 def test_statistics_files_of_0_2_are_refused_with_the_capture_command(tmp_path):

@@ -290,8 +290,10 @@ def own_int4_bytes(layer: DuQuantLinear) -> int:
 def input_rotation_bytes(layer: DuQuantLinear) -> int:
     if layer.stage("r_in") is None:
         return 0
-    blk = layer.stage("r_in").shape[1]
-    return -(-layer.in_features // blk) * blk * blk * layer.stage("r_in").element_size()
+    r_in = layer.stage("r_in")
+    blk = r_in.shape[-1]
+    blocks = 1 if r_in.dim() == 2 else -(-layer.in_features // blk)  # a tiled rotation holds one block
+    return blocks * blk * blk * r_in.element_size()
 
 
 def expected_int4_bytes(layer: DuQuantLinear) -> int:
@@ -343,8 +345,8 @@ def test_load_full_bundle_int4_memory_and_numbers(demo_model, demo_bundles):
             unique[(buf.untyped_storage().data_ptr(), buf.numel())] = buf.numel() * buf.element_size()
     held = sum(unique.values())
     # Nothing beyond the accounted buffers is resident (no fp copy, no transformed fp weight),
-    # and the hadamard rotation is held once per input width, not once per layer.
-    widths = {m.in_features: m for m in layers if m.stage("r_in") is not None}
+    # and the hadamard rotation is held once per shape (a tiled block serves every width).
+    widths = {tuple(m.stage("r_in").shape): m for m in layers if m.stage("r_in") is not None}
     expected = sum(own_int4_bytes(m) for m in layers) + sum(input_rotation_bytes(m) for m in widths.values())
     assert held == expected == report.bytes_after
     assert held <= 0.30 * bf16, f"int4 layers hold {held / bf16:.3f}x their bf16 bytes"

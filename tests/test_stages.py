@@ -51,7 +51,11 @@ def reference_plan(pack, keys) -> list[tuple[str, object]]:
     for spec in keys:
         value = pack.array(spec.key)
         width = pack.out_features if spec in pack.out_stages else pack.in_features
-        plan.append((spec.kind, blocks_from_stacked(value, width) if spec.kind == "rotate" else value))
+        if spec.kind.name == "tiled_rotate":  # one block repeated over the width
+            value = [value.astype(np.float64)] * (width // value.shape[0])
+        elif spec.kind.name == "rotate":
+            value = blocks_from_stacked(value, width)
+        plan.append((spec.kind.name, value))
     return plan
 
 
@@ -93,15 +97,23 @@ def test_hadamard_stage_is_the_sylvester_matrix():
     rng = np.random.default_rng(2)
     w = outlier_weight(rng, 20, 64)
     pack = pack_of(w, **METHODS["hadamard"])
-    assert [(s.kind, s.key) for s in pack.stages] == [("rotate", "r_in")]
-    for block in blocks_from_stacked(pack.array("r_in"), 64):
-        np.testing.assert_allclose(block, reference_hadamard(16), atol=1e-7)
+    # without signs one block tiles the width: the method declares it, stored once
+    assert [(s.kind.name, s.key) for s in pack.stages] == [("tiled_rotate", "r_in")]
+    np.testing.assert_allclose(pack.array("r_in"), reference_hadamard(16), atol=1e-7)
+
+
+def test_a_hadamard_with_signs_or_a_short_tail_stores_every_block():
+    rng = np.random.default_rng(3)
+    for width, signs in ((64, True), (72, False)):
+        pack = pack_of(outlier_weight(rng, 20, width), **{**METHODS["hadamard"], "hadamard_signs": signs})
+        assert [(s.kind.name, s.key) for s in pack.stages] == [("rotate", "r_in")]
+        assert pack.array("r_in").shape == (-(-width // 16), 16, 16)
 
 
 def test_duquant_has_two_rotations_around_a_permutation():
     rng = np.random.default_rng(4)
     pack = pack_of(outlier_weight(rng, 32, 48), **METHODS["duquant"])
-    assert [(s.kind, s.key) for s in pack.stages] == [("rotate", "r_in"), ("perm", "perm2"), ("rotate", "r_in2")]
+    assert [(s.kind.name, s.key) for s in pack.stages] == [("rotate", "r_in"), ("perm", "perm2"), ("rotate", "r_in2")]
     for key in ("r_in", "r_in2"):
         for u in blocks_from_stacked(pack.array(key), 48):
             np.testing.assert_allclose(u @ u.T, np.eye(u.shape[0]), atol=1e-6)
@@ -112,7 +124,7 @@ def test_equalization_stage_is_the_reference_factor(beta):
     rng = np.random.default_rng(6)
     w = outlier_weight(rng, 30, 40)
     pack = pack_of(w, method="hadamard", block_size=8, equalize=(beta,), rtn_candidate=False)
-    assert pack.stages[0].kind == "scale" and pack.choice == f"hadamard+eq{beta:g}"
+    assert pack.stages[0].kind.name == "scale" and pack.choice == f"hadamard+eq{beta:g}"
     np.testing.assert_allclose(
         pack.array("in_scale"), 1.0 / reference_equalization(w.astype(np.float32), beta), rtol=1e-5
     )
