@@ -15,9 +15,7 @@ from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
 from .packing import INT4, INT8
-from .stages import StageKind, StageSpec, check_plan
-
-F32 = (np.dtype(np.float32),)
+from .stages import F32, StageKind, StageSpec, check_plan
 
 
 def _block(specs: tuple[StageSpec, ...], values: dict[str, np.ndarray]) -> int:
@@ -98,7 +96,12 @@ def check_dataset(
         raise ValueError(f"implausible layer size {n_out}x{width}")
     if storage not in (INT4, INT8):
         raise ValueError(f"unknown storage {storage!r}")
-    shape, dtypes = _expected(key, kind, stored.shape, width, n_out, storage)
+    try:
+        shape, dtypes = _expected(key, kind, stored.shape, width, n_out, storage)
+    except ValueError as e:  # a stage kind refusing the stored shape (block size, tiling)
+        raise BundleReadError(
+            f"{path}: layer {name!r} dataset {key!r}: {e}; the bundle is inconsistent", layer=name, field=key
+        ) from None
     if stored.shape != shape or stored.dtype not in dtypes:
         raise BundleReadError(
             f"{path}: layer {name!r} dataset {key!r} has shape/dtype {(stored.shape, str(stored.dtype))}, "

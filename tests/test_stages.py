@@ -209,3 +209,31 @@ def test_bundles_whose_layers_list_no_stages_are_refused_with_the_rebuild_comman
         f"longer reads: {REBUILD}"
     )
     assert (err.value.layer, err.value.field) == ("l", "stages")
+
+
+def test_a_tiled_rotation_whose_block_does_not_tile_the_width_is_refused(tmp_path):
+    """The reader asks the kind for the shape: a [B, B] block that does not divide the width
+    is a damaged bundle, refused before any forward could silently drop channels."""
+    import dataclasses
+
+    from duquant_runtime.bundle_reader import BundleReader
+    from duquant_runtime.bundle_writer import BundleWriter
+    from duquant_runtime.errors import BundleReadError
+
+    rng = np.random.default_rng(5)
+    pack = pack_of(outlier_weight(rng, 20, 64), **METHODS["hadamard"])
+    bad = dataclasses.replace(pack, stage_values={"r_in": np.eye(24, dtype=np.float32)})
+    for name, p in (("good.h5", pack), ("bad.h5", bad)):
+        with BundleWriter(tmp_path / name) as writer:
+            writer.add(p)
+            writer.finish(
+                fingerprint_doc={"config": {}, "source": []},
+                config={},
+                provenance={},
+                tool_version="test",
+                created_at="now",
+            )
+    with BundleReader(tmp_path / "good.h5") as reader:
+        assert reader.read_layer("l").stage_values["r_in"].shape == (16, 16)
+    with BundleReader(tmp_path / "bad.h5") as reader, pytest.raises(BundleReadError, match="r_in"):
+        reader.read_layer("l")
