@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from duquant_pipeline.rotations import hadamard_blocks
+from duquant_pipeline.rotations.hadamard import hadamard_blocks
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.layer import DuQuantLinear, unpack_codes
 from duquant_runtime.packing import pack_codes, storage_for_bits

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from duquant_pipeline.basis import Transform
-from duquant_pipeline.methods import handler
 from duquant_pipeline.pack import LayerPacker, pack_layer
 from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scales
+from duquant_pipeline.rotations import handler
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.config import DuQuantConfig, resolve

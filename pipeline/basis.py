@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from duquant_runtime import stages as st
-from duquant_runtime.stages import ROTATE, Plan, StageKind, StageSpec
+from duquant_runtime.stages import Plan, StageKind, StageSpec
 
 
 @dataclass
@@ -49,9 +49,10 @@ class Basis:
         self.w = kind.to_basis(self.w, kind.exact(value))
         self.tr.stages.append((StageSpec(kind, key), value))
 
-    def add_output_rotation(self, key: str, blocks: np.ndarray) -> None:
-        self.w = st.rows_to_basis([(ROTATE, ROTATE.exact(blocks))], self.w)
-        self.tr.out_stages.append((StageSpec(ROTATE, key), blocks))
+    def add_output(self, kind: StageKind, key: str, value: np.ndarray) -> None:
+        """Append an output stage (it acts on the layer's output rows); the weight's rows move."""
+        self.w = st.rows_to_basis([(kind, kind.exact(value))], self.w)
+        self.tr.out_stages.append((StageSpec(kind, key), value))
 
     def result(self) -> Transform:
         self.tr.w_t = np.ascontiguousarray(self.w.numpy())

@@ -25,10 +25,11 @@ from duquant_runtime.stats import StatsError, StatsReader
 
 from .checkpoint import Checkpoint
 from .fingerprints import fingerprint_document, inputs_of
-from .methods import check
 from .output import OutputError, bundle_path, check_space, output_error, output_errors, remove_stale_temps
 from .pack import pack_layer
 from .process import block_stop_signals
+from .recipe import statistics_needed
+from .rotations import check
 from .select import SelectedLayer, select_layers, source_tensors
 from .verify import reader_problems
 from .workers import BACKENDS, run_jobs, start_pool
@@ -66,11 +67,7 @@ def default_jobs(layers: list[SelectedLayer], backend: str) -> int:
 def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str | Path | None) -> str | None:
     """Refuse, before any work, a config that needs statistics without them, or statistics
     that do not cover the selection; returns the statistics digest for the fingerprint."""
-    needs = [
-        k
-        for k, on in (("quant.gptq", config.quant.gptq), ("transform.smooth_alpha", config.transform.smooth_alpha > 0))
-        if on
-    ]
+    needs = statistics_needed(config)
     if calib is None:
         if needs:
             raise StatsError(

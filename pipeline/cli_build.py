@@ -61,9 +61,10 @@ _BUILD_OPTIONS = (
         metavar="STATS.h5",
         type=click.Path(dir_okay=False),
         help="Calibration statistics from duquant_runtime.capture_stats: the per-layer choice measures output "
-        "error on the captured sample and tries SmoothQuant strengths (transform.smooth_search), smoothing "
-        "(transform.smooth_alpha), GPTQ (quant.gptq), static activation scales stored in the bundle "
-        "(quant.act_mode = per_channel_static) and each layer's output SQNR. Enters the fingerprint.",
+        "error on the captured sample and adds the candidates that need data; the config fields that need "
+        "statistics (docs/configuration.md marks them) refuse to build without them; static activation scales "
+        "are stored in the bundle (quant.act_mode = per_channel_static) and each layer's output SQNR is "
+        "recorded. Enters the fingerprint.",
     ),
     click.option(
         "--min-sqnr",
@@ -105,8 +106,8 @@ def build(
     """Compute every selected layer's pack and write one bundle atomically.
 
     With the presets each layer's transform is chosen by measured error among a few
-    candidates (equalization strengths, block Hadamard or none; SmoothQuant strengths with
-    --calib), never worse than plain round-to-nearest by that measure. An identical bundle
+    candidates (pre-transform strengths with the method or no rotation; more with --calib),
+    never worse than plain round-to-nearest by that measure. An identical bundle
     that already exists and verifies is reused in seconds. The bundle's path is the last
     line printed on stdout.
     """

@@ -46,7 +46,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def load_config(config: str, use_env: bool) -> DuQuantConfig:
     """The config, with the seed's environment overrides when asked (one stderr line each),
     checked by its method; a value refused names the variable that set it."""
-    from .methods import check
+    from .rotations import check
 
     cfg = resolve(config)
     overrides = env_overrides() if use_env else []

@@ -36,17 +36,15 @@ def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
 @click.command()
 def configs() -> None:
     """List the preset configs and what each one selects."""
+    from .recipe import describe
+
     for name in preset_names():
         cfg = resolve(name)
         t = cfg.transform
         click.echo(
             f"{name:<16} scope={cfg.select.scope!r:<58} w{cfg.quant.weight_bits}a{cfg.quant.act_bits} "
-            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} method={t.method} "
-            f"weights={cfg.quant.weight_search}{'+gptq' if cfg.quant.gptq else ''}"
-            f"{f' smooth={t.smooth_alpha}' if t.smooth_alpha else ''}"
-            f"{f' per-layer: eq={list(t.equalize)}' if t.equalize else ''}"
-            f"{f' smooth={list(t.smooth_search)}' if t.smooth_search else ''}"
-            f"{' +no-rotation' if t.rtn_candidate else ''}{_selection_note(cfg.select)}"
+            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} {describe(cfg)}"
+            f"{_selection_note(cfg.select)}"
         )
 
 

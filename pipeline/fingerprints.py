@@ -13,7 +13,7 @@ from typing import Any
 from duquant_runtime.fingerprint import FORMAT_VERSION, SourceTensor
 from duquant_runtime.schema import CONFIG_SCHEMA, DuQuantConfig
 
-from .methods import handler
+from .rotations import handler
 
 
 def fingerprint_document(

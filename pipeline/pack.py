@@ -1,7 +1,7 @@
 """One layer's pack, pure: candidate transforms, weight quantization, the per-layer choice.
 
-With a single candidate (no ``equalize`` / ``smooth_search`` / ``rtn_candidate`` in the
-config) this is the configured method as it always was. Otherwise every candidate is packed
+With a single candidate (the config asks for no per-layer choice) this is the configured
+method as it always was. Otherwise every candidate is packed
 and measured with the runtime's own layer, and the best is kept:
 
 * data-free, by the error of the effective weight in the original basis (the expected
@@ -9,8 +9,8 @@ and measured with the runtime's own layer, and the best is kept:
   shows it picks within ~0.5 dB of the best candidate measured on real inputs);
 * with calibration statistics, by the output error on the captured sample rows.
 
-GPTQ (``quant.gptq``) then refines the chosen candidate's codes, and is kept only when it
-lowers the measured error. A layer whose best SQNR stays under ``quant.min_sqnr_db`` is
+The recipe's refinements then recompute the chosen candidate's codes, each kept only when
+it lowers the measured error. A layer whose best SQNR stays under ``quant.min_sqnr_db`` is
 packed again at 8 bits. The choice and its figures (with plain round-to-nearest's for
 comparison) go into the pack's ``quality`` record.
 """
@@ -33,7 +33,7 @@ from .pretransforms import column_rms
 from .quality import db, output_sqnr_db, runtime_layer, static_scales, weight_error, weight_sqnr_db
 from .recipe import Candidate, Recipe, resolve
 from .select import SelectedLayer
-from .weightquant import gptq_codes, quantize_weight
+from .weightquant import Refinement, quantize_weight, round_to_nearest
 
 FALLBACK_BITS = 8  # quant.min_sqnr_db: layers that cannot reach it are packed at 8 bits
 # Data-free ranking sample: every k-th row, 1/RANK_FRACTION of the rows but at least
@@ -84,7 +84,7 @@ class LayerPacker:
         self.source_dtype, self.signature = source_dtype, signature
         self._rms = rms
         self.source_bits = source_bits
-        # float64 for the seed's bit-exact svd; float32 is exact enough to rank 4-bit errors
+        # float64 for a float64 method's bit-exact numbers; float32 is exact enough to rank 4-bit errors
         self.w_ref = readonly_tensor(weight).to(torch.float64 if weight.dtype == np.float64 else torch.float32)
         self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
         self.signal = signature[1]  # ‖W‖², the float64 sum of squares the signature already holds
@@ -169,24 +169,17 @@ class LayerPacker:
             return self.measure_weight(tr, codes, scales, bits, sq_err)
         return self.measure(tr, codes, scales, bits)
 
-    def with_gptq(self, best: Measured, bits: int) -> Measured:
-        """GPTQ codes for the chosen transform, with its scales; kept only if it measures better."""
-        q = self.config.quant
+    def refined(self, best: Measured, bits: int, refinement: Refinement) -> Measured:
+        """``refinement``'s codes for the chosen transform, with its scales; kept only if they measure better."""
         hessian = self.hessian(best.tr)
         assert hessian is not None  # checked before the build starts
-        codes = gptq_codes(
-            torch.from_numpy(best.tr.w_t).double(),
-            torch.from_numpy(best.scales).double(),
-            bits,
-            hessian,
-            q.gptq_damp,
-        ).numpy()
+        codes = refinement.codes(best.tr.w_t, best.scales, bits, hessian)
         refined = self.measure(best.tr, codes, best.scales, bits)
         return refined if refined.sqnr > best.sqnr or self.sample is None else best
 
     def rtn_figures(self) -> dict[str, float]:
         """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""
-        codes, scales, sq_err = quantize_weight(self.w_ref, self.layer.bits, search="absmax")
+        codes, scales, sq_err = round_to_nearest(self.w_ref, self.layer.bits)
         if self.stats is None:  # the weight figure needs no layer
             return {"rtn_weight_sqnr_db": db(self.signal, sq_err)}
         m = self.measure(Transform(w_t=self.w_ref.numpy()), codes, scales, self.layer.bits)
@@ -235,7 +228,7 @@ def pack_layer(
     *,
     source_bits: int | None = None,
 ) -> LayerPack:
-    """One layer's pack from its weight (float64 for svd, float32 otherwise): the kept
+    """One layer's pack from its weight (float64 for a float64 method, float32 otherwise): the kept
     candidate transform, its codes and scales, static activation scales (static act_mode
     with statistics) and the quality record. ``source_bits``: ``bits_digest`` of the stored
     source tensor, which loads check live weights of the source's dtype against."""
@@ -247,15 +240,15 @@ def pack_layer(
     config = packer.config
     q = config.quant
     choice = options[best_index].label()
-    if q.gptq:
-        refined = packer.with_gptq(best, bits)
-        choice += "+gptq" if refined is not best else ""
+    for refinement in packer.recipe.refinements:
+        refined = packer.refined(best, bits, refinement)
+        choice += refinement.label if refined is not best else ""
         best = refined
     if q.min_sqnr_db > 0 and best.sqnr < q.min_sqnr_db and bits < FALLBACK_BITS:
         bits = FALLBACK_BITS
         best = packer.quantized(best.tr, bits)  # the chosen transform, at 8 bits
-        if q.gptq:
-            best = packer.with_gptq(best, bits)
+        for refinement in packer.recipe.refinements:
+            best = packer.refined(best, bits, refinement)
         choice += f"+w{bits}"
     pack = packer.finished(best)
     figures = dict(best.figures)

@@ -16,9 +16,11 @@ from typing import ClassVar
 
 import numpy as np
 from duquant_runtime.config import TransformConfig
+from duquant_runtime.stages import SCALE
 from duquant_runtime.stats import LayerStats
 
 from . import kernels
+from .basis import Basis
 
 # Factors are clipped to this range (geometric mean 1): a dead channel cannot blow up the other side.
 FACTOR_RANGE = (1e-4, 1e4)
@@ -71,6 +73,14 @@ class PreTransform:
         """s per input column, or None for no stage. ``rms``: ``column_rms(w)`` when known."""
         return None
 
+    def build(self, basis: Basis, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> LayerStats | None:
+        """Add the ``in_scale`` stage 1/s to ``basis`` (nothing for none); the statistics in its basis."""
+        s = self.factors(w, stats, rms)
+        if s is None:
+            return stats
+        basis.add(SCALE, "in_scale", 1.0 / s)
+        return None if stats is None else stats.scaled(1.0 / s)
+
 
 @dataclass(frozen=True)
 class Equalize(PreTransform):
@@ -114,6 +124,11 @@ def smoothing(alpha: float) -> PreTransform:
     return Smooth(alpha) if alpha > 0 else NONE
 
 
+def fixed_pre_transform(t: TransformConfig) -> PreTransform:
+    """The pre-transform a config names outright (``smooth_alpha``), else none."""
+    return smoothing(t.smooth_alpha)
+
+
 def pre_transform_groups(t: TransformConfig, calibrated: bool) -> list[list[PreTransform]]:
     """The pre-transforms a build tries, in groups it pairs with every rotation in turn: the
     data-free strengths (a fixed SmoothQuant strength, smooth_alpha, stands in for them), then,
@@ -124,3 +139,15 @@ def pre_transform_groups(t: TransformConfig, calibrated: bool) -> list[list[PreT
     if calibrated and t.smooth_search:
         groups.append([smoothing(alpha) for alpha in t.smooth_search])
     return groups
+
+
+def statistics_needed(t: TransformConfig) -> list[str]:
+    """The fields of ``t`` that ask for a pre-transform needing calibration statistics."""
+    return ["transform.smooth_alpha"] if t.smooth_alpha > 0 else []
+
+
+def describe(t: TransformConfig) -> str:
+    """The pre-transforms' part of a config's one-line summary ("" for none)."""
+    fixed = f" smooth={t.smooth_alpha}" if t.smooth_alpha else ""
+    searched = f" per-layer: eq={list(t.equalize)}" if t.equalize else ""
+    return fixed + searched + (f" smooth={list(t.smooth_search)}" if t.smooth_search else "")

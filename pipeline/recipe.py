@@ -1,6 +1,6 @@
 """A config resolved once into what every layer's pack tries: the candidates (a pre-transform,
-then a rotation), the weight's scale search, and the refinements after the choice (GPTQ,
-the 8-bit fallback). Workers receive the recipe; nothing below it looks a handler up by name.
+then a rotation), the weight's scale search, and the code refinements after the choice.
+Workers receive the recipe; nothing below it looks a handler up by name.
 
 A candidate's transform is built on a :class:`~.basis.Basis`: the pre-transform's ``in_scale``
 stage first (the statistics follow it into the scaled basis), then the rotation's stages.
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from duquant_runtime.config import DuQuantConfig, TransformConfig
-from duquant_runtime.stages import SCALE
 from duquant_runtime.stats import LayerStats
 
+from . import pretransforms, rotations, weightquant
 from .basis import Basis, Transform
-from .methods import NO_ROTATION, Method, handler
-from .pretransforms import NONE, Equalize, PreTransform, pre_transform_groups, smoothing
+from .pretransforms import NONE, PreTransform, fixed_pre_transform, pre_transform_groups
+from .rotations import Method, handler
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Candidate:
     pre: PreTransform = NONE
 
     def label(self) -> str:
-        """The choice label recorded in the bundle, e.g. "hadamard+eq0.5", "rtn"."""
+        """The choice label recorded in the bundle: the rotation's, then the pre-transform's."""
         return self.rotation.label + self.pre.suffix
 
     def transform(
@@ -37,20 +37,16 @@ class Candidate:
     ) -> Transform:
         """The candidate's stages and ``w`` in their basis. ``rms``: ``w``'s column RMS, when known."""
         basis = Basis(torch.from_numpy(np.ascontiguousarray(w)).to(self.rotation.basis_dtype(w)))
-        s = self.pre.factors(w, stats, rms)
-        if s is not None:
-            basis.add(SCALE, "in_scale", 1.0 / s)
-            stats = None if stats is None else stats.scaled(1.0 / s)
+        stats = self.pre.build(basis, w, stats, rms)
         self.rotation.build(basis, t, stats)
         return basis.result()
 
 
 def candidates(t: TransformConfig, calibrated: bool) -> list[Candidate]:
     """The transforms build tries for one layer, in a fixed order (ties keep the first): each
-    group of pre-transforms with the method, then with no rotation (``rtn_candidate``)."""
-    rotations = (handler(t.method), NO_ROTATION) if t.rtn_candidate else (handler(t.method),)
+    group of pre-transforms with every rotation in turn."""
     groups = pre_transform_groups(t, calibrated)
-    return [Candidate(rotation, pre) for group in groups for rotation in rotations for pre in group]
+    return [Candidate(rotation, pre) for group in groups for rotation in rotations.rotations(t) for pre in group]
 
 
 @dataclass(frozen=True)
@@ -60,6 +56,7 @@ class Recipe:
     config: DuQuantConfig
     candidates: tuple[Candidate, ...]
     calibrated: bool
+    refinements: tuple[weightquant.Refinement, ...] = ()
 
     @property
     def rotation(self) -> Method:
@@ -68,13 +65,28 @@ class Recipe:
     @property
     def records_choice(self) -> bool:
         """Does each pack record which candidate and refinements it kept?"""
-        q = self.config.quant
-        return self.config.per_layer_choice or q.gptq or q.min_sqnr_db > 0
+        return self.config.per_layer_choice or bool(self.refinements) or self.config.quant.min_sqnr_db > 0
 
 
 def resolve(config: DuQuantConfig, calibrated: bool) -> Recipe:
     """``config``'s recipe; ``calibrated``: the build has calibration statistics."""
-    return Recipe(config, tuple(candidates(config.transform, calibrated)), calibrated)
+    found = tuple(candidates(config.transform, calibrated))
+    return Recipe(config, found, calibrated, weightquant.refinements(config.quant))
+
+
+def statistics_needed(config: DuQuantConfig) -> list[str]:
+    """The config fields set in ``config`` that need calibration statistics."""
+    switches = [r.switch for r in weightquant.refinements(config.quant)]
+    return switches + pretransforms.statistics_needed(config.transform)
+
+
+def describe(config: DuQuantConfig) -> str:
+    """What a build of ``config`` does, in one line: method, weights, pre-transforms, candidates."""
+    t = config.transform
+    return (
+        f"method={t.method} weights={weightquant.describe(config.quant)}"
+        f"{pretransforms.describe(t)}{rotations.describe(t)}"
+    )
 
 
 def compute_transform(
@@ -82,14 +94,11 @@ def compute_transform(
     t: TransformConfig,
     stats: LayerStats | None = None,
     *,
-    rotate: bool = True,
-    equalize: float = 0.0,
-    smooth: float | None = None,
+    rotation: Method | None = None,
+    pre: PreTransform | None = None,
     rms: np.ndarray | None = None,
 ) -> Transform:
-    """One transform named by its parts: an equalization (data-free strength ``equalize``, or
-    SmoothQuant ``smooth``, default the config's smooth_alpha), then the config's method, or
-    nothing when ``rotate`` is False."""
-    smooth = t.smooth_alpha if smooth is None else smooth
-    pre = smoothing(smooth) if smooth > 0 else (Equalize(equalize) if equalize > 0 else NONE)
-    return Candidate(handler(t.method) if rotate else NO_ROTATION, pre).transform(w, t, stats, rms)
+    """One transform named by its parts: the pre-transform ``pre`` (default the config's fixed
+    one, if any), then ``rotation`` (default the config's method)."""
+    pre = fixed_pre_transform(t) if pre is None else pre
+    return Candidate(handler(t.method) if rotation is None else rotation, pre).transform(w, t, stats, rms)

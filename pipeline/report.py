@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from duquant_runtime.bundle import BundleReader
-from duquant_runtime.config import component_of
+from duquant_runtime.config import component_of, from_dict
 
 from .checkpoint import ITEMSIZE
 
@@ -129,6 +129,8 @@ def worst_layers(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
+    from .weightquant import describe as describe_weights  # numba: not for every CLI start
+
     h = info
     echo(f"bundle       {h['path']}")
     echo(f"config       {h['config_name']}")
@@ -140,7 +142,7 @@ def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
     echo(
         f"method       {t['method']}  block {t['block_size']}/{t['block_out_size']}  permute {t['permute']}  "
         f"row_rot {t['row_rot']}  w{q['weight_bits']}a{q['act_bits']} ({q['act_mode']})  "
-        f"weights {q.get('weight_search', 'alpha')}{' + gptq' if q.get('gptq') else ''}"
+        f"weights {describe_weights(from_dict(h['config']).quant)}"
     )
     if h["calib"]:
         echo(f"calibration  statistics {str(h['calib'])[:12]}")

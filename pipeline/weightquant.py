@@ -6,18 +6,24 @@ Three steps, each optional beyond the first:
   ``"alpha"`` is the seed's (5 clip ratios, weight MSE); ``"mse"`` searches a finer grid of
   clip ratios and, given calibration statistics, weights each input channel's error by its
   mean squared activation — the output error of that row under the captured inputs, not the
-  weight's own error; ``"absmax"`` is plain round-to-nearest (the peak of each row), the
+  weight's own error; ``"round_to_nearest"`` is plain round-to-nearest (the peak of each row), the
   baseline every layer's quality record compares with;
-* codes: round-to-nearest, or GPTQ (``gptq=True``): columns are quantized in order and
-  each one's rounding error is pushed onto the not-yet-quantized columns through the
-  inverse of the input second-moment matrix H = XᵀX (in the transformed basis), so the
-  output error x·ΔWᵀ, not the weight error, is minimized. With H = I it is RTN.
+* codes: round-to-nearest;
+* refinements after the per-layer choice, one strategy each (``refinements``): GPTQ
+  (``quant.gptq``) quantizes the columns in order and pushes each one's rounding error onto
+  the not-yet-quantized columns through the inverse of the input second-moment matrix
+  H = XᵀX (in the transformed basis), so the output error x·ΔWᵀ, not the weight error, is
+  minimized. With H = I it is RTN.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
 import numpy as np
 import torch
+from duquant_runtime.config import QuantConfig
 from duquant_runtime.packing import qmax
 
 from . import kernels
@@ -131,30 +137,54 @@ def gptq_codes(
 
 
 # The scale searches by name; each takes (w_t, qmax, per-input-channel error weight or None).
-SEARCHES = {"alpha": _seed_search, "mse": _mse_search, "absmax": _absmax_rtn}
+SEARCHES = {"alpha": _seed_search, "mse": _mse_search, "round_to_nearest": _absmax_rtn}
 
 
 def quantize_weight(
-    w_t: torch.Tensor,
-    bits: int,
-    *,
-    search: str = "alpha",
-    hessian: torch.Tensor | None = None,
-    gptq: bool = False,
-    damp: float = 0.01,
+    w_t: torch.Tensor, bits: int, *, search: str = "alpha", hessian: torch.Tensor | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(codes int8 [out, in], scales float32 [out], Σ (codes·scale - w_t)²) for the
     transformed weight ``w_t`` (float64 for the seed's bit-exact search, float32 is enough
-    otherwise).
-
-    ``hessian`` (transformed-basis XᵀX) makes the search activation-aware via its diagonal
-    and is what GPTQ compensates with.
+    otherwise). ``hessian`` (transformed-basis XᵀX) makes the search activation-aware via
+    its diagonal.
     """
     cw = None if hessian is None else torch.diagonal(hessian).clamp_min(0)
     scales, codes, sq_err = SEARCHES[search](w_t, qmax(bits), cw)
-    if gptq:
-        if hessian is None:
-            raise ValueError("GPTQ needs the input second-moment matrix (calibration statistics)")
-        codes = gptq_codes(w_t.double(), scales, bits, hessian, damp)
-        sq_err = float((codes.double() * scales[:, None] - w_t.double()).square().sum())
     return codes.numpy(), scales.float().numpy(), sq_err
+
+
+def round_to_nearest(w: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Plain round-to-nearest (per-row peak scales): the baseline every quality record cites."""
+    return quantize_weight(w, bits, search="round_to_nearest")
+
+
+class Refinement(Protocol):
+    """New codes for the chosen transform and its scales, kept only when they measure better."""
+
+    label: ClassVar[str]  # what it adds to the choice label when it is kept
+    switch: ClassVar[str]  # the config field that asks for it (refinements need statistics)
+
+    def codes(self, w_t: np.ndarray, scales: np.ndarray, bits: int, hessian: torch.Tensor) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Gptq:
+    """GPTQ after the per-layer choice: new codes for the chosen transform's scales."""
+
+    damp: float
+    label: ClassVar[str] = "+gptq"
+    switch: ClassVar[str] = "quant.gptq"
+
+    def codes(self, w_t: np.ndarray, scales: np.ndarray, bits: int, hessian: torch.Tensor) -> np.ndarray:
+        w64, s64 = torch.from_numpy(w_t).double(), torch.from_numpy(scales).double()
+        return gptq_codes(w64, s64, bits, hessian, self.damp).numpy()
+
+
+def refinements(q: QuantConfig) -> tuple[Refinement, ...]:
+    """The code refinements ``q`` asks for, in the order they run."""
+    return (Gptq(q.gptq_damp),) if q.gptq else ()
+
+
+def describe(q: QuantConfig) -> str:
+    """The weight quantizer's part of a config's one-line summary, e.g. "mse+gptq"."""
+    return q.weight_search + "".join(r.label for r in refinements(q))

@@ -51,8 +51,9 @@ __all__ = [
 ]
 
 
-def _typed(section: str, key: str, value: Any, default: Any) -> Any:
-    """Coerce a TOML/JSON value to the field's type, refusing anything ambiguous."""
+def _typed(section: str, key: str, value: Any, default: Any, annotation: str) -> Any:
+    """Coerce a TOML/JSON value to the field's type (``annotation``, as the schema writes it),
+    refusing anything ambiguous."""
     where = f"{section}.{key}"
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -73,17 +74,17 @@ def _typed(section: str, key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
-    if key in ("equalize", "smooth_search"):
+    if annotation == "tuple[float, ...]":
         if not isinstance(value, list | tuple) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in value
         ):
             raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
-    if key == "layers":
+    if annotation == "tuple[str, ...]":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of layer names, got {value!r}")
         return tuple(value)
-    if key == "per_layer_weight_bits":
+    if annotation == "tuple[tuple[str, int], ...]":
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table of layer name -> bits, got {value!r}")
         pairs = []
@@ -121,7 +122,7 @@ def from_dict(data: Mapping[str, Any], *, default_name: str | None = None, here:
         if bad:
             raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(bad))}; allowed: {', '.join(fields)}")
         defaults = cls()
-        kwargs = {k: _typed(section, k, v, getattr(defaults, k)) for k, v in raw.items()}
+        kwargs = {k: _typed(section, k, v, getattr(defaults, k), str(fields[k].type)) for k, v in raw.items()}
         sections[section] = cls(**kwargs)
     return DuQuantConfig(name=name, **sections)
 

@@ -10,9 +10,10 @@ from conftest import outlier_weight, write_checkpoint
 from duquant_pipeline.build import build_bundle, pack_layer
 from duquant_pipeline.cli import main
 from duquant_pipeline.fingerprints import fingerprint_document
-from duquant_pipeline.methods import check
 from duquant_pipeline.recipe import compute_transform
-from duquant_pipeline.rotations import balanced_zigzag, greedy_rotation, hadamard_blocks
+from duquant_pipeline.rotations import check
+from duquant_pipeline.rotations.duquant import balanced_zigzag, greedy_rotation
+from duquant_pipeline.rotations.hadamard import hadamard_blocks
 from duquant_pipeline.select import SelectedLayer
 from duquant_pipeline.weightquant import gptq_codes, quantize_weight
 from duquant_runtime import DuQuantLinear, StatsError, capture_stats, load_bundle
@@ -299,7 +300,7 @@ def test_quant_config_validation():
         DuQuantConfig(name="x", quant=QuantConfig(weight_search="grid"))
     with pytest.raises(ValueError, match="only defined for method 'svd'"):
         check(DuQuantConfig(name="x", transform=TransformConfig(method="hadamard", row_rot="restore", **ONE)))
-    with pytest.raises(ValueError, match=r"transform\.method must be one of svd, hadamard, duquant"):
+    with pytest.raises(ValueError, match=r"transform\.method must be one of duquant, hadamard, svd"):
         check(DuQuantConfig(name="x", transform=TransformConfig(method="quarot")))
 
 

@@ -16,8 +16,10 @@ from duquant_pipeline.build import build_bundle
 from duquant_pipeline.cli import main
 from duquant_pipeline.fingerprints import fingerprint_document
 from duquant_pipeline.pack import RANK_MARGIN_DB, RANK_MIN_ROWS, LayerPacker, pack_layer
+from duquant_pipeline.pretransforms import Equalize, Smooth
 from duquant_pipeline.quality import runtime_layer, weight_sqnr_db
 from duquant_pipeline.recipe import candidates, compute_transform
+from duquant_pipeline.rotations.base import NO_ROTATION
 from duquant_pipeline.select import SelectedLayer
 from duquant_runtime import DuQuantLinear, load_bundle
 from duquant_runtime.bundle import BundleReader
@@ -95,9 +97,8 @@ def test_equalization_preserves_output_with_quantization_off(rotate, method, str
         w,
         t,
         stats_of(x),
-        rotate=rotate,
-        equalize=value if kind == "equalize" else 0.0,
-        smooth=value if kind == "smooth" else 0.0,
+        rotation=None if rotate else NO_ROTATION,
+        pre=Equalize(value) if kind == "equalize" else Smooth(value),
     )
     assert tr.stages[0][0].kind.name == "scale" and not np.allclose(tr.value("in_scale"), 1.0)
     assert (tr.value("r_in") is None) != rotate
