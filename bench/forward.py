@@ -6,7 +6,7 @@ Variants are timed side by side in one run (interleaved, median of repeats), so 
 ratios hold even when absolute times drift. Timing does not depend on the values of a
 pack, so layers get random orthogonal blocks and random codes of the real shapes.
 Token counts: LLM 816 (3 images x 256 + text), expert 50 (action chunk), SigLIP 768.
-``int4``/``dequant`` use the default presets' layout (one 64x64 input rotation, no
+``codes``/``dequant`` use the default presets' layout (one 64x64 input rotation, no
 permutation, no output rotation); the naive loop is the seed's layout and code (16x16
 blocks, permutation, output rotation), as is ``seed-layout`` (our layer, seed layout).
 Writes artifacts/bench/forward.json.
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from duquant_pipeline.rotations.hadamard import hadamard_blocks
 from duquant_runtime.bundle import LayerPack
+from duquant_runtime.codes import pack_codes, storage_for_bits
 from duquant_runtime.layer import DuQuantLinear, unpack_codes
-from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.stages import StageSpec
 from torch import nn
 
@@ -147,8 +147,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     header = (
-        f"{'shape':<26}{'dtype':>6}{'linear ms':>11}{'int4 ms':>10}{'dequant ms':>11}{'seed-lay ms':>12}"
-        f"{'naive ms':>10}{'int4/lin':>10}{'deq/lin':>9}{'naive/deq':>10}"
+        f"{'shape':<26}{'dtype':>6}{'linear ms':>11}{'codes ms':>10}{'dequant ms':>11}{'seed-lay ms':>12}"
+        f"{'naive ms':>10}{'codes/lin':>10}{'deq/lin':>9}{'naive/deq':>10}"
     )
     print(f"forward on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
     print(header)
@@ -162,8 +162,8 @@ def main() -> None:
             linear = nn.Linear(inp, out, bias=False).to(device=device, dtype=dtype)
             variants: dict[str, nn.Module] = {
                 "linear": linear,
-                "int4": DuQuantLinear.from_pack(
-                    pack, act_bits=8, act_mode="per_token_dynamic", weight_storage="int4", dtype=dtype, device=device
+                "codes": DuQuantLinear.from_pack(
+                    pack, act_bits=8, act_mode="per_token_dynamic", weight_storage="codes", dtype=dtype, device=device
                 ),
                 "dequant": DuQuantLinear.from_pack(
                     pack, act_bits=8, act_mode="per_token_dynamic", weight_storage="dequant", dtype=dtype, device=device
@@ -194,9 +194,9 @@ def main() -> None:
             naive = t.get("naive", float("nan"))
             print(
                 f"{comp + '.' + layer + f' {out}x{inp}':<26}{dname:>6}{t['linear'] * 1e3:>11.2f}"
-                f"{t['int4'] * 1e3:>10.2f}{t['dequant'] * 1e3:>11.2f}"
+                f"{t['codes'] * 1e3:>10.2f}{t['dequant'] * 1e3:>11.2f}"
                 f"{t['seed-layout'] * 1e3:>12.2f}{naive * 1e3:>10.2f}"
-                f"{t['int4'] / t['linear']:>10.2f}{t['dequant'] / t['linear']:>9.2f}{naive / t['dequant']:>10.2f}"
+                f"{t['codes'] / t['linear']:>10.2f}{t['dequant'] / t['linear']:>9.2f}{naive / t['dequant']:>10.2f}"
             )
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--bundle", required=True)
-    ap.add_argument("--weight-storage", default="int4", choices=["int4", "dequant"])
+    ap.add_argument("--weight-storage", default="codes", choices=["codes", "dequant"])
     ap.add_argument("--out", default="artifacts/bench/memory.json")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from duquant_pipeline.basis import Transform
-from duquant_pipeline.pack import LayerPacker, pack_layer
+from duquant_pipeline.pack import LayerQuantizer, pack_layer
 from duquant_pipeline.quality import output_sqnr_db, runtime_layer, static_scales
 from duquant_pipeline.rotations import handler
 from duquant_pipeline.select import SelectedLayer
@@ -73,7 +73,7 @@ def pack_case(layer: SyntheticLayer, config: DuQuantConfig | None, calib: bool) 
     sel = SelectedLayer(layer.name, f"{layer.name}.weight", None, w.shape[0], w.shape[1], "F32", 4)
     stats = stats_of(layer.calib) if calib else None
     if config is None:
-        packer = LayerPacker(w, None, sel, "F32", DEFAULT, None, weight_signature(torch.from_numpy(w)))
+        packer = LayerQuantizer(w, None, sel, "F32", DEFAULT, None, weight_signature(torch.from_numpy(w)))
         q = 7
         scales = np.maximum(np.abs(w).max(axis=1) / q, 1e-10).astype(np.float32)
         codes = np.clip(np.round(w / scales[:, None].astype(np.float64)), -q - 1, q).astype(np.int8)

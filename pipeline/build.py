@@ -23,8 +23,8 @@ from duquant_runtime.errors import BundleError
 from duquant_runtime.fingerprint import SourceTensor
 from duquant_runtime.stats import StatsError, StatsReader
 
+from .build_fingerprint import fingerprint_document, inputs_of
 from .checkpoint import Checkpoint
-from .fingerprints import fingerprint_document, inputs_of
 from .output import OutputError, bundle_path, check_space, output_error, output_errors, remove_stale_temps
 from .pack import pack_layer
 from .process import block_stop_signals

@@ -20,7 +20,7 @@ from duquant_runtime.errors import DuQuantError
 
 from . import process
 from .checkpoint import CheckpointError
-from .job import pack_job
+from .job import layer_job
 from .recipe import Recipe
 from .select import SelectedLayer
 
@@ -36,7 +36,7 @@ def _pack_on_worker(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_
                 f"dask worker on {socket.gethostname()} cannot open the {what} {path}: the cluster's workers need "
                 "a shared filesystem where it has the same path"
             )
-    return pack_job(ckpt_path, layer, recipe, stats_path)
+    return layer_job(ckpt_path, layer, recipe, stats_path)
 
 
 def _worker_setup():

@@ -41,7 +41,7 @@ def _layer_stats(stats_path: str, layer: SelectedLayer, signature: tuple[float, 
     return reader.layer(layer.name)
 
 
-def pack_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: str | None = None) -> LayerPack:
+def layer_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: str | None = None) -> LayerPack:
     """Runs in a worker: open the checkpoint here, so only names cross the process boundary."""
     ckpt = process.cached_open(Checkpoint.open, ckpt_path)
     # A float64 method (the seed's svd reproduces its float64 numbers) reads float64; the

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
+from duquant_runtime.codes import pack_codes, storage_for_bits
 from duquant_runtime.config import DuQuantConfig
-from duquant_runtime.packing import pack_codes, storage_for_bits
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
@@ -63,7 +63,7 @@ class Measured:
     pack: LayerPack | None = None  # assembled already when the figures needed the runtime layer
 
 
-class LayerPacker:
+class LayerQuantizer:
     """Packs and measures candidates of one layer (its weight, statistics and config)."""
 
     def __init__(
@@ -96,7 +96,7 @@ class LayerPacker:
             self._rms = column_rms(self.weight)
         return self._rms
 
-    def row_sample(self) -> LayerPacker:
+    def row_sample(self) -> LayerQuantizer:
         """A packer for every k-th row (at least RANK_MIN_ROWS, 1/RANK_FRACTION of a large layer),
         with the whole weight's equalization; this packer itself when the layer is small."""
         rows = self.weight.shape[0]
@@ -105,7 +105,7 @@ class LayerPacker:
             return self
         sample = np.ascontiguousarray(self.weight[:: rows // wanted])
         signature = weight_signature(readonly_tensor(sample))
-        return LayerPacker(sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms)
+        return LayerQuantizer(sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms)
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
         stored = {s.key: s.kind.stored(v) for s, v in (*tr.stages, *tr.out_stages)}
@@ -186,7 +186,7 @@ class LayerPacker:
         return {f"rtn_{k}": v for k, v in m.figures.items()}
 
 
-def choose(packer: LayerPacker, options: list[Candidate], bits: int, data_free: bool) -> tuple[Measured, int]:
+def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_free: bool) -> tuple[Measured, int]:
     """The best candidate, measured on the whole layer, and its index (ties keep the first).
 
     Data-free candidates are first ranked on a sample of rows (``row_sample``): a row's error
@@ -233,7 +233,7 @@ def pack_layer(
     with statistics) and the quality record. ``source_bits``: ``bits_digest`` of the stored
     source tensor, which loads check live weights of the source's dtype against."""
     signature = signature or weight_signature(readonly_tensor(weight))
-    packer = LayerPacker(weight, bias, layer, source_dtype, recipe, stats, signature, source_bits=source_bits)
+    packer = LayerQuantizer(weight, bias, layer, source_dtype, recipe, stats, signature, source_bits=source_bits)
     bits = layer.bits
     options = list(packer.recipe.candidates)
     best, best_index = choose(packer, options, bits, stats is None)

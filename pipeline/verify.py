@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from duquant_runtime.bundle import BundleReader
-from duquant_runtime.checks import config_problems, integrity_problems
+from duquant_runtime.bundle_checks import config_problems, integrity_problems
 from duquant_runtime.config import DuQuantConfig, from_dict
 from duquant_runtime.errors import BundleError
 from duquant_runtime.fingerprint import SourceTensor, diff_sources

@@ -23,8 +23,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
+from duquant_runtime.codes import qmax
 from duquant_runtime.config import QuantConfig
-from duquant_runtime.packing import qmax
 
 from . import kernels
 

@@ -19,7 +19,7 @@ from duquant_runtime.config import DuQuantConfig
 from . import process
 from .checkpoint import Checkpoint
 from .dask_backend import run_dask
-from .job import pack_job
+from .job import layer_job
 from .recipe import resolve
 from .select import SelectedLayer
 
@@ -47,7 +47,7 @@ def run_jobs(
         return
     if backend == "sequential" or jobs == 1:
         for layer in order:
-            yield pack_job(str(ckpt.path), layer, recipe, stats_path)
+            yield layer_job(str(ckpt.path), layer, recipe, stats_path)
             process.return_freed_memory()
         return
     from joblib import Parallel, delayed, parallel_config
@@ -61,7 +61,7 @@ def run_jobs(
         process.torch_threads(1) if in_process else nullcontext(),
     ):
         runner = Parallel(return_as="generator_unordered", pre_dispatch="2*n_jobs")
-        yield from runner(delayed(pack_job)(str(ckpt.path), la, recipe, stats_path) for la in order)
+        yield from runner(delayed(layer_job)(str(ckpt.path), la, recipe, stats_path) for la in order)
 
 
 # loky caps each worker's BLAS threads itself, and runs process.init_worker once per worker.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import qmax
+from .codes import qmax
 
 ACT_EPS = 1e-8  # scale floor: an all-zero channel or token never divides by zero
 

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from .bundle_records import REBUILD, LayerPack
+from .codes import INT4, INT8
 from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
-from .packing import INT4, INT8
 from .stages import F32, StageKind, StageSpec, check_plan
 
 

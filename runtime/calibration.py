@@ -54,9 +54,10 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
     """Run batches through ``model`` inside this block; on exit the static scales freeze.
 
     ``steps``/``percentile`` default to the bundle config's ``calib_steps`` and
-    ``act_percentile``. While calibrating, layers quantize activations per token, so
-    each layer is calibrated on the inputs it will see. Every static layer must have
-    seen at least one batch, or the block raises and nothing is frozen.
+    ``act_percentile``. Inside the block each layer's static scales are held back, so it
+    quantizes activations per token as a layer without them does, and each layer is
+    calibrated on the inputs it will see; a forward pre-hook observes them. Every static
+    layer must have seen at least one batch, or the block raises and nothing is frozen.
     """
     layers = static_layers(model)
     if not layers:
@@ -64,11 +65,11 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
             "calibrate(): the model has no DuQuantLinear layer with static activation scales "
             "(the bundle's quant.act_mode is not 'per_channel_static', or act_bits is 0)"
         )
-    observers = {}
+    observers, held_back = {}, {}
     for name, layer in layers.items():
         cfg_steps, cfg_pct = layer.calib_defaults
         observers[name] = _Observer(layer, steps or cfg_steps, percentile or cfg_pct)
-        layer.calibrating = True
+        held_back[name], layer.act_scale = layer.act_scale, None
     try:
         yield
         unseen = [n for n, o in observers.items() if o.result() is None]
@@ -78,11 +79,13 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
                 "run inputs that reach every quantized layer"
             )
         for name, layer in layers.items():
+            layer.act_scale = held_back.pop(name)
             layer.set_act_scale(observers[name].result())  # type: ignore[arg-type]
     finally:
         for name, layer in layers.items():
             observers[name].handle.remove()
-            layer.calibrating = False
+            if name in held_back:  # the block raised: the scales stay as they were
+                layer.act_scale = held_back[name]
 
 
 def save_act_scales(model: nn.Module, path: str | Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from .bundle import BundleHeader, BundleReader
-from .checks import config_problems
+from .bundle_checks import config_problems
 from .env import PREFIX, EnvRequest, config_from_env, request_from_env
 from .errors import BundleError, CheckpointMismatchError, ConfigMismatchError, NothingLoadedWarning
 from .load_report import LoadReport

@@ -2,7 +2,7 @@
 
 The document hashed is stored verbatim in the bundle, so a mismatch can be explained
 field by field, and the hash can be recomputed to detect an edited header. The pipeline
-writes it (``duquant_pipeline.fingerprints``); the runtime only reads and compares.
+writes it (``duquant_pipeline.build_fingerprint``); the runtime only reads and compares.
 """
 
 from __future__ import annotations

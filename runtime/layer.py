@@ -38,14 +38,24 @@ from .lazy_weight import LazyWeight
 from .schema import QuantConfig
 from .stages import StageSpec
 
-WEIGHT_STORAGES = ("int4", "dequant")
+WEIGHT_STORAGES = ("codes", "dequant")
+# 0.5 called "codes" "int4", though 5-8 bit layers keep int8 codes: the old name still works.
+STORAGE_ALIASES = {"int4": "codes"}
 # What calibrate() runs by default on a layer built without a bundle config: the schema's defaults.
 CALIB_DEFAULTS = (QuantConfig.calib_steps, QuantConfig.act_percentile)
 STATE_BEFORE_0_3 = (
     "this DuQuantLinear state was saved by duquant-packs 0.1 or 0.2, which this version no longer reads: "
     "load the bundle onto the model again with load_bundle"
 )
-__all__ = ["ACT_EPS", "CALIB_DEFAULTS", "WEIGHT_STORAGES", "DuQuantLinear", "unpack_codes"]
+__all__ = ["ACT_EPS", "CALIB_DEFAULTS", "WEIGHT_STORAGES", "DuQuantLinear", "storage_named", "unpack_codes"]
+
+
+def storage_named(name: str) -> str:
+    """``name`` as a weight storage, its 0.5 alias resolved; a ValueError if it is none."""
+    name = STORAGE_ALIASES.get(name, name)
+    if name not in WEIGHT_STORAGES:
+        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {name!r}")
+    return name
 
 
 class DuQuantLinear(nn.Module):
@@ -54,8 +64,8 @@ class DuQuantLinear(nn.Module):
 
     Buffers: one per stage, named by its key, as its kind holds it (float32 [in] scales, int32
     [in] permutations, [nb, B, B] or one tiled [B, B] rotation in the compute dtype), either
-    ``qweight`` (packed codes) + ``w_scale`` (``weight_storage="int4"``: real 4-bit memory, dequantized on each call) or
-    ``w_t`` (``"dequant"``: unpacked once at load, for speed), ``bias`` (optional) and
+    ``qweight`` (packed codes) + ``w_scale`` (``weight_storage="codes"``: real 4-bit memory,
+    dequantized on each call) or ``w_t`` (``"dequant"``: unpacked once at load, for speed), ``bias`` (optional) and
     ``act_scale`` (static activations). ``stages`` / ``out_stages`` are
     :class:`~duquant_runtime.stages.StageSpec` lists; ``blocks`` gives each rotation's
     block size by key.
@@ -78,7 +88,7 @@ class DuQuantLinear(nn.Module):
         stages: Sequence[StageSpec] = (),
         out_stages: Sequence[StageSpec] = (),
         blocks: dict[str, int] | None = None,
-        weight_storage: str = "int4",
+        weight_storage: str = "codes",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         buffers: dict[str, torch.Tensor | None] | None = None,
@@ -91,8 +101,7 @@ class DuQuantLinear(nn.Module):
         as zeros (ones for scales), to be filled by ``load_state_dict``. ``act_calibrated``:
         ``buffers`` holds the static activation scales already."""
         super().__init__()
-        if weight_storage not in WEIGHT_STORAGES:
-            raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
+        weight_storage = storage_named(weight_storage)
         self.stages, self.out_stages = tuple(stages), tuple(out_stages)
         st.check_plan(self.stages, self.out_stages)
         self.in_features, self.out_features = in_features, out_features
@@ -101,7 +110,6 @@ class DuQuantLinear(nn.Module):
         # Python state, set by calibrate() outside forward (never inside it): torch.compile
         # guards on it instead of tracing a mutation. Saved by get_extra_state.
         self.act_calibrated = act_calibrated
-        self.calibrating = False
         self.bundle_name, self.bundle_fingerprint = bundle_name, bundle_fingerprint
         self.calib_defaults = calib_defaults
         given = buffers or {}
@@ -117,7 +125,7 @@ class DuQuantLinear(nn.Module):
         *,
         act_bits: int,
         act_mode: str,
-        weight_storage: str = "int4",
+        weight_storage: str = "codes",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         shared: SharedTensors | None = None,
@@ -132,7 +140,7 @@ class DuQuantLinear(nn.Module):
         stage_values = stage_tensors(pack, dtype, device, shared if shared is not None else {})
         buffers: dict[str, torch.Tensor | None] = {"dtype_ref": torch.empty(0, dtype=dtype, device=device)}
         buffers.update(stage_values)
-        buffers.update(weight_tensors(pack, weight_storage, dtype, device))
+        buffers.update(weight_tensors(pack, storage_named(weight_storage), dtype, device))
         if pack.bias is not None:
             buffers["bias"] = torch.from_numpy(pack.bias).to(dtype=dtype, device=device)
         calibrated = uses_static_scales(act_mode, act_bits) and pack.act_scale is not None
@@ -182,14 +190,15 @@ class DuQuantLinear(nn.Module):
     def quantize_activations(self, x_t: torch.Tensor) -> torch.Tensor:
         if self.act_bits <= 0:
             return x_t
-        if self.act_scale is not None and not self.calibrating:
+        if self.act_scale is not None:
             if not self.act_calibrated:
                 raise NotCalibratedError(
                     "this layer uses static per-channel activation scales but has none: run batches inside "
                     "`with duquant_runtime.calibrate(model): ...` first, or pass act_scales= to load_bundle"
                 )
             return fake_quant(x_t, self.act_scale, self.act_bits)
-        # per-token dynamic (also used while calibrating, so later layers see quantized inputs)
+        # per-token dynamic (also while calibrate() holds the static scales back, so later
+        # layers are calibrated on quantized inputs)
         return fake_quant(x_t, per_token_scale(x_t, self.act_bits), self.act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,8 @@ def stage_tensors(
 def weight_tensors(
     pack: LayerPack, weight_storage: str, dtype: torch.dtype, device: torch.device | str | None
 ) -> dict[str, torch.Tensor]:
-    """``qweight`` + ``w_scale`` (int4: the codes stay packed), or ``w_t`` (dequant: unpacked once)."""
-    if weight_storage == "int4":
+    """``qweight`` + ``w_scale`` (codes: they stay packed), or ``w_t`` (dequant: unpacked once)."""
+    if weight_storage == "codes":
         return {
             "qweight": torch.from_numpy(pack.qweight).to(device=device),
             "w_scale": torch.from_numpy(pack.w_scale).to(device=device),
@@ -84,7 +84,7 @@ def placeholders(
     for specs, width in ((layer.stages, in_features), (layer.out_stages, out_features)):
         for spec in specs:
             made[spec.key] = lambda s=spec, w=width: s.kind.placeholder(w, blocks.get(s.key, 1), dtype, device)
-    packed = layer.weight_storage == "int4"
+    packed = layer.weight_storage == "codes"
     cols = in_features if layer.weight_bits > 4 else (in_features + 1) // 2
     code_dtype = torch.int8 if layer.weight_bits > 4 else torch.uint8
     made["qweight"] = lambda: torch.zeros(out_features, cols, dtype=code_dtype, device=device) if packed else None

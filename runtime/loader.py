@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .bundle import BundleHeader, BundleReader
-from .checks import require_config
+from .bundle_checks import require_config
 from .config import from_dict, resolve
 from .errors import BundleError, DuQuantError
-from .layer import WEIGHT_STORAGES, DuQuantLinear
+from .layer import DuQuantLinear, storage_named
 from .load_report import LoadReport
 from .prefix import detect_prefix
 from .replacements import BuildOptions, Progress, prepare_layers
@@ -36,7 +36,7 @@ def load_bundle(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    weight_storage: str = "int4",
+    weight_storage: str = "codes",
     verify: str = "signature",
     act_scales: str | Path | None = None,
     name_prefix: str | None = None,
@@ -51,8 +51,8 @@ def load_bundle(
     the source weights the bundle was built from. Any mismatch raises a BundleError
     subclass naming the layer and field, and leaves the model untouched.
 
-    ``dtype``/``device`` default to each replaced layer's own. ``weight_storage="int4"``
-    keeps packed codes resident (real memory savings); ``"dequant"`` unpacks once at
+    ``dtype``/``device`` default to each replaced layer's own. ``weight_storage="codes"``
+    (0.5: ``"int4"``) keeps packed codes resident (real memory savings); ``"dequant"`` unpacks once at
     load for speed. ``act_scales`` is a file from :func:`save_act_scales` for static
     activation layers. ``name_prefix`` maps bundle names onto the model (e.g.
     ``"model."`` for LeRobot's pi0 port); by default it is detected: when the names resolve
@@ -60,8 +60,7 @@ def load_bundle(
     several fit the load is refused with the candidates. ``progress`` shows a progress line
     on stderr (default: when stderr is a terminal).
     """
-    if weight_storage not in WEIGHT_STORAGES:
-        raise ValueError(f"weight_storage must be one of {WEIGHT_STORAGES}, got {weight_storage!r}")
+    weight_storage = storage_named(weight_storage)
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     start = time.perf_counter()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .bundle import BundleHeader, BundleReader, LayerPack
-from .checks import expected_layers
+from .bundle_checks import expected_layers
 from .errors import BundleError, CheckpointMismatchError, ModelMismatchError
 from .layer import DuQuantLinear
 from .layer_buffers import SharedTensors

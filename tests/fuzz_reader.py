@@ -147,7 +147,7 @@ def main() -> None:
     """The child: read the spec, then one file path a line; print one outcome a line."""
     from duquant_runtime import load_bundle
     from duquant_runtime.bundle import BundleReader
-    from duquant_runtime.checks import integrity_problems
+    from duquant_runtime.bundle_checks import integrity_problems
     from duquant_runtime.errors import BundleError
 
     spec = json.loads(sys.stdin.readline())

@@ -242,7 +242,7 @@ def test_identical_rotations_are_stored_once(demo_ckpt, tmp_path):
     verifies as its own, and inspect counts the shared bytes once."""
     from duquant_pipeline.build import build_bundle
     from duquant_runtime.bundle import SHARED, BundleReader
-    from duquant_runtime.checks import integrity_problems
+    from duquant_runtime.bundle_checks import integrity_problems
     from duquant_runtime.config import resolve
 
     path = build_bundle(resolve("llm_w4a8"), demo_ckpt, tmp_path, jobs=1).path

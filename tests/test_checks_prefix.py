@@ -1,4 +1,4 @@
-"""Fast, direct tests of the bundle checks (`checks.py`) and name-prefix logic (`prefix.py`):
+"""Fast, direct tests of the bundle checks (`bundle_checks.py`) and name-prefix logic (`prefix.py`):
 fake headers, readers and module maps, exact messages and boundaries."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from duquant_runtime.bundle import BundleHeader
-from duquant_runtime.checks import (
+from duquant_runtime.bundle_checks import (
     ConfigProblem,
     config_problems,
     expected_layers,

@@ -26,7 +26,7 @@ from duquant_runtime import (
     load_bundle,
 )
 from duquant_runtime.bundle import BundleReader
-from duquant_runtime.checks import config_problems
+from duquant_runtime.bundle_checks import config_problems
 from duquant_runtime.config import resolve
 from duquant_runtime.env import _FIELDS, PREFIX, config_from_env
 from safetensors.torch import save_file

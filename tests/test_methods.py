@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 from conftest import outlier_weight, write_checkpoint
 from duquant_pipeline.build import build_bundle, pack_layer
+from duquant_pipeline.build_fingerprint import fingerprint_document
 from duquant_pipeline.cli import main
-from duquant_pipeline.fingerprints import fingerprint_document
 from duquant_pipeline.recipe import compute_transform
 from duquant_pipeline.rotations import check
 from duquant_pipeline.rotations.duquant import balanced_zigzag, greedy_rotation

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 from conftest import write_checkpoint
 from duquant_pipeline.build import build_bundle
+from duquant_pipeline.build_fingerprint import fingerprint_document
 from duquant_pipeline.cli import main
-from duquant_pipeline.fingerprints import fingerprint_document
-from duquant_pipeline.pack import RANK_MARGIN_DB, RANK_MIN_ROWS, LayerPacker, pack_layer
+from duquant_pipeline.pack import RANK_MARGIN_DB, RANK_MIN_ROWS, LayerQuantizer, pack_layer
 from duquant_pipeline.pretransforms import Equalize, Smooth
 from duquant_pipeline.quality import runtime_layer, weight_sqnr_db
 from duquant_pipeline.recipe import candidates, compute_transform
@@ -77,7 +77,7 @@ def selected(w: np.ndarray, name: str = "l") -> SelectedLayer:
     return SelectedLayer(name, f"{name}.weight", None, w.shape[0], w.shape[1], "F32", 4)
 
 
-def run_layer(pack, x: np.ndarray, act_bits: int = 8, storage: str = "int4") -> np.ndarray:
+def run_layer(pack, x: np.ndarray, act_bits: int = 8, storage: str = "codes") -> np.ndarray:
     layer = DuQuantLinear.from_pack(pack, act_bits=act_bits, act_mode="per_token_dynamic", weight_storage=storage)
     with torch.no_grad():
         return layer(torch.from_numpy(x).float()).double().numpy()
@@ -102,7 +102,7 @@ def test_equalization_preserves_output_with_quantization_off(rotate, method, str
     )
     assert tr.stages[0][0].kind.name == "scale" and not np.allclose(tr.value("in_scale"), 1.0)
     assert (tr.value("r_in") is None) != rotate
-    packer = LayerPacker(w, None, selected(w), "F32", DuQuantConfig(name="x", transform=t), None, signature(w))
+    packer = LayerQuantizer(w, None, selected(w), "F32", DuQuantConfig(name="x", transform=t), None, signature(w))
     pack = packer.assemble(tr, np.zeros(w.shape, dtype=np.int8), np.ones(w.shape[0], dtype=np.float32), 4)
     layer = DuQuantLinear.from_pack(pack, act_bits=0, act_mode="per_token_dynamic", weight_storage="dequant")
     layer.w_t = torch.from_numpy(np.asarray(tr.w_t)).float()
@@ -113,7 +113,7 @@ def test_equalization_preserves_output_with_quantization_off(rotate, method, str
     assert np.abs(eff - w).max() <= 2e-5 * np.abs(w).max()
 
 
-@pytest.mark.parametrize("storage", ["int4", "dequant"])
+@pytest.mark.parametrize("storage", ["codes", "dequant"])
 def test_format2_forward_matches_the_reference(storage):
     """Every candidate's pack (equalized, rotated or not) run by the runtime equals the slow
     per-block reference forward of DESIGN §5 with the equalization applied first."""
@@ -122,7 +122,7 @@ def test_format2_forward_matches_the_reference(storage):
     config = DEFAULT.replace("transform", block_size=32)
     seen = set()
     for cand in candidates(config.transform, calibrated=False):
-        packer = LayerPacker(w.astype(np.float32), None, selected(w), "F32", config, None, signature(w))
+        packer = LayerQuantizer(w.astype(np.float32), None, selected(w), "F32", config, None, signature(w))
         pack = packer.finished(packer.candidate(cand, 4))
         seen.add((pack.array("r_in") is None, pack.array("in_scale") is None))
         w_t = unpack_int4(pack.qweight, 100) * pack.w_scale.astype(np.float64)[:, None]
@@ -324,7 +324,7 @@ def test_data_free_figures_equal_the_runtime_layer_ones():
     w = w.astype(np.float32)
     config = DEFAULT.replace("transform", block_size=32)
     for cand in candidates(config.transform, calibrated=False):
-        packer = LayerPacker(w, None, selected(w), "F32", config, None, signature(w))
+        packer = LayerQuantizer(w, None, selected(w), "F32", config, None, signature(w))
         m = packer.candidate(cand, 4)
         loaded = runtime_layer(packer.finished(m), 8, "per_token_dynamic", torch.float64)
         want = weight_sqnr_db(loaded, torch.from_numpy(w).double())
@@ -338,7 +338,7 @@ def test_ranking_on_a_row_sample_keeps_a_full_layer_choice():
     w, _, _ = coupled_layer(rng, out=2 * RANK_MIN_ROWS + 40, inp=128, tokens=8)
     w = w.astype(np.float32)
     config = DEFAULT.replace("transform", block_size=32)
-    packer = LayerPacker(w, None, selected(w), "F32", config, None, signature(w))
+    packer = LayerQuantizer(w, None, selected(w), "F32", config, None, signature(w))
     assert packer.row_sample() is not packer
     full = {c.label(): packer.candidate(c, 4).sqnr for c in candidates(config.transform, False)}
     pack = pack_layer(w, None, selected(w), "F32", config)

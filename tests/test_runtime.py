@@ -93,7 +93,7 @@ def activations(n: int, width: int, seed: int = 1) -> torch.Tensor:
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-@pytest.mark.parametrize("storage", ["int4", "dequant"])
+@pytest.mark.parametrize("storage", ["codes", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("transform", [{}, {"permute": False, "row_rot": "0"}])
 def test_forward_matches_reference_without_act_quant(storage, dtype, transform):
@@ -105,7 +105,7 @@ def test_forward_matches_reference_without_act_quant(storage, dtype, transform):
     assert rel(y.reshape(-1, 40), reference(pack, x)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("storage", ["int4", "dequant"])
+@pytest.mark.parametrize("storage", ["codes", "dequant"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_forward_matches_reference_per_token_dynamic(storage, bits):
     pack, _, _ = make_pack(bits=bits)
@@ -117,7 +117,7 @@ def test_forward_matches_reference_per_token_dynamic(storage, bits):
     assert rel(y, ref) <= 2e-4
 
 
-@pytest.mark.parametrize("storage", ["int4", "dequant"])
+@pytest.mark.parametrize("storage", ["codes", "dequant"])
 def test_forward_matches_reference_static(storage):
     pack, _, _ = make_pack()
     layer = DuQuantLinear.from_pack(pack, act_bits=8, act_mode="per_channel_static", weight_storage=storage)
@@ -354,7 +354,7 @@ def test_load_full_bundle_int4_memory_and_numbers(demo_model, demo_bundles):
     load_bundle(model, demo_bundles["full_w4a8"])
     name = report.replaced[0]
     layer, original = model.get_submodule(name), demo_model.get_submodule(name)
-    assert isinstance(layer, DuQuantLinear) and layer.weight_storage == "int4"
+    assert isinstance(layer, DuQuantLinear) and layer.weight_storage == "codes"
     x = activations(6, layer.in_features)
     with torch.no_grad():
         y, y_fp = layer(x), original(x)

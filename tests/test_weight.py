@@ -13,7 +13,7 @@ from duquant_runtime.lazy_weight import LazyWeight
 from torch import nn
 
 
-def _layer(dtype: torch.dtype = torch.float32, storage: str = "int4") -> tuple[DuQuantLinear, np.ndarray]:
+def _layer(dtype: torch.dtype = torch.float32, storage: str = "codes") -> tuple[DuQuantLinear, np.ndarray]:
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((96, 160)) / 13).astype(np.float32)
     pack = pack_layer(w, None, SelectedLayer("l", "l.weight", None, 96, 160, "F32", 4), "F32", resolve("full_w4a8"))
@@ -51,7 +51,7 @@ def allocated(prof: torch.profiler.profile) -> int:
     return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
 
 
-@pytest.mark.parametrize("storage", ["int4", "dequant"])
+@pytest.mark.parametrize("storage", ["codes", "dequant"])
 def test_weight_values_are_the_exact_dense_weight(storage):
     layer, w = _layer(storage=storage)
     dense = layer.dense_weight()
@@ -93,3 +93,13 @@ def test_weight_dtype_read_compiles_fullgraph_and_matches_eager():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
+def test_the_0_5_storage_name_int4_still_means_codes_and_a_wrong_name_is_refused():
+    from duquant_runtime.layer import storage_named
+
+    assert storage_named("int4") == "codes" == storage_named("codes")
+    with pytest.raises(ValueError, match="weight_storage must be one of"):
+        storage_named("int8")
+    layer, _ = _layer(storage="int4")
+    assert layer.weight_storage == "codes" and layer.qweight is not None and layer.w_t is None

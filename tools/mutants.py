@@ -26,7 +26,7 @@ FIXTURE_CACHE = "DUQUANT_TEST_FIXTURE_CACHE"  # read by tests/conftest.py
 
 # The modules that guard users, and the tests that cover them.
 MODULES = [
-    "duquant_runtime/checks.py",  # config comparison and the loader's integrity checks
+    "duquant_runtime/bundle_checks.py",  # config comparison and the loader's integrity checks
     "duquant_runtime/h5file.py",  # seal and container
     "duquant_runtime/crc.py",  # the seal's crc32, combined across threads
     "duquant_runtime/atomic.py",  # temp names, their owners, the rename
