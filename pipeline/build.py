@@ -18,6 +18,7 @@ from pathlib import Path
 
 from duquant_runtime import __version__
 from duquant_runtime.bundle import BundleReader, BundleWriter, LayerPack
+from duquant_runtime.bundle_records import LINEAR
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError
 from duquant_runtime.fingerprint import SourceTensor
@@ -68,6 +69,7 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
     """Refuse, before any work, a config that needs statistics without them, or statistics
     that do not cover the selection; returns the statistics digest for the fingerprint."""
     needs = statistics_needed(config)
+    layers = [la for la in layers if la.kind == LINEAR]  # tables have no activations to capture
     if calib is None:
         if needs:
             raise StatsError(

@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from duquant_runtime.bundle import LayerPack
+from duquant_runtime.bundle_records import EMBEDDING
 from duquant_runtime.signature import bits_digest, signature_matches, weight_signature
 from duquant_runtime.stats import LayerStats, StatsError, StatsReader
 
 from . import process
 from .checkpoint import Checkpoint, CheckpointError
+from .embed import pack_embedding
 from .pack import pack_layer, readonly_tensor
 from .recipe import Recipe
 from .select import SelectedLayer
@@ -58,6 +60,8 @@ def layer_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: 
     if bias is not None and not np.isfinite(bias).all():
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
     signature = weight_signature(readonly_tensor(weight))
-    stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
     dtype = ckpt.tensors[layer.weight].dtype
+    if layer.kind == EMBEDDING:
+        return pack_embedding(weight, layer.name, dtype, recipe.config, signature, bits_digest(raw))
+    stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
     return pack_layer(weight, bias, layer, dtype, recipe, stats, signature, source_bits=bits_digest(raw))

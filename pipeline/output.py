@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from duquant_runtime.atomic import temp_owner
+from duquant_runtime.bundle_records import EMBEDDING
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import DuQuantError
 from duquant_runtime.fingerprint import SHORT_LEN
@@ -68,6 +69,10 @@ def estimated_bundle_bytes(layers: list[SelectedLayer], config: DuQuantConfig) -
     total = 1 << 20
     for la in layers:
         codes = la.out_features * (la.in_features if la.bits > 4 else (la.in_features + 1) // 2)
+        if la.kind == EMBEDDING:  # codes and group scales only
+            groups = la.in_features // config.embed.group_size if config.embed.group_size else 1
+            total += codes + 4 * la.out_features * groups + 4096
+            continue
         total += codes + 8 * la.out_features + 12 * la.in_features + 4 * la.in_features * block + 4096
     return total
 

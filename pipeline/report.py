@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from duquant_runtime.bundle import BundleReader
+from duquant_runtime.bundle_records import EMBEDDING
 from duquant_runtime.config import component_of, from_dict
 
 from .checkpoint import ITEMSIZE
@@ -72,6 +73,7 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
     quality: dict[str, dict[str, Any]] = {}
     choices: dict[str, int] = {}
     promoted: list[str] = []
+    embeddings: list[dict[str, Any]] = []
     with BundleReader(bundle, in_memory=False) as reader:
         h = reader.header
         source = {row[0]: row for row in h.fingerprint_doc.get("source", [])}
@@ -83,12 +85,17 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
         for name in h.layer_names:
             meta = reader.layer_summary(name)
             choice = meta.get("choice")
-            if meta.get("quality"):
-                quality[name] = {**meta["quality"], "choice": choice or h.config["transform"]["method"]}
-            if choice:
-                choices[choice] = choices.get(choice, 0) + 1
-            if int(meta["weight_bits"]) != listed.get(name, wanted_bits):
-                promoted.append(f"{name} (w{meta['weight_bits']})")
+            if meta.get("layer_kind") == EMBEDDING:  # a table: its own line, not among the Linears'
+                group = int(meta.get("group_size", 0))
+                embeddings.append({"layer": name, "bits": int(meta["weight_bits"]), "group_size": group})
+                embeddings[-1].update(meta.get("quality", {}))
+            else:
+                if meta.get("quality"):
+                    quality[name] = {**meta["quality"], "choice": choice or h.config["transform"]["method"]}
+                if choice:
+                    choices[choice] = choices.get(choice, 0) + 1
+                if int(meta["weight_bits"]) != listed.get(name, wanted_bits):
+                    promoted.append(f"{name} (w{meta['weight_bits']})")
             comp = per.setdefault(component_of(name), {"layers": 0, "source_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1
             row = source.get(f"{prefix}{name}.weight")
@@ -118,6 +125,7 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
         "min_sqnr_fallback": promoted,
         "quality": [{"layer": name, **q} for name, q in sorted(quality.items())],
         "quality_summary": quality_summary(quality),
+        "embeddings": embeddings,
     }
 
 
@@ -154,6 +162,11 @@ def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
     _print_components(h["components"], echo)
     for line in summary_lines(h["quality_summary"]):
         echo(f"quality      {line}")
+    for e in h.get("embeddings", []):
+        group = f"group {e['group_size']}" if e["group_size"] else "per row"
+        rtn = f" (RTN {e['rtn_weight_sqnr_db']:.2f})" if "rtn_weight_sqnr_db" in e else ""
+        sqnr = f"weight SQNR {e['weight_sqnr_db']:.2f} dB{rtn}" if "weight_sqnr_db" in e else "no quality record"
+        echo(f"embedding    {e['layer']}  int{e['bits']} ({group})  {sqnr}")
     if worst is not None:
         _print_worst(worst_layers(h["quality"], worst), len(h["quality"]), echo)
 

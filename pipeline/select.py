@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from duquant_runtime.bundle_records import EMBEDDING, LINEAR
 from duquant_runtime.config import DuQuantConfig, matches
 from duquant_runtime.errors import SelectionError
 from duquant_runtime.fingerprint import SourceTensor
@@ -30,6 +32,7 @@ class SelectedLayer:
     in_features: int
     dtype: str
     bits: int
+    kind: str = LINEAR  # or EMBEDDING: a table picked by [embed] (out_features = its rows)
 
     @property
     def weight_bytes(self) -> int:
@@ -99,6 +102,24 @@ def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
     )
 
 
+def embedding_names(config: DuQuantConfig, modules: list[str], linears: list[str]) -> list[str]:
+    """The tables ``embed.include`` picks among the checkpoint's 2-D weights (``modules``),
+    refused when it picks a layer the selection quantizes as a Linear. A pattern matching no
+    table picks none: the full presets name PaliGemma's, and run on checkpoints without it
+    (the build's summary and ``inspect`` list the tables quantized)."""
+    e = config.embed
+    if not e.include:
+        return []
+    pattern = re.compile(e.include)
+    names = sorted(m for m in modules if pattern.search(m))
+    both = sorted(set(names) & set(linears))
+    if both:
+        raise SelectionError(
+            f"{both[0]} is picked both by [select] (as a Linear) and by embed.include: narrow one of them"
+        )
+    return names
+
+
 def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
     """The layers ``cfg`` selects, named as its selection sees them: when every selected name is
     under one prefix the scope does not expect (LeRobot's "model."), the layer is named without
@@ -120,6 +141,9 @@ def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
         weight, bias = modules[n]
         info = ckpt.tensors[weight]
         out.append(SelectedLayer(n, weight, bias, info.shape[0], info.shape[1], info.dtype, q.bits_for(n)))
+    for n in embedding_names(cfg, sorted(modules), names):
+        info = ckpt.tensors[modules[n][0]]
+        out.append(SelectedLayer(n, modules[n][0], None, *info.shape, info.dtype, cfg.embed.bits, EMBEDDING))
     return out
 
 

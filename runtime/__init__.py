@@ -22,6 +22,8 @@ _EXPORTS = {
     "capture_stats": "stats",
     "DuQuantConfig": "config",
     "DuQuantLinear": "layer",
+    "QuantEmbedding": "embedding",
+    "TiedHead": "embedding",
     "LoadReport": "load_report",
     "enable_from_env": "env_load",
     "load_bundle": "loader",
@@ -40,6 +42,7 @@ _EXPORTS = {
             "NotCalibratedError",
             "NothingLoadedWarning",
             "StatsError",
+            "TiedWeightsError",
         )
     },
 }

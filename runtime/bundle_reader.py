@@ -17,7 +17,7 @@ import numpy as np
 
 from . import h5file
 from .bundle_records import FIX, FIXED, FORMAT_WRITERS, INDEX, KIND, LAYERS, REBUILD, BundleHeader, LayerPack
-from .bundle_schema import check_dataset, check_pack_values, header_docs_ok, pack_of, plan
+from .bundle_schema import check_dataset, check_pack_values, header_docs_ok, layer_kind, pack_of, plan
 from .errors import BundleReadError, BundleVersionError
 from .fingerprint import FORMAT_VERSION, digest
 from .h5file import Node
@@ -270,6 +270,7 @@ class BundleReader:
         if stray:
             raise BundleReadError(f"{self.path}: layer {name!r} has an unknown dataset {stray[0]!r}", layer=name)
         n_in, n_out, storage = int(meta["in_features"]), int(meta["out_features"]), str(meta["storage"])
+        groups = layer_kind(meta)[1]
         out_keys = {s.key for s in outputs}
         arrays: dict[str, np.ndarray] = {}
         places: dict[str, Where] = {}
@@ -280,7 +281,9 @@ class BundleReader:
                     raise BundleReadError(f"{self.path}: layer {name!r} has no {key!r} dataset", layer=name, field=key)
                 continue
             width = n_out if key in out_keys or key in ("w_scale", "bias") else n_in
-            check_dataset(self.path, name, key, stored, kinds.get(key), width, n_out, storage)
+            if groups is not None:  # an embedding: its sizes are the table's
+                width = n_in
+            check_dataset(self.path, name, key, stored, kinds.get(key), width, n_out, storage, groups)
             arrays[key], where = self._read(name, key, stored, key in kinds and kinds[key].shareable)
             if where is not None and key in kinds:
                 places[key] = where

@@ -22,6 +22,10 @@ INDEX = "index_json"  # root attribute (from 0.5): every layer's meta and datase
 FIXED = ("qweight", "w_scale", "bias", "act_scale")  # every layer's own datasets besides its stages
 # Which tool release first wrote each format version (for "built by X" messages).
 FORMAT_WRITERS = {1: "0.1", 2: "0.2"}
+# A layer's kind: what it replaces. A linear layer's meta names none (every bundle before 0.6
+# held linear layers only); an embedding's says "embedding".
+LINEAR, EMBEDDING = "linear", "embedding"
+LAYER_KINDS = (LINEAR, EMBEDDING)
 FIX = "rebuild it with `duquant-packs build`"
 REBUILD = "rebuild it with `duquant-packs build -c <config> --ckpt <checkpoint>`"
 
@@ -52,6 +56,11 @@ class LayerPack:
     act_scale: np.ndarray | None = None
     quality: dict[str, float] | None = None
     choice: str | None = None
+    # LINEAR (in/out features: the weight's columns/rows) or EMBEDDING (embedding_dim /
+    # num_embeddings: a table of rows, no stages, ``w_scale`` [rows, groups] of ``group_size``
+    # columns each, 0 = one group per row)
+    kind: str = LINEAR
+    group_size: int = 0
     # stage key -> where the bundle stores an array several layers link to (set by the reader,
     # never written): the loader makes one tensor per location
     shared: dict[str, tuple[Any, ...]] = field(default_factory=dict)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle_records import REBUILD, LayerPack
-from .codes import INT4, INT8
+from .bundle_records import EMBEDDING, LAYER_KINDS, LINEAR, REBUILD, LayerPack
+from .codes import INT4, INT8, scale_groups
 from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
@@ -40,6 +40,8 @@ def layer_meta(pack: LayerPack, arrays: dict[str, np.ndarray]) -> dict[str, Any]
         "out_stages": [[s.kind.name, s.key] for s in pack.out_stages],
         "crc32": {k: crc32(a) for k, a in arrays.items()},
     }
+    if pack.kind != LINEAR:  # a linear layer's meta is what it was before embeddings existed
+        meta.update(layer_kind=pack.kind, group_size=int(pack.group_size))
     if pack.quality:
         meta["quality"] = pack.quality
     if pack.choice:
@@ -75,20 +77,48 @@ def plan(path: Path, name: str, meta: dict[str, Any]) -> tuple[tuple[StageSpec, 
     return inputs, outputs
 
 
-def _expected(key: str, kind: StageKind | None, shape: tuple[int, ...], width: int, n_out: int, storage: str) -> tuple:
+def layer_kind(meta: dict[str, Any]) -> tuple[str, int | None]:
+    """The layer's kind and, for an embedding, how many scales each row has (a ValueError
+    when the meta is not one a writer makes)."""
+    kind = str(meta.get("layer_kind", LINEAR))
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    if kind == LINEAR:
+        return kind, None
+    if meta.get("stages") or meta.get("out_stages"):
+        raise ValueError("an embedding lists transform stages")
+    return kind, scale_groups(int(meta["in_features"]), int(meta.get("group_size", 0)))
+
+
+def _expected(
+    key: str, kind: StageKind | None, shape: tuple[int, ...], width: int, n_out: int, storage: str, groups: int | None
+) -> tuple:
     """(shape, allowed dtypes) of a dataset, from the layer's attributes and, for a stage,
-    what its kind demands (a rotation's block size is the dataset's last dimension, bounded)."""
+    what its kind demands (a rotation's block size is the dataset's last dimension, bounded).
+    ``groups``: an embedding's scales per row (None for a linear layer)."""
     if kind is not None:
         return kind.shape(width, shape), kind.stored_dtypes
     if key == "qweight":
         if storage == INT4:
             return (n_out, (width + 1) // 2), (np.dtype(np.uint8),)
         return (n_out, width), (np.dtype(np.int8),)
+    if groups is not None:
+        if key != "w_scale":
+            raise ValueError(f"an embedding holds no {key!r}")
+        return (n_out, groups), F32
     return (width,), F32  # scales, w_scale, bias, act_scale
 
 
 def check_dataset(
-    path: Path, name: str, key: str, stored: Node, kind: StageKind | None, width: int, n_out: int, storage: str
+    path: Path,
+    name: str,
+    key: str,
+    stored: Node,
+    kind: StageKind | None,
+    width: int,
+    n_out: int,
+    storage: str,
+    groups: int | None = None,
 ) -> None:
     """Refuse a dataset whose shape or dtype the layer's sizes do not give (before any read,
     so a damaged header can never make us allocate a huge array)."""
@@ -97,8 +127,8 @@ def check_dataset(
     if storage not in (INT4, INT8):
         raise ValueError(f"unknown storage {storage!r}")
     try:
-        shape, dtypes = _expected(key, kind, stored.shape, width, n_out, storage)
-    except ValueError as e:  # a stage kind refusing the stored shape (block size, tiling)
+        shape, dtypes = _expected(key, kind, stored.shape, width, n_out, storage, groups)
+    except ValueError as e:  # a stage kind refusing the stored shape (block size, tiling), an embedding's stray
         raise BundleReadError(
             f"{path}: layer {name!r} dataset {key!r}: {e}; the bundle is inconsistent", layer=name, field=key
         ) from None
@@ -163,4 +193,6 @@ def pack_of(name: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], stag
         stage_values={s.key: arrays[s.key] for s in (*inputs, *outputs)},
         quality=_quality(meta.get("quality")),
         choice=str(meta["choice"]) if "choice" in meta else None,
+        kind=str(meta.get("layer_kind", LINEAR)),
+        group_size=int(meta.get("group_size", 0)) if meta.get("layer_kind") == EMBEDDING else 0,
     )

@@ -31,3 +31,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if nibbles.shape[1] % 2:
         nibbles = np.pad(nibbles, ((0, 0), (0, 1)), constant_values=8)
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def scale_groups(width: int, group_size: int) -> int:
+    """How many scales a row of ``width`` codes has with ``group_size`` columns per scale (0:
+    one per row); a ValueError when the groups do not tile the row."""
+    if group_size == 0:
+        return 1
+    if group_size < 0 or width % group_size:
+        raise ValueError(f"groups of {group_size} columns do not tile a row of {width}")
+    return width // group_size

@@ -44,6 +44,11 @@ class ModelMismatchError(BundleError):
     """A bundle layer is missing from the model, or has another shape or type there."""
 
 
+class TiedWeightsError(ModelMismatchError):
+    """A quantized embedding's table is also another module's weight (a tied output head), and
+    the load was not allowed to make that module read the codes."""
+
+
 class ActScalesError(BundleError):
     """An activation-scales file is unreadable or belongs to another bundle."""
 

@@ -223,6 +223,10 @@ class DuQuantLinear(nn.Module):
         """
         return LazyWeight(self)
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def dense_weight(self) -> torch.Tensor:
         """The dense effective weight, materialized now (what ``.weight`` computes on use)."""
         return self.effective_weight(self.dtype_ref.dtype)

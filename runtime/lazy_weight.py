@@ -40,7 +40,9 @@ def _materialized(value: Any) -> Any:
 
 
 class LazyWeight:
-    """The effective dense weight of a quantized layer, computed only when its values are used."""
+    """The effective dense weight of a quantized layer, computed only when its values are used.
+    The layer gives ``weight_shape``, ``dtype_ref`` (an empty tensor in its compute dtype, on
+    its device) and ``dense_weight()``."""
 
     __slots__ = ("_layer",)
 
@@ -48,6 +50,11 @@ class LazyWeight:
         self._layer = layer
 
     # ------------------------------------------------------------ free metadata
+
+    @property
+    def layer(self) -> Any:
+        """The quantized layer this is the weight of."""
+        return self._layer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,7 +66,7 @@ class LazyWeight:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self._layer.out_features, self._layer.in_features))
+        return torch.Size(self._layer.weight_shape)
 
     @property
     def ndim(self) -> int:
@@ -80,7 +87,8 @@ class LazyWeight:
         return 2
 
     def numel(self) -> int:
-        return self._layer.out_features * self._layer.in_features
+        rows, cols = self._layer.weight_shape
+        return rows * cols
 
     # ------------------------------------------------------------ values on use
 
@@ -105,7 +113,7 @@ class LazyWeight:
         return f"LazyWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
     def __len__(self) -> int:
-        return self._layer.out_features
+        return self._layer.weight_shape[0]
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         return self.materialize()[index]

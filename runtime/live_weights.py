@@ -27,7 +27,7 @@ def weights_to_digest(names: list[str], modules: Mapping[str, nn.Module], prefix
     weights = {}
     for name in names:
         module = modules.get(prefix + name)
-        weight = module.weight if isinstance(module, nn.Linear) else None
+        weight = module.weight if isinstance(module, nn.Linear | nn.Embedding) else None
         if weight is not None and weight.dtype in DIGESTED and weight.nbytes >= AHEAD_MIN_BYTES:
             weights[name] = weight
     return weights

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .selection import component_of
@@ -22,20 +24,18 @@ class LoadReport:
     prefix: str = ""  # the name prefix the bundle's layers were found under
     prefix_detected: bool = False  # ... found by load_bundle, not passed by the caller
     components: dict[str, list[int]] = field(default_factory=dict)  # component -> [layers, before, after]
+    tied_heads: list[str] = field(default_factory=list)  # heads reading a quantized table's codes (no bytes)
 
     @property
     def ratio(self) -> float:
         return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
 
     def add(self, target: str, old: nn.Module, layer: nn.Module, counted: set[tuple[int, int]]) -> None:
-        """Counts one replacement: ``old``'s own parameters and buffers, and those of ``layer``'s
-        buffers not ``counted`` yet (by storage address and size: shared rotation buffers count once)."""
-        before, after = _module_bytes(old), 0
-        for buf in layer.buffers():
-            key = (buf.untyped_storage().data_ptr(), buf.numel())
-            if key not in counted:
-                counted.add(key)
-                after += buf.numel() * buf.element_size()
+        """Counts one replacement: ``old``'s own parameters and buffers, and ``layer``'s buffers,
+        each tensor not ``counted`` yet (by storage address and size: shared rotation buffers
+        count once, and so does a head's weight tied to an embedding counted before)."""
+        before = _new_bytes((*old.parameters(recurse=False), *old.buffers(recurse=False)), counted)
+        after = _new_bytes(layer.buffers(), counted)
         self.bytes_before += before
         self.bytes_after += after
         row = self.components.setdefault(component_of(target), [0, 0, 0])
@@ -55,7 +55,12 @@ class LoadReport:
         )
 
 
-def _module_bytes(module: nn.Module) -> int:
-    return sum(
-        t.numel() * t.element_size() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
-    )
+def _new_bytes(tensors: Iterable[torch.Tensor], counted: set[tuple[int, int]]) -> int:
+    """Bytes of the tensors whose storage is not ``counted`` yet; counts them."""
+    total = 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if key not in counted:
+            counted.add(key)
+            total += t.numel() * t.element_size()
+    return total

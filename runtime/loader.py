@@ -24,6 +24,7 @@ from .load_report import LoadReport
 from .prefix import detect_prefix
 from .replacements import BuildOptions, Progress, prepare_layers
 from .schema import DuQuantConfig
+from .tied_heads import TIED_HEAD_MODES, find_tied_heads
 
 VERIFY_MODES = ("signature", "shapes")
 __all__ = ["VERIFY_MODES", "LoadReport", "load_bundle"]
@@ -41,6 +42,7 @@ def load_bundle(
     act_scales: str | Path | None = None,
     name_prefix: str | None = None,
     progress: bool | None = None,
+    tied_heads: str = "share",
 ) -> LoadReport:
     """Replace the bundle's layers in ``model`` with DuQuantLinear modules, in place.
 
@@ -58,13 +60,12 @@ def load_bundle(
     ``"model."`` for LeRobot's pi0 port); by default it is detected: when the names resolve
     under exactly one consistent prefix it is applied and the report says so, and when
     several fit the load is refused with the candidates. ``progress`` shows a progress line
-    on stderr (default: when stderr is a terminal).
+    on stderr (default: when stderr is a terminal). ``tied_heads``: a module whose weight is an
+    embedding the bundle quantizes (transformers' ``lm_head``) reads the same codes
+    (``"share"``: one copy), or the load is refused (``"refuse"``); never two copies.
     """
-    weight_storage = storage_named(weight_storage)
-    if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     start = time.perf_counter()
-    options = BuildOptions(device=device, dtype=dtype, weight_storage=weight_storage, verify=verify)
+    options = _options(device, dtype, weight_storage, verify, tied_heads)
     with BundleReader(path) as reader:
         header = reader.header
         if expect_config is not None:
@@ -76,16 +77,37 @@ def load_bundle(
         show = sys.stderr.isatty() if progress is None else progress
         shown = Progress(len(header.layer_names), header.path.name) if show else None
         prepared = prepare_layers(model, reader, config, options, prefix=name_prefix, progress=shown)
+    heads = find_tied_heads(model, prepared, tied_heads)
     if act_scales is not None:
         from .calibration import apply_act_scales
 
-        apply_act_scales({t: layer for t, (_, layer) in prepared.items()}, act_scales, header.fingerprint)
+        linears = {t: layer for t, (_, layer) in prepared.items() if isinstance(layer, DuQuantLinear)}
+        apply_act_scales(linears, act_scales, header.fingerprint)
     report = LoadReport(
         header.path, header.fingerprint, header.name, prefix=name_prefix, prefix_detected=detected and bool(name_prefix)
     )
     _swap_all(model, prepared, report)
+    _swap_heads(model, heads, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _options(
+    device: torch.device | str | None, dtype: torch.dtype | None, weight_storage: str, verify: str, tied_heads: str
+) -> BuildOptions:
+    """The load's options, each refused with one sentence when it is not one of its values."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if tied_heads not in TIED_HEAD_MODES:
+        raise ValueError(f"tied_heads must be one of {TIED_HEAD_MODES}, got {tied_heads!r}")
+    return BuildOptions(device=device, dtype=dtype, weight_storage=storage_named(weight_storage), verify=verify)
+
+
+def _swap_heads(model: nn.Module, heads: dict[str, tuple[nn.Module, nn.Module]], report: LoadReport) -> None:
+    """Each tied head reads its table's codes now; listed in ``report`` (it holds no bytes)."""
+    for target, (_, head) in heads.items():
+        _swap(model, target, head)
+        report.tied_heads.append(target)
 
 
 def _stored_config(header: BundleHeader) -> DuQuantConfig:
@@ -96,11 +118,15 @@ def _stored_config(header: BundleHeader) -> DuQuantConfig:
         raise BundleError(f"{header.path}: its stored config is invalid ({exc})", field="config") from None
 
 
-def _swap_all(model: nn.Module, prepared: dict[str, tuple[nn.Linear, DuQuantLinear]], report: LoadReport) -> None:
-    """Every prepared layer replaces its nn.Linear in place, counted in ``report``."""
+def _swap_all(model: nn.Module, prepared: dict[str, tuple[nn.Module, nn.Module]], report: LoadReport) -> None:
+    """Every prepared layer replaces its module in place, counted in ``report``."""
     counted: set[tuple[int, int]] = set()
     for target, (old, layer) in prepared.items():
         report.add(target, old, layer, counted)
-        parent_name, _, child = target.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        _swap(model, target, layer)
+
+
+def _swap(model: nn.Module, target: str, layer: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer)

@@ -73,6 +73,18 @@ class TransformConfig:
     rtn_candidate: bool = True
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Which embedding tables a config quantizes (weight-only: their outputs are a gather, so
+    there is no activation to quantize), matched with ``re.search`` on module names;
+    ``include = ""`` quantizes none. Rows are stored as ``bits``-bit codes with one float32
+    scale per ``group_size`` columns of a row (0: one scale per row)."""
+
+    include: str = ""
+    bits: int = 8
+    group_size: int = 0
+
+
 # The fingerprint document's config schema: every field, always. Schema 1 (bundles of 0.1
 # and 0.2) left later fields out at their old defaults; it is no longer written or compared.
 CONFIG_SCHEMA = 2
@@ -88,6 +100,7 @@ class DuQuantConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -115,6 +128,10 @@ class DuQuantConfig:
             )
         d = self.to_dict()
         del d["name"]
+        if not self.embed.include:
+            # Quantizing no embedding is what every config before [embed] did: bundles of
+            # those configs keep their fingerprints.
+            del d["embed"]
         return d
 
     def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
@@ -128,6 +145,7 @@ SECTIONS: dict[str, type] = {
     "select": SelectConfig,
     "quant": QuantConfig,
     "transform": TransformConfig,
+    "embed": EmbedConfig,
 }
 
 
@@ -143,6 +161,7 @@ def validate(cfg: DuQuantConfig) -> None:
     _validate_quant(cfg.quant)
     _validate_transform(cfg.transform)
     _validate_choice(cfg)
+    _validate_embed(cfg.embed)
 
 
 def _validate_select(s: SelectConfig) -> None:
@@ -208,4 +227,16 @@ def _validate_choice(cfg: DuQuantConfig) -> None:
     _check(
         not (cfg.per_layer_choice and t.row_rot != "0"),
         "the per-layer choice (equalize / smooth_search / rtn_candidate) needs transform.row_rot = '0'",
+    )
+
+
+def _validate_embed(e: EmbedConfig) -> None:
+    try:
+        re.compile(e.include)
+    except re.error as exc:
+        raise ConfigError(f"embed.include is not a valid regular expression ({exc}): {e.include!r}") from None
+    _check(e.bits in (4, 8), f"embed.bits must be 8 or 4, got {e.bits}")
+    _check(
+        e.group_size == 0 or (e.group_size >= 2 and e.group_size % 2 == 0),
+        f"embed.group_size must be 0 (one scale per row) or an even number of columns, got {e.group_size}",
     )

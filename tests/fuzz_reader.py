@@ -130,16 +130,18 @@ def run_cases(cases: list[tuple[str, Path]], spec: dict, deadline: float = 20.0)
 
 
 def linear_tree(layers: dict[str, list], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A module tree holding one nn.Linear per dotted name ({name: [out, in, bias]})."""
+    """A module tree holding one nn.Linear per dotted name ({name: [out, in, bias]}), or an
+    nn.Embedding of out rows where a fourth item is true."""
     model = torch.nn.Module()
-    for name, (out, inp, bias) in layers.items():
+    for name, (out, inp, bias, *table) in layers.items():
         parent = model
         *parents, leaf = name.split(".")
         for part in parents:
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(leaf, torch.nn.Linear(inp, out, bias=bias, dtype=dtype))
+        kind = torch.nn.Embedding(out, inp, dtype=dtype) if table and table[0] else None
+        parent.add_module(leaf, kind or torch.nn.Linear(inp, out, bias=bias, dtype=dtype))
     return model
 
 

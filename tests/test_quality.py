@@ -279,7 +279,8 @@ def test_default_beats_rtn_on_every_component_of_the_coupled_testbed(tmp_path):
     result = build_bundle(DEFAULT, tmp_path, tmp_path / "out", jobs=1)
     quantized = copy.deepcopy(model)
     report = load_bundle(quantized, result.path, DEFAULT)
-    rtn = swap(model, report.replaced, RTNLinear)
+    linears = [n for n in report.replaced if isinstance(quantized.get_submodule(n), DuQuantLinear)]
+    rtn = swap(model, linears, RTNLinear)
     inputs = pi05_inputs(batch=2, seed=7)
     ref, ours, base = model.components(inputs), quantized.components(inputs), rtn.components(inputs)
     for name in ref:

@@ -419,16 +419,19 @@ def tiny_bundle(tmp_path_factory):
         "net.a.q_proj.weight": rng.standard_normal((20, 24)),
         "net.a.q_proj.bias": rng.standard_normal(20),
         "net.b.fc2.weight": rng.standard_normal((17, 33)),
+        "net.tok.embed_tokens.weight": rng.standard_normal((50, 24)),  # an int4 table with group scales
     }
     ckpt = write_checkpoint(d / "model.safetensors", tensors)
-    cfg = from_dict({"name": "fuzz", "select": {"scope": "net."}})
+    cfg = from_dict(
+        {"name": "fuzz", "select": {"scope": "net."}, "embed": {"include": "embed_tokens$", "bits": 4, "group_size": 8}}
+    )
     return build_bundle(cfg, ckpt, d, jobs=1).path, tensors
 
 
 def fuzz_spec(tensors: dict[str, np.ndarray], where: Path) -> dict:
     np.savez(where / "tensors.npz", **tensors)
     layers = {
-        k[: -len(".weight")]: [*v.shape, f"{k[: -len('.weight')]}.bias" in tensors]
+        k[: -len(".weight")]: [*v.shape, f"{k[: -len('.weight')]}.bias" in tensors, "embed_tokens" in k]
         for k, v in tensors.items()
         if k.endswith(".weight")
     }

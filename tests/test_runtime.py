@@ -24,6 +24,7 @@ from duquant_runtime import (
     save_act_scales,
 )
 from duquant_runtime.config import DuQuantConfig, TransformConfig
+from duquant_runtime.embedding import QuantEmbedding
 from duquant_runtime.stages import StageSpec
 from reference import blocks_from_stacked, reference_forward, unpack_int4
 
@@ -336,8 +337,10 @@ def test_int4_memory_at_full_pi05_shapes(block, seed_style):
 def test_load_full_bundle_int4_memory_and_numbers(demo_model, demo_bundles):
     model = copy.deepcopy(demo_model).to(torch.bfloat16)
     report = load_bundle(model, demo_bundles["full_w4a8"], expect_config="full_w4a8")
-    assert len(report.replaced) == 414
-    layers = [m for n, m in model.named_modules() if n in report.replaced]
+    assert len(report.replaced) == 452  # 414 Linears, 37 adaptive norms, the token embedding
+    layers = [m for n, m in model.named_modules() if n in report.replaced and isinstance(m, DuQuantLinear)]
+    table = model.get_submodule("paligemma_with_expert.paligemma.model.language_model.embed_tokens")
+    assert isinstance(table, QuantEmbedding) and table.bits == 8
     bf16 = sum(2 * m.in_features * m.out_features for m in layers)
     unique = {}
     for m in layers:
@@ -348,7 +351,7 @@ def test_load_full_bundle_int4_memory_and_numbers(demo_model, demo_bundles):
     # and the hadamard rotation is held once per shape (a tiled block serves every width).
     widths = {tuple(m.stage("r_in").shape): m for m in layers if m.stage("r_in") is not None}
     expected = sum(own_int4_bytes(m) for m in layers) + sum(input_rotation_bytes(m) for m in widths.values())
-    assert held == expected == report.bytes_after
+    assert held == expected == report.bytes_after - table.buffer_bytes()
     assert held <= 0.30 * bf16, f"int4 layers hold {held / bf16:.3f}x their bf16 bytes"
     model = copy.deepcopy(demo_model)
     load_bundle(model, demo_bundles["full_w4a8"])

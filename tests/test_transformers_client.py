@@ -15,7 +15,7 @@ pytest.importorskip("transformers", reason="the transformers test client needs t
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 from duquant_pipeline.build import build_bundle
-from duquant_runtime import DuQuantLinear, ModelMismatchError, capture_stats, load_bundle
+from duquant_runtime import DuQuantLinear, ModelMismatchError, QuantEmbedding, capture_stats, load_bundle
 from duquant_runtime.config import matches, preset_names, resolve
 from testbeds import COMPONENT_PREFIX, build_pi05, linear_names, pi05_inputs
 
@@ -58,9 +58,15 @@ def test_every_preset_on_the_transformers_model(client, preset):
     config = resolve(preset)
     quantized = copy.deepcopy(model)
     report = load_bundle(quantized, bundles[preset], config, progress=False)
-    # the replaced set is exactly the selection, all DuQuantLinear now
-    assert sorted(report.replaced) == matches(config.select, linear_names(model))
-    assert all(isinstance(quantized.get_submodule(n), DuQuantLinear) for n in report.replaced)
+    # the replaced set is exactly the selection, all DuQuantLinear now, and the table [embed] picks
+    linears = [n for n in report.replaced if isinstance(quantized.get_submodule(n), DuQuantLinear)]
+    assert sorted(linears) == matches(config.select, linear_names(model))
+    tables = sorted(set(report.replaced) - set(linears))
+    assert tables == (
+        ["paligemma_with_expert.paligemma.model.language_model.embed_tokens"] if config.embed.include else []
+    )
+    assert all(isinstance(quantized.get_submodule(n), QuantEmbedding) for n in tables)
+    assert report.tied_heads == (["paligemma_with_expert.paligemma.lm_head"] if tables else [])
     inputs = pi05_inputs(batch=2, seed=9)
     ref, out = model.components(inputs), quantized.components(inputs)
     touched = components_of(config.select.scope, config.select.exclude)
