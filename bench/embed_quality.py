@@ -33,10 +33,17 @@ from duquant_pipeline.build import build_bundle
 from duquant_pipeline.demo_model import component_inputs, load_demo_model
 from duquant_pipeline.report import read_report
 from duquant_runtime import load_bundle
-from duquant_runtime.config import DuQuantConfig, from_dict, resolve
+from duquant_runtime.config import DuQuantConfig, SelectConfig, from_dict, resolve
 from testbeds import build_pi05, minilm, pi05_inputs
 
-CASES = {"no embed": None, "int8": (8, 0), "int4 g64": (4, 64), "int4 g32": (4, 32)}
+# label -> (adaptive norms selected, the table's (bits, group size) or None)
+CASES = {
+    "0.6 preset": (False, None),
+    "+ norms": (True, None),
+    "+ norms, int8": (True, (8, 0)),
+    "+ norms, int4 g64": (True, (4, 64)),
+    "+ norms, int4 g32": (True, (4, 32)),
+}
 Run = Callable[[nn.Module], dict[str, torch.Tensor]]
 
 
@@ -44,10 +51,13 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def with_embed(config: DuQuantConfig, include: str, case: tuple[int, int] | None) -> DuQuantConfig:
-    if case is None:
-        return config
-    return config.replace("embed", include=include, bits=case[0], group_size=case[1])
+def case_config(config: DuQuantConfig, include: str, norms: bool, table: tuple[int, int] | None) -> DuQuantConfig:
+    """``config`` (a full preset, norms and table included) with the case's norms and table."""
+    if not norms and "layernorm" in config.select.include:  # a full preset: 0.6's selection, the schema's
+        config = config.replace("select", include=SelectConfig.include, exclude=SelectConfig.exclude)
+    if table is None:
+        return config.replace("embed", include="")
+    return config.replace("embed", include=include, bits=table[0], group_size=table[1])
 
 
 def pi05() -> tuple[nn.Module, DuQuantConfig, str, Run]:
@@ -106,8 +116,8 @@ def evaluate(name: str, bed: tuple[nn.Module, DuQuantConfig, str, Run], work: Pa
     save_model(model, str(ckpt))
     reference = run(model)
     rows = {}
-    for label, case in CASES.items():
-        cfg = with_embed(config.replace(name=f"{name}_{label.replace(' ', '_')}"), include, case)
+    for i, (label, (norms, table)) in enumerate(CASES.items()):
+        cfg = case_config(config.replace(name=f"{name}_{i}"), include, norms, table)
         result = build_bundle(cfg, ckpt, work / "bundles", jobs=1)
         loaded = copy.deepcopy(model)
         load_bundle(loaded, result.path, cfg)
@@ -136,12 +146,12 @@ def main() -> None:
     for name, rows in results.items():
         comps = list(next(iter(rows.values()))["components"])
         print(f"\n{name}: relative error against float   " + "  ".join(f"{c:>9}" for c in comps) + "   table SQNR")
-        base = rows["no embed"]["components"]
+        base = rows["0.6 preset"]["components"]
         for label, row in rows.items():
             cells = "  ".join(f"{row['components'][c]:9.4f}" for c in comps)
             rise = max((row["components"][c] / base[c] - 1) * 100 for c in comps)
             sqnr = f"{row['embedding_sqnr_db']:6.2f} dB" if row["embedding_sqnr_db"] is not None else "     -"
-            print(f"  {label:<12} {cells}   {sqnr}   worst rise {rise:+.2f}%")
+            print(f"  {label:<18} {cells}   {sqnr}   worst rise {rise:+.2f}%")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -70,13 +70,25 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor
     help="List the N (default 10; 0: every layer) worst layers by SQNR recorded at build (output SQNR when "
     "built with --calib, else weight SQNR): candidates for quant.per_layer_weight_bits or exclusion.",
 )
+@click.option(
+    "--plot",
+    "plot_to",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw each layer's SQNR against depth per component, marked by choice, RTN's beside it, "
+    "into this PNG: where the quantization hurts, at a glance.",
+)
 @friendly
-def inspect(bundle: str, as_json: bool, worst: int | None) -> None:
+def inspect(bundle: str, as_json: bool, worst: int | None, plot_to: str | None) -> None:
     """Config, fingerprint, layers, bytes per component (checkpoint weights vs bundle), quality
     per component, and provenance. Reads metadata only: instant on any bundle."""
     from .report import print_report, read_report, worst_layers
 
     info = read_report(bundle)
+    if plot_to is not None:
+        from .plot import plot_report
+
+        plot_report(info, plot_to)
     if as_json:
         if worst is not None:
             info["worst"] = worst_layers(info["quality"], worst)

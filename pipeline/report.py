@@ -79,9 +79,8 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
         source = {row[0]: row for row in h.fingerprint_doc.get("source", [])}
         prefix = h.fingerprint_doc.get("name_prefix", "")
         per: dict[str, dict[str, Any]] = {}
-        wanted_bits = h.config["quant"]["weight_bits"]
         counted: set[int] = set()
-        listed = h.config["quant"].get("per_layer_weight_bits", {})
+        quant = from_dict(h.config).quant
         for name in h.layer_names:
             meta = reader.layer_summary(name)
             choice = meta.get("choice")
@@ -94,7 +93,7 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
                     quality[name] = {**meta["quality"], "choice": choice or h.config["transform"]["method"]}
                 if choice:
                     choices[choice] = choices.get(choice, 0) + 1
-                if int(meta["weight_bits"]) != listed.get(name, wanted_bits):
+                if int(meta["weight_bits"]) != quant.bits_for(name):
                     promoted.append(f"{name} (w{meta['weight_bits']})")
             comp = per.setdefault(component_of(name), {"layers": 0, "source_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1

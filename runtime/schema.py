@@ -44,9 +44,16 @@ class QuantConfig:
     min_sqnr_db: float = 0.0
     # Sorted (layer name, bits) pairs: a tuple keeps the dataclass hashable and canonical.
     per_layer_weight_bits: tuple[tuple[str, int], ...] = ()
+    # Sorted (regular expression, bits) pairs for the layers no exact name lists: a layer
+    # matched (re.search) by several takes the most bits of them.
+    weight_bits_by_pattern: tuple[tuple[str, int], ...] = ()
 
     def bits_for(self, layer: str) -> int:
-        return dict(self.per_layer_weight_bits).get(layer, self.weight_bits)
+        exact = dict(self.per_layer_weight_bits)
+        if layer in exact:
+            return exact[layer]
+        matched = [bits for pattern, bits in self.weight_bits_by_pattern if re.search(pattern, layer)]
+        return max(matched) if matched else self.weight_bits
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class DuQuantConfig:
         d = dataclasses.asdict(self)
         d["select"]["layers"] = list(self.select.layers)
         d["quant"]["per_layer_weight_bits"] = dict(self.quant.per_layer_weight_bits)
+        d["quant"]["weight_bits_by_pattern"] = dict(self.quant.weight_bits_by_pattern)
         d["transform"]["equalize"] = list(self.transform.equalize)
         d["transform"]["smooth_search"] = list(self.transform.smooth_search)
         return d
@@ -128,10 +136,12 @@ class DuQuantConfig:
             )
         d = self.to_dict()
         del d["name"]
+        # Fields added in 0.6, left out at the value that does what every config before did:
+        # bundles of those configs keep their fingerprints.
         if not self.embed.include:
-            # Quantizing no embedding is what every config before [embed] did: bundles of
-            # those configs keep their fingerprints.
             del d["embed"]
+        if not self.quant.weight_bits_by_pattern:
+            del d["quant"]["weight_bits_by_pattern"]
         return d
 
     def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
@@ -184,6 +194,14 @@ def _validate_quant(q: QuantConfig) -> None:
     _check(q.calib_steps >= 1, f"quant.calib_steps must be at least 1, got {q.calib_steps}")
     for layer, bits in q.per_layer_weight_bits:
         _check(2 <= bits <= 8, f"quant.per_layer_weight_bits[{layer!r}] must be between 2 and 8, got {bits}")
+    for pattern, bits in q.weight_bits_by_pattern:
+        _check(2 <= bits <= 8, f"quant.weight_bits_by_pattern[{pattern!r}] must be between 2 and 8, got {bits}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"quant.weight_bits_by_pattern key {pattern!r} is not a regular expression ({exc})"
+            ) from None
 
 
 def _validate_transform(t: TransformConfig) -> None:

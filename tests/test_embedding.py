@@ -212,3 +212,40 @@ def test_a_tied_head_is_refused_when_asked_and_the_model_is_untouched(paligemma)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     pg = quantized.paligemma_with_expert.paligemma
     assert pg.lm_head.weight is pg.model.language_model.embed_tokens.weight  # still one tied pair
+
+
+def test_inspect_plot_draws_every_selected_layer(demo_bundles, tmp_path):
+    import matplotlib.image
+    from click.testing import CliRunner
+    from duquant_pipeline.cli import main
+    from duquant_pipeline.plot import DPI, PANEL_INCHES, plot_report
+    from duquant_pipeline.report import read_report
+
+    path = demo_bundles["full_w4a8"]
+    picture = tmp_path / "quality.png"
+    done = CliRunner().invoke(main, ["inspect", str(path), "--plot", str(picture)])
+    assert done.exit_code == 0, done.output
+    height, width, _ = matplotlib.image.imread(str(picture)).shape
+    assert (width, height) == (3 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)  # vision, llm, expert
+    info = read_report(path)
+    fig = plot_report(info, tmp_path / "again.png")
+    chosen = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_gid() == "chosen")
+    rtn = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_gid() == "baseline")
+    assert chosen == rtn == len(info["quality"]) == 451  # every Linear; the table is listed apart
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["expert", "llm", "vision"]
+
+
+def test_weight_bits_by_pattern_puts_the_adaptive_norms_at_8_bits(demo_bundles):
+    from duquant_runtime.bundle import BundleReader
+    from duquant_runtime.errors import ConfigError
+
+    q = resolve("full_w4a8").quant
+    assert q.bits_for("paligemma_with_expert.gemma_expert.model.layers.3.post_attention_layernorm.dense") == 8
+    assert q.bits_for("paligemma_with_expert.gemma_expert.model.layers.3.mlp.up_proj") == 4
+    with pytest.raises(ConfigError, match="is not a regular expression"):
+        from_dict({"name": "x", "quant": {"weight_bits_by_pattern": {"(": 8}}})
+    with BundleReader(demo_bundles["full_w4a8"], in_memory=False) as reader:
+        bits = {n: reader.layer_summary(n)["weight_bits"] for n in reader.header.layer_names}
+    dense = [n for n in bits if n.endswith(".dense")]
+    assert len(dense) == 37 and all(bits[n] == 8 for n in dense)
+    assert sum(b == 4 for b in bits.values()) == 414

@@ -122,6 +122,7 @@ OTHER_VALUES = {
         "gptq_damp": 0.05,
         "min_sqnr_db": 15.0,
         "per_layer_weight_bits": (("paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.up_proj", 8),),
+        "weight_bits_by_pattern": ((r"mlp\.up_proj$", 8),),
     },
     "transform": {
         "block_size": 32,  # alone: block_out_size stays
@@ -164,6 +165,25 @@ def test_every_config_field_is_compared(demo_bundles):
             got = {p.field for p in config_problems(header, other)}
             hit = {f for f in fields for g in got if g == f or g.startswith(f + ".")}  # maps differ per key
             assert hit == fields and len(got) == len(fields), (section, name, got)
+
+
+def test_every_embed_field_is_compared_once_a_table_is_selected(demo_bundles):
+    """[embed] is left out of the fingerprint while it selects nothing (so older bundles keep
+    theirs); once it selects a table, each of its fields is compared."""
+    import dataclasses
+
+    with BundleReader(demo_bundles["llm_w4a8"], in_memory=False) as reader:
+        header = reader.header
+    base = resolve("llm_w4a8")
+    assert {f.name for f in dataclasses.fields(base.embed)} == {"include", "bits", "group_size"}
+    assert config_problems(header, base.replace("embed", bits=4, group_size=64)) == []
+    selected = base.replace("embed", include="embed_tokens$")
+    assert {p.field for p in config_problems(header, selected)} == {"embed"}
+    for changes in ({"bits": 4, "group_size": 64}, {"group_size": 64}):
+        other = selected.replace("embed", **changes)
+        a, b = selected.fingerprint_fields()["embed"], other.fingerprint_fields()["embed"]
+        assert {k for k in a if a[k] != b[k]} == set(changes)
+        assert config_problems(header, other) and {p.field for p in config_problems(header, other)} == {"embed"}
 
 
 @pytest.mark.parametrize(

@@ -279,13 +279,14 @@ def demo_model(demo_ckpt):
 
 
 def own_int4_bytes(layer: DuQuantLinear) -> int:
-    """Independent accounting of what a layer holds alone: nibble codes + fp32 scales +
-    int32 perm + fp32 equalization + output rotation + bias (input rotations: ``input_rotation_bytes``)."""
+    """Independent accounting of what a layer holds alone: nibble codes (a byte each above 4 bits)
+    + fp32 scales + int32 perm + fp32 equalization + output rotation + bias (input rotations: ``input_rotation_bytes``)."""
     o, i, b = layer.out_features, layer.in_features, layer.dtype_ref.element_size()
     perm = 4 * i if layer.stage("perm") is not None else 0
     equalization = 4 * i if layer.stage("in_scale") is not None else 0
     r_out = -(-o // 16) * 256 * b if layer.stage("r_out") is not None else 0
-    return o * ((i + 1) // 2) + 4 * o + perm + equalization + r_out + (b * o if layer.bias is not None else 0)
+    codes = o * i if layer.weight_bits > 4 else o * ((i + 1) // 2)
+    return codes + 4 * o + perm + equalization + r_out + (b * o if layer.bias is not None else 0)
 
 
 def input_rotation_bytes(layer: DuQuantLinear) -> int:
