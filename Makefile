@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/component_error.py --config full_w4a8 --checkpoint $(DEMO_DIR) --out $(OUT); \
 	$(BIN)/python bench/load.py --checkpoint $(DEMO_DIR) --bundle "$$bundle"; \
 	$(BIN)/python bench/memory.py --checkpoint $(DEMO_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_demo.json; \
+	$(BIN)/python bench/embed_quality.py --checkpoint $(DEMO_DIR) --out $(OUT)/bench/embed_quality.json; \
 	$(BIN)/python bench/forward.py --quick --repeats 3 --dtypes fp32
 
 bench-full: full-checkpoint
@@ -74,6 +75,9 @@ bench-full: full-checkpoint
 	bundle=$$($(BIN)/duquant-packs build --config full_w4a8 --checkpoint $(FULL_DIR) --out $(OUT) -q | tail -n 1); \
 	$(BIN)/python bench/load.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --repeats 1 --out $(OUT)/bench/load_full.json; \
 	$(BIN)/python bench/memory.py --checkpoint $(FULL_DIR) --bundle "$$bundle" --out $(OUT)/bench/memory_full.json; \
+	int4=$$($(BIN)/duquant-packs build --config bench/configs/full_w4a8_int4embed.toml --checkpoint $(FULL_DIR) --out $(OUT) -q | tail -n 1); \
+	$(BIN)/python bench/memory.py --checkpoint $(FULL_DIR) --bundle "$$int4" --out $(OUT)/bench/memory_full_int4embed.json; \
+	$(BIN)/python bench/embed_speed.py; \
 	$(BIN)/python bench/forward.py --repeats 3 --out $(OUT)/bench/forward_full.json; \
 	$(BIN)/python bench/quality.py --seeds 2 --rows 128 --out $(OUT)/bench/quality_seeds2.json
 

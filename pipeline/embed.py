@@ -15,7 +15,9 @@ from duquant_runtime.codes import pack_codes, scale_groups, storage_for_bits
 from duquant_runtime.config import DuQuantConfig, EmbedConfig
 from duquant_runtime.embedding import QuantEmbedding
 from duquant_runtime.errors import SelectionError
+from duquant_runtime.signature import weight_signature
 
+from .checkpoint import CheckpointError
 from .quality import db
 from .weightquant import quantize_weight, round_to_nearest
 
@@ -37,39 +39,49 @@ def _quantized_rows(rows: torch.Tensor, e: EmbedConfig, search: str | None) -> t
 
 
 def pack_embedding(
-    table: np.ndarray,
+    table: torch.Tensor,
     name: str,
     source_dtype: str,
     config: DuQuantConfig,
-    signature: tuple[float, float],
     source_bits: int | None = None,
 ) -> LayerPack:
-    """The pack of an embedding table [num_embeddings, embedding_dim] (float32), with its weight
-    SQNR and plain round-to-nearest's beside it."""
+    """The pack of an embedding table [num_embeddings, embedding_dim] in its checkpoint dtype,
+    with its weight SQNR and plain round-to-nearest's beside it. Rows are read, checked and
+    quantized ``ROW_CHUNK`` at a time into the stored codes: a float copy of PaliGemma's table
+    alone would be 2 GB."""
     e = config.embed
     rows, dim = table.shape
     try:
-        scale_groups(dim, e.group_size)
+        groups = scale_groups(dim, e.group_size)
     except ValueError:
         raise SelectionError(
             f"embedding {name} has {dim} columns, which embed.group_size {e.group_size} does not divide: "
             "give a group size that does (or 0: one scale per row)"
         ) from None
-    codes = np.empty((rows, dim), np.int8)
-    scales = np.empty((rows, scale_groups(dim, e.group_size)), np.float32)
-    rtn_err = 0.0
+    stored, scales, rtn_err = None, np.empty((rows, groups), np.float32), 0.0
     for start in range(0, rows, ROW_CHUNK):
-        chunk = torch.from_numpy(np.ascontiguousarray(table[start : start + ROW_CHUNK], dtype=np.float32))
+        chunk = table[start : start + ROW_CHUNK].to(torch.float32)
+        if not bool(torch.isfinite(chunk).all()):
+            first = start + int((~torch.isfinite(chunk)).any(dim=1).nonzero()[0, 0])
+            raise CheckpointError(
+                f"embedding {name} has NaN/Inf value(s), the first in row {first}; "
+                "fix the checkpoint or leave the table out of [embed] include"
+            )
         part = slice(start, start + len(chunk))
-        codes[part], scales[part], _ = _quantized_rows(chunk, e, config.quant.weight_search)
+        codes, scales[part], _ = _quantized_rows(chunk, e, config.quant.weight_search)
+        packed = pack_codes(codes, e.bits)
+        if stored is None:
+            stored = np.empty((rows, packed.shape[1]), packed.dtype)
+        stored[part] = packed
         rtn_err += _quantized_rows(chunk, e, None)[2]
+    signature = weight_signature(table)
     pack = LayerPack(
         name=name,
         in_features=dim,
         out_features=rows,
         weight_bits=e.bits,
         storage=storage_for_bits(e.bits),
-        qweight=pack_codes(codes, e.bits),
+        qweight=stored,
         w_scale=scales,
         bias=None,
         source_dtype=source_dtype,
@@ -86,13 +98,13 @@ def pack_embedding(
     return pack
 
 
-def table_error(pack: LayerPack, table: np.ndarray) -> float:
+def table_error(pack: LayerPack, table: torch.Tensor | np.ndarray) -> float:
     """Σ (dequantized − source)² over the table, through the runtime's QuantEmbedding (float64,
     ``ROW_CHUNK`` rows at a time)."""
     layer = QuantEmbedding.from_pack(pack, dtype=torch.float64)
     total = 0.0
     for start in range(0, pack.out_features, ROW_CHUNK):
         index = torch.arange(start, min(pack.out_features, start + ROW_CHUNK))
-        source = torch.from_numpy(np.asarray(table[start : start + ROW_CHUNK], dtype=np.float64))
+        source = torch.as_tensor(table[start : start + ROW_CHUNK]).to(torch.float64)
         total += float((layer.rows(index, torch.float64) - source).square().sum())
     return total

@@ -50,6 +50,9 @@ def layer_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: 
     # others float32, which holds bf16/fp16/fp32 sources exactly.
     exact64 = recipe.rotation.dtype == torch.float64 or layer.dtype == "F64"
     raw = ckpt.raw(layer.weight)  # selection keeps floating tensors only
+    dtype = ckpt.tensors[layer.weight].dtype
+    if layer.kind == EMBEDDING:  # read in its own dtype, a chunk of rows at a time
+        return pack_embedding(raw, layer.name, dtype, recipe.config, bits_digest(raw))
     weight = raw.to(torch.float64 if exact64 else torch.float32).numpy()
     if not np.isfinite(weight).all():
         bad = int((~np.isfinite(weight)).sum())
@@ -60,8 +63,5 @@ def layer_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: 
     if bias is not None and not np.isfinite(bias).all():
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
     signature = weight_signature(readonly_tensor(weight))
-    dtype = ckpt.tensors[layer.weight].dtype
-    if layer.kind == EMBEDDING:
-        return pack_embedding(weight, layer.name, dtype, recipe.config, signature, bits_digest(raw))
     stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
     return pack_layer(weight, bias, layer, dtype, recipe, stats, signature, source_bits=bits_digest(raw))

@@ -288,6 +288,20 @@ def test_nan_weight_is_named_and_leaves_nothing(tmp_path):
     assert not list((tmp_path / "out").rglob("*.h5*")) and not list((tmp_path / "out").rglob(".*"))
 
 
+def test_nan_in_an_embedding_table_is_named_and_leaves_nothing(tmp_path):
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((20_000, 16))  # more rows than one chunk: the NaN is in the third
+    table[17_000, 3] = np.inf
+    ckpt = write_checkpoint(
+        tmp_path / "nan.safetensors", {"net.x.q_proj.weight": rng.standard_normal((16, 16)), "net.tok.weight": table}
+    )
+    cfg = tmp_path / "net.toml"
+    cfg.write_text('name = "net"\n[select]\nscope = "net."\n[embed]\ninclude = "tok$"\n')
+    proc = cli_subprocess("build", "-c", cfg, "--ckpt", ckpt, "--out", tmp_path / "out", "--jobs", "1", "-q")
+    assert_one_sentence(proc.returncode, proc.stderr, "embedding net.tok has NaN/Inf value(s), the first in row 17000")
+    assert not list((tmp_path / "out").rglob("*.h5*")) and not list((tmp_path / "out").rglob(".*"))
+
+
 def test_zero_rows_columns_and_odd_sizes_build(tmp_path):
     rng = np.random.default_rng(1)
     w = outlier_weight(rng, 45, 53)
