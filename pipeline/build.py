@@ -22,6 +22,7 @@ from duquant_runtime.bundle_records import LINEAR
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError
 from duquant_runtime.fingerprint import SourceTensor
+from duquant_runtime.flowsteps import flow_times
 from duquant_runtime.stats import StatsError, StatsReader
 
 from .build_fingerprint import fingerprint_document, inputs_of
@@ -90,7 +91,22 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
             f"{calib} was captured on another checkpoint: {wrong[0]} has in_features "
             f"{reader.meta[wrong[0]]['in_features']} there"
         )
+    if config.quant.act_mode == "per_step_static" and config.quant.act_bits > 0:
+        _check_steps(config, reader, str(calib), layers[0].name)
     return reader.digest
+
+
+def _check_steps(config: DuQuantConfig, reader: StatsReader, calib: str, layer: str) -> None:
+    """A per-step config's statistics were captured per step, at its flow times."""
+    times = reader.meta[layer].get("flow_times")
+    wanted = [round(t, 9) for t in flow_times(config.quant.flow_steps)]
+    if times is None or [round(float(t), 9) for t in times] != wanted:
+        got = "no denoising steps" if times is None else f"{len(times)} denoising steps"
+        raise StatsError(
+            f"config {config.name!r} sets quant.act_mode = 'per_step_static' with {config.quant.flow_steps} steps, "
+            f"but {calib} holds {got}: capture them again with this config, on an instrumented model "
+            "(duquant_runtime.instrument)"
+        )
 
 
 def _reusable(

@@ -25,12 +25,22 @@ import torch
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.codes import pack_codes, storage_for_bits
 from duquant_runtime.config import DuQuantConfig
+from duquant_runtime.layer import DuQuantLinear
+from duquant_runtime.schema import STATIC_ACT_MODES
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
 from .basis import Transform, transformed_hessian
 from .pretransforms import column_rms
-from .quality import db, output_sqnr_db, runtime_layer, static_scales, weight_error, weight_sqnr_db
+from .quality import (
+    db,
+    output_energies,
+    output_sqnr_db,
+    runtime_layer,
+    static_scales,
+    weight_error,
+    weight_sqnr_db,
+)
 from .recipe import Candidate, Recipe, resolve
 from .select import SelectedLayer
 from .weightquant import Refinement, quantize_weight, round_to_nearest
@@ -131,16 +141,34 @@ class LayerQuantizer:
         """Pack, load it as the runtime does, and measure it."""
         q = self.config.quant
         pack = self.assemble(tr, codes, scales, bits)
-        static = self.stats is not None and q.act_mode == "per_channel_static" and q.act_bits > 0
-        layer = runtime_layer(pack, q.act_bits, q.act_mode if static else "per_token_dynamic", self.w_ref.dtype)
+        static = self.stats is not None and q.act_mode in STATIC_ACT_MODES and q.act_bits > 0
+        layer = runtime_layer(
+            pack, q.act_bits, "per_channel_static" if static else "per_token_dynamic", self.w_ref.dtype
+        )
         figures = {"weight_sqnr_db": weight_sqnr_db(layer, self.w_ref, self.signal)}
-        if static:
+        if static and q.act_mode == "per_step_static":
+            figures["output_sqnr_db"] = self.per_step(layer, pack)
+        elif static:
             pack.act_scale = static_scales(layer, self.stats.sample, q.act_bits, q.act_percentile)
             layer.set_act_scale(torch.from_numpy(pack.act_scale))
-        if self.sample is not None:
+        if self.sample is not None and "output_sqnr_db" not in figures:
             figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
         key = "output_sqnr_db" if self.sample is not None else "weight_sqnr_db"
         return Measured(tr, codes, scales, bits, figures[key], figures, pack)
+
+    def per_step(self, layer: DuQuantLinear, pack: LayerPack) -> float:
+        """One static scale row per denoising step, each from that step's sample (``pack.act_scale``
+        [steps, in]); returns the output SQNR over every step's rows, each with its own row."""
+        q, steps = self.config.quant, self.stats.step_sample  # type: ignore[union-attr]
+        assert steps is not None  # the build checks the statistics were captured per step
+        pack.act_scale = np.stack([static_scales(layer, rows, q.act_bits, q.act_percentile) for rows in steps])
+        signal = noise = 0.0
+        for rows, scale in zip(steps, pack.act_scale, strict=True):
+            layer.set_act_scale(torch.from_numpy(scale))
+            x = torch.from_numpy(rows).double()
+            s, n = output_energies(layer, x, self.w_ref)
+            signal, noise = signal + s, noise + n
+        return db(signal, noise)
 
     def measure_weight(
         self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int, sq_err: float

@@ -83,13 +83,19 @@ def weight_sqnr_db(layer: DuQuantLinear, weight: torch.Tensor, signal: float | N
     return sqnr_db(weight, layer.effective_weight(weight.dtype), signal)
 
 
-def output_sqnr_db(layer: DuQuantLinear, x: torch.Tensor, weight: torch.Tensor) -> float:
-    """SQNR of the layer's output (bias excluded) on input rows ``x`` against x·Wᵀ (float64)."""
+def output_energies(layer: DuQuantLinear, x: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
+    """(‖x·Wᵀ‖², ‖error‖²) of the layer's output (bias excluded) on input rows ``x`` (float64)."""
     with torch.no_grad():
         y = layer(x.double())
         if layer.bias is not None:
             y = y - layer.bias.double()
-    return sqnr_db(x.double() @ weight.double().t(), y)
+        ref = x.double() @ weight.double().t()
+    return _sum_squares(ref), _sum_squares(ref, y)
+
+
+def output_sqnr_db(layer: DuQuantLinear, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """SQNR of the layer's output (bias excluded) on input rows ``x`` against x·Wᵀ (float64)."""
+    return db(*output_energies(layer, x, weight))
 
 
 def static_scales(layer: DuQuantLinear, sample: np.ndarray, bits: int, percentile: float) -> np.ndarray:

@@ -27,6 +27,10 @@ _EXPORTS = {
     "LoadReport": "load_report",
     "enable_from_env": "env_load",
     "load_bundle": "loader",
+    "instrument": "flowsteps",
+    "flow_step": "flowsteps",
+    "attach_clock": "flowsteps",
+    "StepClock": "flowsteps",
     **{
         name: "errors"
         for name in (
@@ -39,10 +43,14 @@ _EXPORTS = {
             "ConfigMismatchError",
             "DuQuantError",
             "ModelMismatchError",
+            "NoStepError",
             "NotCalibratedError",
             "NothingLoadedWarning",
             "StatsError",
+            "StepError",
+            "StepOutOfTableError",
             "TiedWeightsError",
+            "UnknownFlowTimeError",
         )
     },
 }

@@ -15,6 +15,7 @@ from .codes import INT4, INT8, scale_groups
 from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
+from .schema import MAX_FLOW_STEPS
 from .stages import F32, StageKind, StageSpec, check_plan
 
 
@@ -106,6 +107,8 @@ def _expected(
         if key != "w_scale":
             raise ValueError(f"an embedding holds no {key!r}")
         return (n_out, groups), F32
+    if key == "act_scale" and len(shape) == 2 and 1 <= shape[0] <= MAX_FLOW_STEPS:
+        return (shape[0], width), F32  # per-step static scales: one row per denoising step
     return (width,), F32  # scales, w_scale, bias, act_scale
 
 

@@ -29,20 +29,28 @@ SCALES_FORMAT, SCALES_VERSION, SEAL_MAGIC = KIND.format, KIND.version, KIND.magi
 
 
 class _Observer:
-    """Feeds the layer's transformed inputs of the first ``steps`` batches to the rule."""
+    """Feeds the layer's transformed inputs of the first ``steps`` batches to the rule: one
+    rule per denoising step for a per-step layer (the step its clock says is running)."""
 
     def __init__(self, layer: DuQuantLinear, steps: int, pct: float) -> None:
         self.steps = steps
-        self.rule = StaticScaleObserver(pct, layer.act_bits)
+        rows = 1 if layer.step_table is None else len(layer.step_table.times)
+        self.rules = [StaticScaleObserver(pct, layer.act_bits) for _ in range(rows)]
         self.handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, layer: DuQuantLinear, args: tuple[torch.Tensor, ...]) -> None:
-        if self.rule.batches < self.steps:
+        rule = self.rules[0 if layer.step_table is None else layer.step_table.row(layer.bundle_name or "?")]
+        if rule.batches < self.steps:
             with torch.no_grad():
-                self.rule.observe(layer.rotate_input(args[0].detach()))
+                rule.observe(layer.rotate_input(args[0].detach()))
 
-    def result(self) -> torch.Tensor | None:
-        return self.rule.scales()
+    def unseen_step(self) -> int | None:
+        """The first step (row) no batch reached, None when every one was."""
+        return next((row for row, rule in enumerate(self.rules) if rule.batches == 0), None)
+
+    def result(self, per_step: bool) -> torch.Tensor:
+        rows = [rule.scales() for rule in self.rules]
+        return torch.stack(rows) if per_step else rows[0]  # type: ignore[arg-type,return-value]
 
 
 def static_layers(model: nn.Module) -> dict[str, DuQuantLinear]:
@@ -72,15 +80,18 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
         held_back[name], layer.act_scale = layer.act_scale, None
     try:
         yield
-        unseen = [n for n, o in observers.items() if o.result() is None]
+        unseen = {n: o.unseen_step() for n, o in observers.items() if o.unseen_step() is not None}
         if unseen:
+            name, step = next(iter(unseen.items()))
+            table = layers[name].step_table
+            at_step = "" if table is None else f" at denoising step {step} (flow time {table.times[step]:g})"
             raise DuQuantError(
-                f"calibrate(): {len(unseen)} static layer(s) saw no batch (e.g. {unseen[0]}); "
-                "run inputs that reach every quantized layer"
+                f"calibrate(): {len(unseen)} static layer(s) saw no batch{at_step} (e.g. {name}); run inputs "
+                "that reach every quantized layer" + (", at every denoising step" if at_step else "")
             )
         for name, layer in layers.items():
             layer.act_scale = held_back.pop(name)
-            layer.set_act_scale(observers[name].result())  # type: ignore[arg-type]
+            layer.set_act_scale(observers[name].result(layer.step_table is not None))
     finally:
         for name, layer in layers.items():
             observers[name].handle.remove()
@@ -145,7 +156,7 @@ def _read_scales(f: SealedReader, target: str, layer: DuQuantLinear) -> np.ndarr
     node = f.node(at)
     if node is None:
         raise ActScalesError(f"{f.path} has no scales for layer {layer.bundle_name}", layer=target, field="scales")
-    if node.shape != (layer.in_features,):
+    if node.shape != tuple(layer.act_scale.shape):
         raise ActScalesError(f"{f.path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
     data = np.asarray(f.read(at), dtype=np.float32)
     if not f.sealed and int(f.attr("crc32", at)) != crc32(data):

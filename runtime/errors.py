@@ -57,6 +57,29 @@ class NotCalibratedError(DuQuantError, RuntimeError):
     """A static-activation layer was run before its scales were calibrated or loaded."""
 
 
+class StepError(DuQuantError, RuntimeError):
+    """A layer with per-step activation scales cannot tell which denoising step is running.
+    ``layer`` names it; ``step`` is the step index or flow time at fault (None when no step is set)."""
+
+    def __init__(self, message: str, *, layer: str | None = None, step: float | int | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.step = step
+
+
+class NoStepError(StepError):
+    """A per-step layer ran outside any denoising step (the model is not instrumented, or the
+    layer ran outside the instrumented method)."""
+
+
+class UnknownFlowTimeError(StepError):
+    """The flow time a denoising step was called with is none of the table's times."""
+
+
+class StepOutOfTableError(StepError):
+    """A step index beyond the rows of a layer's per-step table."""
+
+
 class StatsError(DuQuantError, ValueError):
     """A calibration statistics file is missing, damaged, or does not fit the checkpoint."""
 

@@ -25,8 +25,11 @@ from . import stages as st
 from .actquant import ACT_EPS, fake_quant, per_token_scale
 from .bundle import LayerPack
 from .errors import DuQuantError, NotCalibratedError
+from .flowsteps import StepTable
 from .layer_buffers import (
     SharedTensors,
+    act_scale_shape,
+    checked_act_scale,
     placeholders,
     stage_tensors,
     static_act_scale,
@@ -96,11 +99,16 @@ class DuQuantLinear(nn.Module):
         bundle_name: str | None = None,
         bundle_fingerprint: str | None = None,
         calib_defaults: tuple[int, float] = CALIB_DEFAULTS,
+        step_table: StepTable | None = None,
     ) -> None:
         """``buffers`` holds ready tensors by buffer name (``from_pack``); the others start
         as zeros (ones for scales), to be filled by ``load_state_dict``. ``act_calibrated``:
-        ``buffers`` holds the static activation scales already."""
+        ``buffers`` holds the static activation scales already. ``step_table``: the flow times
+        and step clock of a ``per_step_static`` layer (one ``act_scale`` row per time)."""
         super().__init__()
+        if act_mode == "per_step_static" and act_bits > 0 and step_table is None:
+            raise DuQuantError("a per_step_static DuQuantLinear needs a step_table (flowsteps.step_table)")
+        self.step_table = step_table
         weight_storage = storage_named(weight_storage)
         self.stages, self.out_stages = tuple(stages), tuple(out_stages)
         st.check_plan(self.stages, self.out_stages)
@@ -132,6 +140,7 @@ class DuQuantLinear(nn.Module):
         bundle_name: str | None = None,
         bundle_fingerprint: str | None = None,
         calib_defaults: tuple[int, float] = CALIB_DEFAULTS,
+        step_table: StepTable | None = None,
     ) -> DuQuantLinear:
         """The layer a pack describes, every buffer made once in its final dtype and device.
         ``shared`` (a dict kept across one load) makes layers whose rotation or permutation
@@ -145,8 +154,10 @@ class DuQuantLinear(nn.Module):
             buffers["bias"] = torch.from_numpy(pack.bias).to(dtype=dtype, device=device)
         calibrated = uses_static_scales(act_mode, act_bits) and pack.act_scale is not None
         if calibrated:  # built with --calib: no runtime calibration
+            rows = len(step_table.times) if step_table is not None else None
             buffers["act_scale"] = static_act_scale(
-                _checked_scale(torch.from_numpy(pack.act_scale), pack.in_features), buffers["dtype_ref"].device
+                checked_act_scale(torch.from_numpy(pack.act_scale), act_scale_shape(pack.in_features, rows)),
+                buffers["dtype_ref"].device,
             )
         return cls(
             pack.in_features,
@@ -165,6 +176,7 @@ class DuQuantLinear(nn.Module):
             bundle_name=bundle_name,
             bundle_fingerprint=bundle_fingerprint,
             calib_defaults=calib_defaults,
+            step_table=step_table,
         )
 
     # ------------------------------------------------------------ forward pieces
@@ -196,7 +208,10 @@ class DuQuantLinear(nn.Module):
                     "this layer uses static per-channel activation scales but has none: run batches inside "
                     "`with duquant_runtime.calibrate(model): ...` first, or pass act_scales= to load_bundle"
                 )
-            return fake_quant(x_t, self.act_scale, self.act_bits)
+            scale = self.act_scale
+            if self.step_table is not None:  # per-step: the row of the step now running
+                scale = scale[self.step_table.row(self.bundle_name or "DuQuantLinear")]
+            return fake_quant(x_t, scale, self.act_bits)
         # per-token dynamic (also while calibrate() holds the static scales back, so later
         # layers are calibrated on quantized inputs)
         return fake_quant(x_t, per_token_scale(x_t, self.act_bits), self.act_bits)
@@ -274,15 +289,9 @@ class DuQuantLinear(nn.Module):
         """Freeze static activation scales (called outside forward by calibrate/load)."""
         if self.act_scale is None:
             raise ValueError("this layer does not use static activation scales")
-        self.act_scale = static_act_scale(_checked_scale(scale, self.in_features), self.dtype_ref.device)
+        self.act_scale = static_act_scale(checked_act_scale(scale, tuple(self.act_scale.shape)), self.dtype_ref.device)
         self.act_calibrated = True
 
     def buffer_bytes(self) -> int:
         """Bytes of this layer's buffers (a buffer shared with other layers counts in full)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
-
-
-def _checked_scale(scale: torch.Tensor, in_features: int) -> torch.Tensor:
-    if scale.shape != (in_features,):
-        raise ValueError(f"act scale must have shape ({in_features},), got {tuple(scale.shape)}")
-    return scale

@@ -14,6 +14,7 @@ import torch
 
 from .actquant import ACT_EPS
 from .bundle import LayerPack
+from .schema import STATIC_ACT_MODES
 
 # Kept across one load: (where the bundle stores an array shared by layers, torch dtype) -> its
 # tensor, so every layer linked to one stored array holds one tensor.
@@ -66,8 +67,8 @@ def static_act_scale(scale: torch.Tensor, device: torch.device | str | None) -> 
 
 
 def uses_static_scales(act_mode: str, act_bits: int) -> bool:
-    """Does a layer of this activation setting hold static per-channel scales (``act_scale``)?"""
-    return act_mode == "per_channel_static" and act_bits > 0
+    """Does a layer of this activation setting hold static per-channel or per-step scales (``act_scale``)?"""
+    return act_mode in STATIC_ACT_MODES and act_bits > 0
 
 
 def placeholders(
@@ -92,5 +93,18 @@ def placeholders(
     made["w_t"] = lambda: None if packed else torch.zeros(out_features, in_features, **fkw)
     made["bias"] = lambda: torch.zeros(out_features, **fkw) if bias else None
     static = uses_static_scales(layer.act_mode, layer.act_bits)
-    made["act_scale"] = lambda: torch.ones(in_features, dtype=torch.float32, device=device) if static else None
+    table = getattr(layer, "step_table", None)
+    act_shape = (in_features,) if table is None else (len(table.times), in_features)
+    made["act_scale"] = lambda: torch.ones(act_shape, dtype=torch.float32, device=device) if static else None
     return made
+
+
+def act_scale_shape(in_features: int, steps: int | None) -> tuple[int, ...]:
+    """[in] static scales, or [steps, in] per-step ones."""
+    return (in_features,) if steps is None else (steps, in_features)
+
+
+def checked_act_scale(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(scale.shape) != shape:
+        raise ValueError(f"act scale must have shape {shape}, got {tuple(scale.shape)}")
+    return scale

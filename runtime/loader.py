@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from .bundle import BundleHeader, BundleReader
 from .bundle_checks import require_config
 from .config import from_dict, resolve
 from .errors import BundleError, DuQuantError
+from .flowsteps import flow_times, step_table
 from .layer import DuQuantLinear, storage_named
 from .load_report import LoadReport
 from .prefix import detect_prefix
@@ -71,11 +73,11 @@ def load_bundle(
         if expect_config is not None:
             require_config(header, resolve(expect_config))
         config = _stored_config(header)
+        options = _with_steps(options, model, config, header)
         detected = name_prefix is None
         if name_prefix is None:
             name_prefix = detect_prefix(list(header.layer_names), dict(model.named_modules()))
-        show = sys.stderr.isatty() if progress is None else progress
-        shown = Progress(len(header.layer_names), header.path.name) if show else None
+        shown = Progress(len(header.layer_names), header.path.name) if _shows(progress) else None
         prepared = prepare_layers(model, reader, config, options, prefix=name_prefix, progress=shown)
     heads = find_tied_heads(model, prepared, tied_heads)
     if act_scales is not None:
@@ -108,6 +110,18 @@ def _swap_heads(model: nn.Module, heads: dict[str, tuple[nn.Module, nn.Module]],
     for target, (_, head) in heads.items():
         _swap(model, target, head)
         report.tied_heads.append(target)
+
+
+def _shows(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def _with_steps(options: BuildOptions, model: nn.Module, config: DuQuantConfig, header: BundleHeader) -> BuildOptions:
+    """A per-step bundle's layers read the model's step clock: refused now, not at a forward, without one."""
+    if config.quant.act_mode != "per_step_static" or config.quant.act_bits == 0:
+        return options
+    times = flow_times(config.quant.flow_steps)
+    return replace(options, step_table=step_table(model, times, f"bundle {header.path.name}"))
 
 
 def _stored_config(header: BundleHeader) -> DuQuantConfig:

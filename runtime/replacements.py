@@ -18,8 +18,9 @@ from .bundle_checks import expected_layers
 from .bundle_records import EMBEDDING, LINEAR
 from .embedding import QuantEmbedding
 from .errors import BundleError, CheckpointMismatchError, ModelMismatchError
+from .flowsteps import StepTable
 from .layer import DuQuantLinear
-from .layer_buffers import SharedTensors
+from .layer_buffers import SharedTensors, act_scale_shape
 from .live_weights import digests_ahead, signature_problem, weights_to_digest
 from .schema import DuQuantConfig
 
@@ -36,6 +37,7 @@ class BuildOptions:
     dtype: torch.dtype | None
     weight_storage: str
     verify: str  # "signature" or "shapes"
+    step_table: StepTable | None = None  # per_step_static bundles: the model's clock and the flow times
 
 
 class Progress:
@@ -114,6 +116,16 @@ def _replacement(
             bundle_name=name,
             bundle_fingerprint=header.fingerprint,
         )
+    table = options.step_table
+    if pack.act_scale is not None and config.quant.act_bits > 0:
+        wanted = act_scale_shape(pack.in_features, None if table is None else len(table.times))
+        if pack.act_scale.shape != wanted:
+            raise BundleError(
+                f"{header.path}: layer {name} holds activation scales of shape {pack.act_scale.shape}, but its "
+                f"config ({config.quant.act_mode}) needs {wanted}; the bundle is inconsistent",
+                layer=name,
+                field="act_scale",
+            )
     return DuQuantLinear.from_pack(
         pack,
         act_bits=config.quant.act_bits,
@@ -125,6 +137,7 @@ def _replacement(
         bundle_name=name,
         bundle_fingerprint=header.fingerprint,
         calib_defaults=(config.quant.calib_steps, config.quant.act_percentile),
+        step_table=table,
     )
 
 

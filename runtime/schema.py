@@ -14,7 +14,9 @@ from typing import Any
 from .errors import ConfigError
 
 ROW_ROT_MODES = ("0", "restore")
-ACT_MODES = ("per_token_dynamic", "per_channel_static")
+ACT_MODES = ("per_token_dynamic", "per_channel_static", "per_step_static")
+STATIC_ACT_MODES = ("per_channel_static", "per_step_static")
+MAX_FLOW_STEPS = 1000
 WEIGHT_SEARCHES = ("alpha", "mse")
 
 
@@ -33,6 +35,9 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: int = 8  # 0 turns activation quantization off (the seed's ABITS=0)
     act_mode: str = "per_token_dynamic"
+    # per_step_static: one scale row per denoising step, at flow times 1, 1 - 1/n, ..., 1/n
+    # (openpi's and LeRobot's schedule for n = flow_steps).
+    flow_steps: int = 10
     act_percentile: float = 99.9
     calib_steps: int = 32
     # "alpha": the seed's 5 clip ratios; "mse": 9 clip ratios (5 coarse, 4 refined), activation-weighted with --calib
@@ -142,6 +147,8 @@ class DuQuantConfig:
             del d["embed"]
         if not self.quant.weight_bits_by_pattern:
             del d["quant"]["weight_bits_by_pattern"]
+        if self.quant.act_mode != "per_step_static":  # 0.8: only per-step tables have steps
+            del d["quant"]["flow_steps"]
         return d
 
     def replace(self, section: str | None = None, **changes: Any) -> DuQuantConfig:
@@ -191,6 +198,10 @@ def _validate_quant(q: QuantConfig) -> None:
     )
     _check(q.act_mode in ACT_MODES, f"quant.act_mode must be one of {', '.join(ACT_MODES)}, got {q.act_mode!r}")
     _check(0.0 < q.act_percentile <= 100.0, f"quant.act_percentile must be in (0, 100], got {q.act_percentile}")
+    _check(
+        1 <= q.flow_steps <= MAX_FLOW_STEPS,
+        f"quant.flow_steps must be between 1 and {MAX_FLOW_STEPS}, got {q.flow_steps}",
+    )
     _check(q.calib_steps >= 1, f"quant.calib_steps must be at least 1, got {q.calib_steps}")
     for layer, bits in q.per_layer_weight_bits:
         _check(2 <= bits <= 8, f"quant.per_layer_weight_bits[{layer!r}] must be between 2 and 8, got {bits}")

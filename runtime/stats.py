@@ -8,7 +8,10 @@ For every selected Linear's input, over all batches run inside ``capture_stats``
   in_features x gram_block per layer, not in_features²;
 * ``sample``     a uniform reservoir of at most ``sample_rows`` token rows (seeded), from
   which build derives static activation scales in the transformed basis and estimates
-  each layer's output SQNR.
+  each layer's output SQNR;
+* ``step_sample`` (a ``per_step_static`` config only) a reservoir of ``step_rows`` rows per
+  denoising step, ``[steps, rows, in]``, the step read from the model's clock
+  (``flowsteps.instrument``), from which build derives one scale row per step.
 
 The file (HDF5, sealed and written atomically by ``h5file``) records each layer's weight
 signature (float64 sum and sum of squares), so a build refuses statistics captured on
@@ -23,20 +26,19 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from .config import DuQuantConfig, matches, resolve
 from .crc import crc32
 from .errors import StatsError
+from .flowsteps import flow_times, step_table
 from .h5file import STATS_MAGIC, FileKind, SealedReader, SealedWriter
 from .prefix import selection_prefix
 from .read_errors import translated
-from .signature import weight_signature
+from .stats_observer import LayerObserver, LayerStats
 
 # 2 (0.3): sealed, no percentile dataset. 1 (0.2) is refused: capture the statistics again.
 KIND = FileKind(STATS_MAGIC, "duquant-packs-stats", 2)
@@ -45,105 +47,26 @@ DATASETS = ("absmax", "gram", "sample")
 FIX = "capture the statistics again"
 
 
-@dataclass
-class LayerStats:
-    absmax: np.ndarray  # float32 [in]
-    gram: np.ndarray  # float32 [n_gram_blocks, G, G], mean xᵀx per diagonal block
-    sample: np.ndarray  # float32 [rows, in]
-    tokens: int
-
-    @property
-    def in_features(self) -> int:
-        return int(self.absmax.shape[0])
-
-    def hessian(self) -> np.ndarray:
-        """The mean XᵀX as a dense float64 [in, in] (zero outside the captured blocks)."""
-        n = self.in_features
-        nblk, g, _ = self.gram.shape
-        h = np.zeros((n, n))
-        for b in range(nblk):
-            lo, hi = b * g, min((b + 1) * g, n)
-            h[lo:hi, lo:hi] = self.gram[b, : hi - lo, : hi - lo]
-        return h
-
-    def scaled(self, factor: np.ndarray) -> LayerStats:
-        """The statistics of x · diag(factor) (for smoothing)."""
-        f = factor.astype(np.float64)
-        nblk, g, _ = self.gram.shape
-        fp = np.ones(nblk * g)
-        fp[: f.shape[0]] = f
-        fb = fp.reshape(nblk, g)
-        return LayerStats(
-            absmax=(self.absmax * f).astype(np.float32),
-            gram=(self.gram * fb[:, :, None] * fb[:, None, :]).astype(np.float32),
-            sample=(self.sample * f).astype(np.float32),
-            tokens=self.tokens,
-        )
-
-
-class _LayerObserver:
-    """Accumulates one layer's statistics from its forward inputs."""
-
-    def __init__(self, module: nn.Linear, gram_block: int, sample_rows: int, seed: int) -> None:
-        n = module.in_features
-        self.n, self.g = n, min(gram_block, n)
-        self.sample_rows = sample_rows
-        self.tokens = 0
-        nblk = -(-n // self.g)
-        dev = module.weight.device
-        self.absmax = torch.zeros(n, dtype=torch.float32, device=dev)
-        self.gram = torch.zeros(nblk, self.g, self.g, dtype=torch.float64, device=dev)
-        self.sample = torch.zeros(0, n, dtype=torch.float32)
-        self.sample_keys = torch.zeros(0, dtype=torch.float64)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.weight_sum, self.weight_sumsq = weight_signature(module.weight)
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        with torch.no_grad():
-            x = args[0].detach().reshape(-1, self.n)
-            xf = x.float()
-            self.absmax = torch.maximum(self.absmax, xf.abs().amax(dim=0))
-            xd = torch.nn.functional.pad(x.double(), (0, self.gram.shape[0] * self.g - self.n))
-            blocks = xd.reshape(-1, self.gram.shape[0], self.g).transpose(0, 1)  # [nblk, tokens, G]
-            self.gram += torch.bmm(blocks.transpose(1, 2), blocks)
-            self._reservoir(xf.cpu())
-            self.tokens += x.shape[0]
-
-    def _reservoir(self, rows: torch.Tensor) -> None:
-        """Keep the sample_rows rows with the smallest random keys: a uniform sample of all rows."""
-        keys = torch.rand(rows.shape[0], generator=self.gen, dtype=torch.float64)
-        keys_all = torch.cat((self.sample_keys, keys))
-        rows_all = torch.cat((self.sample, rows))
-        keep = keys_all.argsort()[: self.sample_rows]
-        self.sample_keys, self.sample = keys_all[keep], rows_all[keep]
-
-    def result(self) -> LayerStats:
-        if not self.tokens:
-            raise StatsError("no batch reached this layer inside capture_stats")
-        return LayerStats(
-            absmax=self.absmax.cpu().numpy(),
-            gram=(self.gram / self.tokens).float().cpu().numpy(),
-            sample=self.sample.numpy(),
-            tokens=self.tokens,
-        )
-
-
 class StatsCapture:
     """What ``capture_stats`` yields: run batches, then ``save(path)``."""
 
-    def __init__(self, observers: dict[str, _LayerObserver], config: DuQuantConfig) -> None:
+    def __init__(self, observers: dict[str, LayerObserver], config: DuQuantConfig) -> None:
         self._observers = observers
         self.config = config
 
     @staticmethod
-    def _write_layer(out: SealedWriter, name: str, obs: _LayerObserver) -> dict[str, object]:
+    def _write_layer(out: SealedWriter, name: str, obs: LayerObserver) -> dict[str, object]:
         """One layer's group: its datasets and their metadata; returns the metadata."""
         stats = obs.result()
         at = f"layers/{name}"
         out.group(at)
         arrays = {k: getattr(stats, k) for k in DATASETS}
+        extra: dict[str, object] = {}
+        if stats.step_sample is not None:
+            arrays["step_sample"] = stats.step_sample
+            extra = {"flow_times": list(obs.steps.times), "step_tokens": [r.seen for r in obs.by_step]}  # type: ignore[union-attr]
         meta = {
+            **extra,
             "in_features": stats.in_features,
             "tokens": stats.tokens,
             "weight_sum": obs.weight_sum,
@@ -163,6 +86,14 @@ class StatsCapture:
                 f"{len(silent)} selected layer(s) saw no input inside capture_stats (e.g. {silent[0]}): run "
                 "batches that go through every selected layer before saving"
             )
+        quiet = {n: o.silent_step() for n, o in self._observers.items() if o.silent_step() is not None}
+        if quiet:
+            name, step = next(iter(quiet.items()))
+            time = self._observers[name].steps.times[step]  # type: ignore[union-attr]
+            raise StatsError(
+                f"{len(quiet)} selected layer(s) recorded no rows at denoising step {step} (flow time {time:g}) "
+                f"inside capture_stats (e.g. {name}): run the whole denoising loop, every step, before saving"
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with SealedWriter(path, KIND) as out:
@@ -180,6 +111,7 @@ def capture_stats(
     name_prefix: str = "",
     gram_block: int = 1024,
     sample_rows: int = 512,
+    step_rows: int = 128,
     seed: int = 0,
 ) -> Iterator[StatsCapture]:
     """Record input statistics of the Linear layers ``config`` selects, for ``build --calib``::
@@ -194,6 +126,10 @@ def capture_stats(
     gives them: on a model whose selected modules all sit under one parent the scope does not
     expect (LeRobot's policy holds pi0.5 as ``model``), that prefix is dropped, as ``build``
     drops it from the checkpoint's names.
+
+    A ``per_step_static`` config also records ``step_rows`` rows per denoising step: the step
+    is read from the model's clock, so call ``instrument(model)`` first (refused otherwise);
+    a selected layer run outside a step raises ``NoStepError``.
     """
     cfg = resolve(config)
     linears = {name_prefix + n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -205,7 +141,10 @@ def capture_stats(
             f"config {cfg.name!r} selects none of this model's {len(linears)} nn.Linear modules "
             f"(e.g. {next(iter(linears), 'none')}); check name_prefix and the config's scope"
         )
-    observers = {n: _LayerObserver(linears[n], gram_block, sample_rows, seed) for n in names}
+    table = None
+    if cfg.quant.act_mode == "per_step_static":
+        table = step_table(model, flow_times(cfg.quant.flow_steps), f"capture_stats for config {cfg.name!r}")
+    observers = {n: LayerObserver(linears[n], gram_block, sample_rows, seed, table, step_rows, n) for n in names}
     try:
         yield StatsCapture(observers, cfg)
     finally:
@@ -250,9 +189,10 @@ class StatsReader:
 
     def layer(self, name: str) -> LayerStats:
         with self._translated(f"the statistics of {name}"):
-            with SealedReader(self.path, KIND, check=False) as f:
-                arrays = {k: f.read(f"layers/{name}/{k}") for k in DATASETS}
             meta = self.meta[name]
+            keys = (*DATASETS, "step_sample") if "step_tokens" in meta else DATASETS
+            with SealedReader(self.path, KIND, check=False) as f:
+                arrays = {k: f.read(f"layers/{name}/{k}") for k in keys}
             if not self.sealed:  # a sealed file's bytes are vouched for by its seal
                 for key, array in arrays.items():
                     if crc32(array) != int(meta["crc32"][key]):

@@ -115,6 +115,7 @@ OTHER_VALUES = {
         "weight_bits": 8,
         "act_bits": 6,
         "act_mode": "per_channel_static",
+        "flow_steps": 20,
         "act_percentile": 99.0,
         "calib_steps": 8,
         "weight_search": "alpha",
@@ -141,6 +142,7 @@ OTHER_VALUES = {
     },
 }
 ALONE_INVALID = {("transform", "row_rot")}  # needs the per-layer choice off too
+NEEDS_PER_STEP = {("quant", "flow_steps")}  # only a per-step table has steps (left out otherwise)
 
 
 def test_every_config_field_is_compared(demo_bundles):
@@ -159,12 +161,26 @@ def test_every_config_field_is_compared(demo_bundles):
             if (section, name) in ALONE_INVALID:
                 other = base.replace("transform", equalize=(), rtn_candidate=False).replace(section, **{name: value})
                 fields = {f"{section}.{name}", "transform.equalize", "transform.rtn_candidate"}
+            elif (section, name) in NEEDS_PER_STEP:
+                other = base.replace("quant", act_mode="per_step_static", **{name: value})
+                fields = {f"{section}.{name}", "quant.act_mode"}
             else:
                 other = base.replace(section, **{name: value})
                 fields = {f"{section}.{name}"}
             got = {p.field for p in config_problems(header, other)}
             hit = {f for f in fields for g in got if g == f or g.startswith(f + ".")}  # maps differ per key
             assert hit == fields and len(got) == len(fields), (section, name, got)
+
+
+def test_flow_steps_are_compared_only_for_per_step_scales():
+    """quant.flow_steps is left out of the fingerprint unless act_mode is per_step_static (so
+    older bundles keep theirs); then it is in, and two step counts differ."""
+    base = resolve("dit_w4a8")
+    assert "flow_steps" not in base.fingerprint_fields()["quant"]
+    assert base.fingerprint_fields() == base.replace("quant", flow_steps=20).fingerprint_fields()
+    stepped = base.replace("quant", act_mode="per_step_static")
+    assert stepped.fingerprint_fields()["quant"]["flow_steps"] == 10
+    assert stepped.fingerprint_fields() != stepped.replace("quant", flow_steps=20).fingerprint_fields()
 
 
 def test_every_embed_field_is_compared_once_a_table_is_selected(demo_bundles):
