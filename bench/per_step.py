@@ -16,7 +16,7 @@ calibration never saw:
   policy), each input run at its own step; mean and worst over the layers.
 
 Cases: plain RTN W4A8 with dynamic activations (``baselines.RTNLinear``, no transform); the
-default transform (``dit_w4a8``'s) at W4A8 and W4A4 with per-token dynamic, shared static
+default transform at W4A8 (``dit_w4a8``) and W4A4 (``dit_w4a4``) with per-token dynamic, shared static
 (``per_channel_static``) and per-step static activations. Prints a table and writes
 artifacts/bench/per_step.json.
 """
@@ -48,12 +48,15 @@ STEP_ROWS = int(__import__("os").environ.get("STEP_ROWS", "128"))
 MODES = ("per_token_dynamic", "per_channel_static", "per_step_static")
 
 
-def case_configs(preset: str = "dit_w4a8") -> dict[str, DuQuantConfig]:
-    base = resolve(preset)
+def case_configs(percentile: float | None = None) -> dict[str, DuQuantConfig]:
+    """W4A8 cases from ``dit_w4a8``, W4A4 from ``dit_w4a4`` (its act_percentile 99), each activation mode."""
     out = {}
-    for bits in (8, 4):
+    for bits, preset in ((8, "dit_w4a8"), (4, "dit_w4a4")):
+        base = resolve(preset)
+        pct = base.quant.act_percentile if percentile is None else percentile
         for mode in MODES:
-            out[f"W4A{bits} {mode}"] = base.replace("quant", act_bits=bits, act_mode=mode, calib_steps=len(CALIB_SEEDS))
+            changes = {"act_bits": bits, "act_mode": mode, "calib_steps": len(CALIB_SEEDS), "act_percentile": pct}
+            out[f"W4A{bits} {mode}"] = base.replace("quant", **changes)
     return out
 
 
@@ -96,11 +99,11 @@ def layer_sqnr(quantized: nn.Module, float_model: nn.Module, inputs: dict[str, l
     return out
 
 
-def evaluate(seed: int, layers: int, work: Path) -> dict[str, dict]:
+def evaluate(seed: int, layers: int, work: Path, percentile: float | None = None, only: str = "") -> dict[str, dict]:
     from safetensors.torch import save_model
 
     float_model = build_timecond(seed=seed, layers=layers)
-    cases = case_configs()
+    cases = {k: v for k, v in case_configs(percentile=percentile).items() if only in k}
     names = matches(
         next(iter(cases.values())).select, [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
     )
@@ -156,12 +159,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--act-percentile", type=float, default=None, help="override the preset's act_percentile")
+    parser.add_argument("--cases", default="", help="only the cases whose label contains this")
     parser.add_argument("--out", default="artifacts/bench/per_step.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        per_seed = {seed: evaluate(seed, args.layers, Path(tmp)) for seed in seeds}
+        per_seed = {seed: evaluate(seed, args.layers, Path(tmp), args.act_percentile, args.cases) for seed in seeds}
     labels = list(per_seed[seeds[0]])
     mean = {
         label: {
@@ -171,8 +176,8 @@ def main() -> None:
         for label in labels
     }
     print(f"\ntime-conditioned expert, {args.layers} layers, seeds {args.seeds}: mean over seeds")
-    print(f"{'case':<34}{'action err':>11}{'vs dyn A8':>10}{'SQNR mean':>10}{'SQNR min':>9}")
-    dyn = mean["W4A8 per_token_dynamic"]["action_error"]
+    print(f"{'case':<34}{'action err':>11}{'vs RTN A8':>10}{'SQNR mean':>10}{'SQNR min':>9}")
+    dyn = mean["RTN W4A8 dynamic"]["action_error"]
     for label in labels:
         m = mean[label]
         print(

@@ -112,7 +112,7 @@ class TimeCondPolicy(nn.Module):
         return self.paligemma_with_expert.gemma_expert.model
 
     def denoise_step(self, state, prefix_pad_masks, past_key_values, x_t, timestep):
-        emb = sinusoid(timestep, self.time_mlp_in.in_features).to(x_t.dtype)
+        emb = sinusoid(timestep, EXPERT["hidden_size"]).to(x_t.dtype)
         self.shared.cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(emb))))
         tokens = torch.cat([past_key_values, self.action_in_proj(x_t)], dim=1)
         out = self.expert_model(inputs_embeds=tokens).last_hidden_state[:, -HORIZON:]

@@ -147,29 +147,52 @@ MLP = "paligemma_with_expert.paligemma.model.language_model.layers.0.mlp"
 WIDTHS = {"up_proj": (48, 64), "down_proj": (64, 40)}  # in, out
 
 
+EXPERT_MLP = "paligemma_with_expert.gemma_expert.model.layers.0.mlp"  # what dit_w4a4 selects
+EXPERT_WIDTHS = {"up_proj": (16, 32), "down_proj": (32, 16)}
+
+
 def tiny_tensors() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     tensors = {f"{MLP}.{n}.weight": outlier_weight(rng, out, inp) for n, (inp, out) in WIDTHS.items()}
     tensors[f"{MLP}.down_proj.bias"] = rng.standard_normal(WIDTHS["down_proj"][1])
+    tensors.update({f"{EXPERT_MLP}.{n}.weight": outlier_weight(rng, o, i) for n, (i, o) in EXPERT_WIDTHS.items()})
     return tensors
 
 
 class TinyPi05(nn.Module):
-    """Two Linears under pi0.5's LLM names, holding the checkpoint's weights: x -> up -> down."""
+    """Two Linears under pi0.5's LLM names, holding the checkpoint's weights: x -> up -> down;
+    two under the expert's, run by openpi's denoising loop (``sample_actions``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        parent: nn.Module = self
-        for part in MLP.split("."):
-            parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        for name, (inp, out) in WIDTHS.items():
-            parent.add_module(name, nn.Linear(inp, out, bias=name == "down_proj"))
+        for path, widths in ((MLP, WIDTHS), (EXPERT_MLP, EXPERT_WIDTHS)):
+            parent: nn.Module = self
+            for part in path.split("."):
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            for name, (inp, out) in widths.items():
+                parent.add_module(name, nn.Linear(inp, out, bias=path == MLP and name == "down_proj"))
         self.load_state_dict({k: torch.from_numpy(v).float() for k, v in tiny_tensors().items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The LLM's layers on x, and one expert step on its first channels (a full preset's capture)."""
         mlp = self.get_submodule(MLP)
+        expert = self.get_submodule(EXPERT_MLP)
+        expert.down_proj(expert.up_proj(x[:, : EXPERT_WIDTHS["up_proj"][0]]))
         return mlp.down_proj(mlp.up_proj(x))
+
+    def denoise_step(self, state, prefix_pad_masks, past_key_values, x_t, timestep):
+        mlp = self.get_submodule(EXPERT_MLP)
+        return mlp.down_proj(mlp.up_proj(x_t * (1 + timestep[:, None, None]) + past_key_values))
+
+    @torch.no_grad()
+    def sample_actions(self, device: str, observation: torch.Tensor, num_steps: int = 10) -> torch.Tensor:
+        dt, time, x_t = torch.tensor(-1.0 / num_steps), torch.tensor(1.0), torch.zeros_like(observation)
+        while time >= -dt / 2:  # openpi's loop
+            x_t = x_t + dt * self.denoise_step(None, None, observation, x_t, time.expand(observation.shape[0]))
+            time += dt
+        return x_t
 
 
 class Policy:
@@ -199,7 +222,7 @@ def site(tmp_path_factory):
     static = from_dict({"name": "static", "base": "llm_w4a8", "quant": {"act_mode": "per_channel_static"}})
     bundles = {
         cfg.name: build_bundle(cfg, ckpt, root / "artifacts", jobs=1).path
-        for cfg in (resolve("llm_w4a8"), resolve("full_w4a8"), static)
+        for cfg in (resolve("llm_w4a8"), resolve("full_w4a8"), resolve("dit_w4a4"), static)
     }
     return root, ckpt, bundles
 
@@ -244,6 +267,7 @@ def test_the_readme_python_blocks_run(src, site, monkeypatch, capsys):
         "other_model": TinyPi05(),
         "bundle": str(bundles["static"]),  # the calibration block's: quant.act_mode = "per_channel_static"
         "calibration_batches": batches,
+        "calibration_observations": [torch.randn(2, 5, EXPERT_WIDTHS["up_proj"][0]) for _ in range(2)],
         "train_config": None,
         "checkpoint_dir": None,
     }

@@ -3,6 +3,7 @@ a Gemma action expert under pi0.5's names, saved the way openpi's converter does
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -15,7 +16,16 @@ pytest.importorskip("transformers", reason="the transformers test client needs t
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 from duquant_pipeline.build import build_bundle
-from duquant_runtime import DuQuantLinear, ModelMismatchError, QuantEmbedding, capture_stats, load_bundle
+from duquant_runtime import (
+    DuQuantLinear,
+    ModelMismatchError,
+    QuantEmbedding,
+    attach_clock,
+    calibrate,
+    capture_stats,
+    flow_step,
+    load_bundle,
+)
 from duquant_runtime.config import matches, preset_names, resolve
 from testbeds import COMPONENT_PREFIX, build_pi05, linear_names, pi05_inputs
 
@@ -57,7 +67,15 @@ def test_every_preset_on_the_transformers_model(client, preset):
     model, bundles = client
     config = resolve(preset)
     quantized = copy.deepcopy(model)
+    per_step = config.quant.act_mode == "per_step_static"
+    if per_step:  # the expert here runs outside a denoising loop: each step named by hand
+        attach_clock(quantized)
     report = load_bundle(quantized, bundles[preset], config, progress=False)
+    if per_step:
+        with calibrate(quantized):
+            for step in range(config.quant.flow_steps):
+                with flow_step(quantized, index=step):
+                    quantized.components(pi05_inputs(batch=2, seed=step))
     # the replaced set is exactly the selection, all DuQuantLinear now, and the table [embed] picks
     linears = [n for n in report.replaced if isinstance(quantized.get_submodule(n), DuQuantLinear)]
     assert sorted(linears) == matches(config.select, linear_names(model))
@@ -68,7 +86,8 @@ def test_every_preset_on_the_transformers_model(client, preset):
     assert all(isinstance(quantized.get_submodule(n), QuantEmbedding) for n in tables)
     assert report.tied_heads == (["paligemma_with_expert.paligemma.lm_head"] if tables else [])
     inputs = pi05_inputs(batch=2, seed=9)
-    ref, out = model.components(inputs), quantized.components(inputs)
+    with flow_step(quantized, index=3) if per_step else contextlib.nullcontext():
+        ref, out = model.components(inputs), quantized.components(inputs)
     touched = components_of(config.select.scope, config.select.exclude)
     for name in ref:
         assert torch.isfinite(out[name]).all()
