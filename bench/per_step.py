@@ -44,7 +44,6 @@ from trained import swap
 
 CALIB_SEEDS = tuple(range(100, 108))
 EVAL_SEEDS = (0, 1)
-STEP_ROWS = int(__import__("os").environ.get("STEP_ROWS", "128"))
 MODES = ("per_token_dynamic", "per_channel_static", "per_step_static")
 
 
@@ -99,7 +98,9 @@ def layer_sqnr(quantized: nn.Module, float_model: nn.Module, inputs: dict[str, l
     return out
 
 
-def evaluate(seed: int, layers: int, work: Path, percentile: float | None = None, only: str = "") -> dict[str, dict]:
+def evaluate(
+    seed: int, layers: int, work: Path, percentile: float | None = None, only: str = "", step_rows: int = 256
+) -> dict[str, dict]:
     from safetensors.torch import save_model
 
     float_model = build_timecond(seed=seed, layers=layers)
@@ -143,7 +144,7 @@ def evaluate(seed: int, layers: int, work: Path, percentile: float | None = None
             if not calib.exists():
                 captured = copy.deepcopy(float_model)
                 instrument(captured)
-                with capture_stats(captured, config, step_rows=STEP_ROWS) as stats:
+                with capture_stats(captured, config, step_rows=step_rows) as stats:
                     for s in CALIB_SEEDS:
                         chunk(captured, s)
                 stats.save(calib)
@@ -161,12 +162,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--act-percentile", type=float, default=None, help="override the preset's act_percentile")
     parser.add_argument("--cases", default="", help="only the cases whose label contains this")
+    parser.add_argument("--step-rows", type=int, default=256, help="capture_stats' rows kept per denoising step")
     parser.add_argument("--out", default="artifacts/bench/per_step.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        per_seed = {seed: evaluate(seed, args.layers, Path(tmp), args.act_percentile, args.cases) for seed in seeds}
+        per_seed = {
+            seed: evaluate(seed, args.layers, Path(tmp), args.act_percentile, args.cases, args.step_rows)
+            for seed in seeds
+        }
     labels = list(per_seed[seeds[0]])
     mean = {
         label: {

@@ -111,7 +111,7 @@ def capture_stats(
     name_prefix: str = "",
     gram_block: int = 1024,
     sample_rows: int = 512,
-    step_rows: int = 128,
+    step_rows: int = 256,
     seed: int = 0,
 ) -> Iterator[StatsCapture]:
     """Record input statistics of the Linear layers ``config`` selects, for ``build --calib``::
