@@ -12,6 +12,8 @@ calibration never saw:
 * the action chunk's error against the float policy's (same noise and context), relative to the
   float chunk's displacement from its noise ‖x₀ - x₁‖: the part the policy computes (the shared
   noise would otherwise dilute every error alike);
+* what each head outside the expert (``action_in_proj``, ``action_out_proj``, ``time_mlp_*``) costs
+  alone at RTN W4A4, the expert in float;
 * per layer, the output SQNR on the layer's real inputs at every step (captured from the float
   policy), each input run at its own step; mean and worst over the layers.
 
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
-from duquant_runtime import capture_stats, flow_step, instrument, load_bundle
+from duquant_runtime import DuQuantLinear, capture_stats, flow_step, instrument, load_bundle
 from duquant_runtime.config import DuQuantConfig, matches, resolve
 from timecond import TimeCondPolicy, build_timecond, flow_batch
 from trained import swap
@@ -45,6 +47,7 @@ from trained import swap
 CALIB_SEEDS = tuple(range(100, 108))
 EVAL_SEEDS = (0, 1)
 MODES = ("per_token_dynamic", "per_channel_static", "per_step_static")
+HEADS = (("action_in_proj",), ("action_out_proj",), ("time_mlp_in", "time_mlp_out"))
 
 
 def case_configs(percentile: float | None = None) -> dict[str, DuQuantConfig]:
@@ -87,6 +90,8 @@ def step_inputs(model: TimeCondPolicy, names: list[str], seeds: tuple[int, ...])
 def layer_sqnr(quantized: nn.Module, float_model: nn.Module, inputs: dict[str, list]) -> dict[str, float]:
     qmods, fmods = dict(quantized.named_modules()), dict(float_model.named_modules())
     out = {}
+    if not any(isinstance(qmods[n], DuQuantLinear | RTNLinear) for n in inputs):
+        return {n: float("inf") for n in inputs}  # the expert is untouched (a head case)
     with torch.no_grad():
         for name, rows in inputs.items():
             ref, got = [], []
@@ -137,6 +142,8 @@ def evaluate(
     rtn4 = swap(float_model, names, lambda lin: RTNLinear(lin, act_bits=4))
     instrument(rtn4)
     record("RTN W4A4 dynamic", rtn4)
+    for heads in HEADS:  # outside the expert, left in float by dit_w4a4: what one costs at W4A4 alone
+        record(f"head {'+'.join(heads)} RTN W4A4", swap(float_model, list(heads), lambda x: RTNLinear(x, act_bits=4)))
     for label, config in cases.items():
         calib = None
         if config.quant.act_mode != "per_token_dynamic":

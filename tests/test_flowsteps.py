@@ -276,3 +276,16 @@ def test_instrument_names_a_missing_method_or_argument() -> None:
         instrument(OpenpiStandIn(), method="denoise")
     with pytest.raises(DuQuantError, match="no argument 't'"):
         instrument(OpenpiStandIn(), timestep_arg="t")
+
+
+def test_a_compiled_layer_follows_the_step_and_still_refuses(setup: dict) -> None:
+    """torch.compile guards on the clock: each step gets its own row, no stale graph reuses one."""
+    loaded = _loaded(setup)
+    layer = loaded.gemma_expert.fc1
+    compiled = torch.compile(layer, backend="eager")
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    for step in (0, 9, 0):
+        with flow_step(loaded, index=step):
+            torch.testing.assert_close(compiled(x), layer(x))
+    with pytest.raises(NoStepError):
+        compiled(x)
