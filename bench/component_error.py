@@ -96,6 +96,8 @@ def main() -> None:
 
     rtn = copy.deepcopy(base)
     for name in replaced:
+        if not isinstance(rtn.get_submodule(name), nn.Linear):  # a quantized table: RTN is for Linears
+            continue
         parent, _, child = name.rpartition(".")
         setattr(rtn.get_submodule(parent), child, RTNLinear(rtn.get_submodule(name)))
     results = {"RTN W4A8 baseline": errors(rtn, inputs, reference), **results}
