@@ -91,7 +91,7 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
             f"{calib} was captured on another checkpoint: {wrong[0]} has in_features "
             f"{reader.meta[wrong[0]]['in_features']} there"
         )
-    if config.quant.act_mode == "per_step_static" and config.quant.act_bits > 0:
+    if config.quant.per_step:
         _check_steps(config, reader, str(calib), layers[0].name)
     return reader.digest
 

@@ -146,13 +146,14 @@ class LayerQuantizer:
             pack, q.act_bits, "per_channel_static" if static else "per_token_dynamic", self.w_ref.dtype
         )
         figures = {"weight_sqnr_db": weight_sqnr_db(layer, self.w_ref, self.signal)}
-        if static and q.act_mode == "per_step_static":
+        if static and q.per_step:
             figures["output_sqnr_db"] = self.per_step(layer, pack)
-        elif static:
-            pack.act_scale = static_scales(layer, self.stats.sample, q.act_bits, q.act_percentile)
-            layer.set_act_scale(torch.from_numpy(pack.act_scale))
-        if self.sample is not None and "output_sqnr_db" not in figures:
-            figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
+        else:
+            if static:
+                pack.act_scale = static_scales(layer, self.stats.sample, q.act_bits, q.act_percentile)
+                layer.set_act_scale(torch.from_numpy(pack.act_scale))
+            if self.sample is not None:
+                figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
         key = "output_sqnr_db" if self.sample is not None else "weight_sqnr_db"
         return Measured(tr, codes, scales, bits, figures[key], figures, pack)
 

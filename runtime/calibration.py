@@ -34,7 +34,8 @@ class _Observer:
 
     def __init__(self, layer: DuQuantLinear, steps: int, pct: float) -> None:
         self.steps = steps
-        rows = 1 if layer.step_table is None else len(layer.step_table.times)
+        self.per_step = layer.step_table is not None
+        rows = len(layer.step_table.times) if layer.step_table is not None else 1
         self.rules = [StaticScaleObserver(pct, layer.act_bits) for _ in range(rows)]
         self.handle = layer.register_forward_pre_hook(self._hook)
 
@@ -48,9 +49,10 @@ class _Observer:
         """The first step (row) no batch reached, None when every one was."""
         return next((row for row, rule in enumerate(self.rules) if rule.batches == 0), None)
 
-    def result(self, per_step: bool) -> torch.Tensor:
+    def result(self) -> torch.Tensor:
+        """[in] scales, or [steps, in] for a per-step layer."""
         rows = [rule.scales() for rule in self.rules]
-        return torch.stack(rows) if per_step else rows[0]  # type: ignore[arg-type,return-value]
+        return torch.stack(rows) if self.per_step else rows[0]  # type: ignore[arg-type,return-value]
 
 
 def static_layers(model: nn.Module) -> dict[str, DuQuantLinear]:
@@ -80,7 +82,7 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
         held_back[name], layer.act_scale = layer.act_scale, None
     try:
         yield
-        unseen = {n: o.unseen_step() for n, o in observers.items() if o.unseen_step() is not None}
+        unseen = {n: step for n, o in observers.items() if (step := o.unseen_step()) is not None}
         if unseen:
             name, step = next(iter(unseen.items()))
             table = layers[name].step_table
@@ -91,7 +93,7 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
             )
         for name, layer in layers.items():
             layer.act_scale = held_back.pop(name)
-            layer.set_act_scale(observers[name].result(layer.step_table is not None))
+            layer.set_act_scale(observers[name].result())
     finally:
         for name, layer in layers.items():
             observers[name].handle.remove()

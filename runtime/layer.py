@@ -154,9 +154,8 @@ class DuQuantLinear(nn.Module):
             buffers["bias"] = torch.from_numpy(pack.bias).to(dtype=dtype, device=device)
         calibrated = uses_static_scales(act_mode, act_bits) and pack.act_scale is not None
         if calibrated:  # built with --calib: no runtime calibration
-            rows = len(step_table.times) if step_table is not None else None
             buffers["act_scale"] = static_act_scale(
-                checked_act_scale(torch.from_numpy(pack.act_scale), act_scale_shape(pack.in_features, rows)),
+                checked_act_scale(torch.from_numpy(pack.act_scale), act_scale_shape(pack.in_features, step_table)),
                 buffers["dtype_ref"].device,
             )
         return cls(

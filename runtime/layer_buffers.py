@@ -14,6 +14,7 @@ import torch
 
 from .actquant import ACT_EPS
 from .bundle import LayerPack
+from .flowsteps import StepTable
 from .schema import STATIC_ACT_MODES
 
 # Kept across one load: (where the bundle stores an array shared by layers, torch dtype) -> its
@@ -93,15 +94,14 @@ def placeholders(
     made["w_t"] = lambda: None if packed else torch.zeros(out_features, in_features, **fkw)
     made["bias"] = lambda: torch.zeros(out_features, **fkw) if bias else None
     static = uses_static_scales(layer.act_mode, layer.act_bits)
-    table = getattr(layer, "step_table", None)
-    act_shape = (in_features,) if table is None else (len(table.times), in_features)
+    act_shape = act_scale_shape(in_features, getattr(layer, "step_table", None))
     made["act_scale"] = lambda: torch.ones(act_shape, dtype=torch.float32, device=device) if static else None
     return made
 
 
-def act_scale_shape(in_features: int, steps: int | None) -> tuple[int, ...]:
-    """[in] static scales, or [steps, in] per-step ones."""
-    return (in_features,) if steps is None else (steps, in_features)
+def act_scale_shape(in_features: int, steps: StepTable | None) -> tuple[int, ...]:
+    """[in] static scales, or [steps, in] per-step ones (a row per time of ``steps``)."""
+    return (in_features,) if steps is None else (len(steps.times), in_features)
 
 
 def checked_act_scale(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

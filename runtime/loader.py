@@ -118,7 +118,7 @@ def _shows(progress: bool | None) -> bool:
 
 def _with_steps(options: BuildOptions, model: nn.Module, config: DuQuantConfig, header: BundleHeader) -> BuildOptions:
     """A per-step bundle's layers read the model's step clock: refused now, not at a forward, without one."""
-    if config.quant.act_mode != "per_step_static" or config.quant.act_bits == 0:
+    if not config.quant.per_step:
         return options
     times = flow_times(config.quant.flow_steps)
     return replace(options, step_table=step_table(model, times, f"bundle {header.path.name}"))

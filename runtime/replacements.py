@@ -118,7 +118,7 @@ def _replacement(
         )
     table = options.step_table
     if pack.act_scale is not None and config.quant.act_bits > 0:
-        wanted = act_scale_shape(pack.in_features, None if table is None else len(table.times))
+        wanted = act_scale_shape(pack.in_features, table)
         if pack.act_scale.shape != wanted:
             raise BundleError(
                 f"{header.path}: layer {name} holds activation scales of shape {pack.act_scale.shape}, but its "

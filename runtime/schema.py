@@ -53,6 +53,11 @@ class QuantConfig:
     # matched (re.search) by several takes the most bits of them.
     weight_bits_by_pattern: tuple[tuple[str, int], ...] = ()
 
+    @property
+    def per_step(self) -> bool:
+        """Do the layers keep a static scale row per denoising step (and so need the step clock)?"""
+        return self.act_mode == "per_step_static" and self.act_bits > 0
+
     def bits_for(self, layer: str) -> int:
         exact = dict(self.per_layer_weight_bits)
         if layer in exact:
