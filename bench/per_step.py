@@ -77,7 +77,7 @@ def step_inputs(model: TimeCondPolicy, names: list[str], seeds: tuple[int, ...])
     modules = dict(model.named_modules())
     seen: dict[str, list] = {n: [] for n in names}
     hooks = [
-        modules[n].register_forward_pre_hook(lambda _m, a, n=n: seen[n].append((clock.time, a[0].detach())))
+        modules[n].register_forward_pre_hook(lambda _m, a, n=n: seen[n].append((clock.value, a[0].detach())))
         for n in names
     ]
     for seed in seeds:

@@ -27,7 +27,7 @@ _EXPORTS = {
     "LoadReport": "load_report",
     "enable_from_env": "env_load",
     "load_bundle": "loader",
-    "instrument": "flowsteps",
+    "instrument": "denoise_wrapper",
     "flow_step": "flowsteps",
     "attach_clock": "flowsteps",
     "StepClock": "flowsteps",

@@ -22,6 +22,7 @@ from .errors import ActScalesError, DuQuantError
 from .h5file import SCALES_MAGIC, FileKind, SealedReader, SealedWriter
 from .layer import DuQuantLinear
 from .read_errors import translated
+from .stats_observer import observing_eagerly
 
 # 2: sealed; 1 (unsealed, each dataset with its crc32) is still read.
 KIND = FileKind(SCALES_MAGIC, "duquant-packs-act-scales", 2, unsealed=(1,))
@@ -81,7 +82,8 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
         observers[name] = _Observer(layer, steps or cfg_steps, percentile or cfg_pct)
         held_back[name], layer.act_scale = layer.act_scale, None
     try:
-        yield
+        with observing_eagerly():
+            yield
         unseen = {n: step for n, o in observers.items() if (step := o.unseen_step()) is not None}
         if unseen:
             name, step = next(iter(unseen.items()))

@@ -208,8 +208,8 @@ class DuQuantLinear(nn.Module):
                     "`with duquant_runtime.calibrate(model): ...` first, or pass act_scales= to load_bundle"
                 )
             scale = self.act_scale
-            if self.step_table is not None:  # per-step: the row of the step now running
-                scale = scale[self.step_table.row(self.bundle_name or "DuQuantLinear")]
+            if self.step_table is not None:  # per-step: the row of the step now running, found in the graph
+                scale = self.step_table.row_of(scale, self)
             return fake_quant(x_t, scale, self.act_bits)
         # per-token dynamic (also while calibrate() holds the static scales back, so later
         # layers are calibrated on quantized inputs)

@@ -101,7 +101,7 @@ def placeholders(
 
 def act_scale_shape(in_features: int, steps: StepTable | None) -> tuple[int, ...]:
     """[in] static scales, or [steps, in] per-step ones (a row per time of ``steps``)."""
-    return (in_features,) if steps is None else (len(steps.times), in_features)
+    return (in_features,) if steps is None else (steps.steps, in_features)
 
 
 def checked_act_scale(scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .bundle import BundleHeader, BundleReader
 from .bundle_checks import require_config
 from .config import from_dict, resolve
 from .errors import BundleError, DuQuantError
-from .flowsteps import flow_times, step_table
+from .flowsteps import step_table
 from .layer import DuQuantLinear, storage_named
 from .load_report import LoadReport
 from .prefix import detect_prefix
@@ -120,8 +120,7 @@ def _with_steps(options: BuildOptions, model: nn.Module, config: DuQuantConfig, 
     """A per-step bundle's layers read the model's step clock: refused now, not at a forward, without one."""
     if not config.quant.per_step:
         return options
-    times = flow_times(config.quant.flow_steps)
-    return replace(options, step_table=step_table(model, times, f"bundle {header.path.name}"))
+    return replace(options, step_table=step_table(model, config.quant.flow_steps, f"bundle {header.path.name}"))
 
 
 def _stored_config(header: BundleHeader) -> DuQuantConfig:

@@ -34,11 +34,11 @@ from torch import nn
 from .config import DuQuantConfig, matches, resolve
 from .crc import crc32
 from .errors import StatsError
-from .flowsteps import flow_times, step_table
+from .flowsteps import step_table
 from .h5file import STATS_MAGIC, FileKind, SealedReader, SealedWriter
 from .prefix import selection_prefix
 from .read_errors import translated
-from .stats_observer import LayerObserver, LayerStats
+from .stats_observer import LayerObserver, LayerStats, observing_eagerly
 
 # 2 (0.3): sealed, no percentile dataset. 1 (0.2) is refused: capture the statistics again.
 KIND = FileKind(STATS_MAGIC, "duquant-packs-stats", 2)
@@ -143,10 +143,11 @@ def capture_stats(
         )
     table = None
     if cfg.quant.act_mode == "per_step_static":
-        table = step_table(model, flow_times(cfg.quant.flow_steps), f"capture_stats for config {cfg.name!r}")
+        table = step_table(model, cfg.quant.flow_steps, f"capture_stats for config {cfg.name!r}")
     observers = {n: LayerObserver(linears[n], gram_block, sample_rows, seed, table, step_rows, n) for n in names}
     try:
-        yield StatsCapture(observers, cfg)
+        with observing_eagerly():
+            yield StatsCapture(observers, cfg)
     finally:
         for obs in observers.values():
             obs.handle.remove()

@@ -6,6 +6,7 @@ statistic is.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,14 @@ from torch import nn
 from .errors import StatsError
 from .flowsteps import StepTable
 from .signature import weight_signature
+
+
+def observing_eagerly() -> contextlib.AbstractContextManager[None]:
+    """Run the model eagerly while observers record: openpi compiles ``sample_actions`` at
+    construction, and hooks that keep Python state (rows per step, batch counts) must see
+    each call as it happens, not be traced into a graph. Compiled functions called inside run
+    their original code; outside, they compile as before."""
+    return torch.compiler.set_stance("force_eager")
 
 
 @dataclass

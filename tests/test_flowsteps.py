@@ -30,7 +30,7 @@ from duquant_runtime import (
 )
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.config import load_toml
-from duquant_runtime.flowsteps import StepClock, StepTable, flow_times
+from duquant_runtime.flowsteps import StepClock, StepTable
 from flow_standin import PER_STEP_CONFIG, LeRobotPolicy, OpenpiStandIn, flow_inputs
 from safetensors.torch import save_model
 
@@ -93,8 +93,7 @@ def _inputs_per_step(model: OpenpiStandIn, seeds: tuple[int, ...], num_steps: in
 
 
 def test_openpi_float32_times_each_find_their_own_step() -> None:
-    clock, times = StepClock(), flow_times(10)
-    table = StepTable(times, clock)
+    table = StepTable(10, StepClock())
     time, dt, found = torch.tensor(1.0), torch.tensor(-0.1), []
     while time >= -dt / 2:  # openpi's accumulation: 0.9, 0.8, ... drift in float32
         found.append(table.index_of(float(time), "layer"))
