@@ -193,4 +193,6 @@ def say_result(config_name: str, result: BuildResult) -> None:
     )
     for line in summary_lines(quality_summary(result.quality)):
         click.echo(f"  {line}", err=True)
+    for note in result.notes:
+        click.echo(note, err=True)
     click.echo(str(result.path))

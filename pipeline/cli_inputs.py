@@ -9,6 +9,7 @@ import click
 from duquant_runtime.config import SelectConfig, preset_names, resolve
 
 from .cli_common import checkpoint_option, config_option, env_option, friendly, load_config, prefix_note
+from .demo_specs import MODELS
 from .report import human
 
 
@@ -20,10 +21,11 @@ from .report import human
 def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
     """Dry run: print every layer the config selects, with its shape and bits, and the total."""
     from .checkpoint import Checkpoint
-    from .select import select_layers
+    from .select import select_layers, selection_notes
 
     cfg = load_config(config, use_env)
-    layers = select_layers(cfg, Checkpoint.open(checkpoint))
+    ckpt = Checkpoint.open(checkpoint)
+    layers = select_layers(cfg, ckpt)
     width = max(len(la.name) for la in layers)
     for la in layers:
         click.echo(f"{la.name:<{width}}  {la.out_features:>6} x {la.in_features:<6}  w{la.bits}  {la.dtype}")
@@ -31,6 +33,8 @@ def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
     click.echo(
         f"{len(layers)} layers selected by {cfg.name} ({human(total)} of weights){prefix_note(layers[0].prefix)}"
     )
+    for note in selection_notes(cfg, ckpt, layers):
+        click.echo(note, err=True)
 
 
 @click.command()
@@ -65,7 +69,15 @@ def _selection_note(select: SelectConfig) -> str:
 
 @click.command("demo-checkpoint")
 @click.option("--out", "out_dir", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--full-size", is_flag=True, help="Real pi0.5 widths (~6.5 GB bf16), streamed tensor by tensor.")
+@click.option(
+    "--model",
+    type=click.Choice(MODELS),
+    default=MODELS[0],
+    show_default=True,
+    help="Whose module tree: pi0.5's (adaptive-norm expert, time_mlp_*) or pi0's (plain-norm expert, "
+    "state_proj, action_time_mlp_*). Same depths and widths.",
+)
+@click.option("--full-size", is_flag=True, help="Real pi0.5 / pi0 widths (~6.5 GB bf16), streamed tensor by tensor.")
 @click.option(
     "--size",
     type=click.Choice(["small", "demo", "mid", "full"]),
@@ -75,15 +87,18 @@ def _selection_note(select: SelectConfig) -> str:
 )
 @click.option("--dtype", type=click.Choice(["BF16", "F32"]), default="BF16", show_default=True)
 @friendly
-def demo_checkpoint(out_dir: str, full_size: bool, size: str | None, dtype: str) -> None:
-    """Write the deterministic pi0.5-shaped demo checkpoint (kept if already there)."""
+def demo_checkpoint(out_dir: str, model: str, full_size: bool, size: str | None, dtype: str) -> None:
+    """Write the deterministic pi0.5-shaped (or, with --model pi0, pi0-shaped) demo checkpoint
+    (kept if already there)."""
     from tqdm import tqdm
 
     from .demo import SIZES, tensor_specs, write_demo_checkpoint
 
     size = size or ("full" if full_size else "demo")
-    n = len(tensor_specs(SIZES[size]))
+    n = len(tensor_specs(SIZES[size], model))
     # Only the full size takes long enough to want a bar.
     with tqdm(total=n, unit="tensor", desc="demo checkpoint", file=sys.stderr, disable=size != "full") as bar:
-        path = write_demo_checkpoint(out_dir, size=size, dtype=dtype, on_tensor=lambda name, nbytes: bar.update(1))
+        path = write_demo_checkpoint(
+            out_dir, size=size, dtype=dtype, model=model, on_tensor=lambda name, nbytes: bar.update(1)
+        )
     click.echo(str(path))

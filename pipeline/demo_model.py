@@ -1,10 +1,10 @@
-"""A plain torch module tree with pi0.5's names, loading the demo (or full-size) checkpoint.
+"""A plain torch module tree with pi0.5's (or pi0's) names, loading the demo (or full-size) checkpoint.
 
 It exists so tests, benchmarks and users can load a bundle into something real and
 measure each component's output error. The blocks follow SigLIP / Gemma / pi0.5's
-adaptive-norm expert in shape (pre-norm attention with grouped KV heads, gated GELU
-MLP), without RoPE, masks or openpi's joint prefix/suffix attention: it is a faithful
-host for the Linear layers, not a reimplementation of openpi's forward.
+adaptive-norm expert (pi0's plain-norm expert) in shape (pre-norm attention with grouped KV
+heads, gated GELU MLP), without RoPE, masks or openpi's joint prefix/suffix attention: it is
+a faithful host for the Linear layers, not a reimplementation of openpi's forward.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpoint
-from .demo import DEMO, Pi05Dims, demo_dims
+from .demo import DEMO, Pi05Dims, demo_dims, demo_model_kind
 
 
 class RMSNorm(nn.Module):
@@ -99,6 +99,11 @@ class SiglipLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def _norm(m: nn.Module, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """An expert norm: adaptive ones take the time conditioning, plain gains do not."""
+    return m(h, cond) if isinstance(m, AdaRMSNorm) else m(h)
+
+
 class GemmaLayer(nn.Module):
     def __init__(self, width: int, heads: int, head_dim: int, kv: int, mlp: int, ada: bool) -> None:
         super().__init__()
@@ -107,14 +112,10 @@ class GemmaLayer(nn.Module):
         self.self_attn = Attention(width, heads, head_dim, kv, False, "o_proj")
         self.post_attention_layernorm = norm(width)
         self.mlp = GemmaMLP(width, mlp)
-        self.ada = ada
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        def norm(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            return m(h, cond) if self.ada else m(h)
-
-        x = x + self.self_attn(norm(self.input_layernorm, x))
-        return x + self.mlp(norm(self.post_attention_layernorm, x))
+        x = x + self.self_attn(_norm(self.input_layernorm, x, cond))
+        return x + self.mlp(_norm(self.post_attention_layernorm, x, cond))
 
 
 class _Container(nn.Module):
@@ -122,22 +123,16 @@ class _Container(nn.Module):
 
 
 class DemoPi05(nn.Module):
-    """pi0.5's parameter tree; ``vision``, ``llm`` and ``expert`` run each component."""
+    """pi0.5's parameter tree (``model="pi0"``: pi0's); ``vision``, ``llm`` and ``expert`` run
+    each component."""
 
-    def __init__(self, d: Pi05Dims = DEMO) -> None:
+    def __init__(self, d: Pi05Dims = DEMO, model: str = "pi05") -> None:
         super().__init__()
-        self.dims = d
+        self.dims, self.kind = d, model
         pwe = self.paligemma_with_expert = _Container()
         pg = pwe.paligemma = _Container()
         pgm = pg.model = _Container()
-        vt = pgm.vision_tower = _Container()
-        vm = vt.vision_model = _Container()
-        emb = vm.embeddings = _Container()
-        emb.patch_embedding = nn.Conv2d(3, d.vision_width, d.patch, d.patch)
-        emb.position_embedding = nn.Embedding(d.vision_positions, d.vision_width)
-        vm.encoder = _Container()
-        vm.encoder.layers = nn.ModuleList(SiglipLayer(d) for _ in range(d.vision_layers))
-        vm.post_layernorm = nn.LayerNorm(d.vision_width)
+        pgm.vision_tower = _vision_tower(d)
         pgm.multi_modal_projector = _Container()
         pgm.multi_modal_projector.linear = nn.Linear(d.vision_width, d.llm_width)
         lm = pgm.language_model = _Container()
@@ -147,18 +142,17 @@ class DemoPi05(nn.Module):
             for _ in range(d.llm_layers)
         )
         lm.norm = RMSNorm(d.llm_width)
-        ex = pwe.gemma_expert = _Container()
-        ex.model = _Container()
-        ex.model.layers = nn.ModuleList(
-            GemmaLayer(d.expert_width, d.expert_heads, d.expert_head_dim, d.expert_kv_heads, d.expert_mlp, True)
-            for _ in range(d.expert_layers)
-        )
-        ex.model.norm = AdaRMSNorm(d.expert_width)
+        pwe.gemma_expert = _expert(d, adaptive=model == "pi05")
         e = d.expert_width
         self.action_in_proj = nn.Linear(d.action_dim, e)
         self.action_out_proj = nn.Linear(e, d.action_dim)
-        self.time_mlp_in = nn.Linear(e, e)
-        self.time_mlp_out = nn.Linear(e, e)
+        if model == "pi05":
+            self.time_mlp_in = nn.Linear(e, e)
+            self.time_mlp_out = nn.Linear(e, e)
+        else:  # pi0: the state is a suffix token; time enters concatenated with the actions
+            self.state_proj = nn.Linear(d.action_dim, e)
+            self.action_time_mlp_in = nn.Linear(2 * e, e)
+            self.action_time_mlp_out = nn.Linear(e, e)
 
     # components: inputs are already-embedded tokens, so each can be measured alone
     def vision(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -174,20 +168,52 @@ class DemoPi05(nn.Module):
         return lm.norm(hidden)
 
     def expert(self, hidden: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The expert on action tokens ``hidden`` [B, T, width] at time conditioning ``cond``
+        [B, width]: pi0.5 feeds ``cond`` through its time MLP to the adaptive norms; pi0
+        concatenates it to each token through ``action_time_mlp_*`` (as openpi's embed_suffix)."""
         em = self.paligemma_with_expert.gemma_expert.model
-        cond = self.time_mlp_out(F.silu(self.time_mlp_in(cond)))
+        if self.kind == "pi05":
+            cond = self.time_mlp_out(F.silu(self.time_mlp_in(cond)))
+        else:
+            timed = torch.cat([hidden, cond[:, None, :].expand_as(hidden)], dim=-1)
+            hidden, cond = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(timed))), None
         for layer in em.layers:
             hidden = layer(hidden, cond)
-        return em.norm(hidden, cond)
+        return _norm(em.norm, hidden, cond)
+
+
+def _vision_tower(d: Pi05Dims) -> nn.Module:
+    vt = _Container()
+    vm = vt.vision_model = _Container()
+    emb = vm.embeddings = _Container()
+    emb.patch_embedding = nn.Conv2d(3, d.vision_width, d.patch, d.patch)
+    emb.position_embedding = nn.Embedding(d.vision_positions, d.vision_width)
+    vm.encoder = _Container()
+    vm.encoder.layers = nn.ModuleList(SiglipLayer(d) for _ in range(d.vision_layers))
+    vm.post_layernorm = nn.LayerNorm(d.vision_width)
+    return vt
+
+
+def _expert(d: Pi05Dims, *, adaptive: bool) -> nn.Module:
+    """``gemma_expert``: its ``model``'s layers and final norm, adaptive (pi0.5) or plain gains (pi0)."""
+    ex = _Container()
+    ex.model = _Container()
+    ex.model.layers = nn.ModuleList(
+        GemmaLayer(d.expert_width, d.expert_heads, d.expert_head_dim, d.expert_kv_heads, d.expert_mlp, adaptive)
+        for _ in range(d.expert_layers)
+    )
+    ex.model.norm = AdaRMSNorm(d.expert_width) if adaptive else RMSNorm(d.expert_width)
+    return ex
 
 
 def load_demo_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32) -> DemoPi05:
-    """Build the tree for a demo / full-size synthetic checkpoint and load its weights (strict)."""
+    """Build the tree (pi0.5's or pi0's, as the file says) for a demo / full-size synthetic
+    checkpoint and load its weights (strict)."""
     from safetensors.torch import load_file
 
     ckpt = Checkpoint.open(checkpoint)
     with torch.device("meta"):
-        model = DemoPi05(demo_dims(ckpt))
+        model = DemoPi05(demo_dims(ckpt), demo_model_kind(ckpt))
     # Parameters get storage of their own (as in openpi, which copies the checkpoint into
     # the model): views into the file's buffer would keep it alive after a layer is swapped.
     model = model.to_empty(device="cpu").to(dtype)

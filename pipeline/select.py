@@ -155,3 +155,32 @@ def source_tensors(ckpt: Checkpoint, layers: list[SelectedLayer], jobs: int = 1)
     return [
         SourceTensor(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape, h) for n, h in zip(names, hashes, strict=True)
     ]
+
+
+# pi0.5's adaptive norms are Linears named <norm>.dense (full_w4a8 packs them at 8 bits by a
+# pattern); pi0's expert norms are plain gains, and its time enters through action_time_mlp_*.
+_ADAPTIVE_NORM_PROBE = "gemma_expert.model.layers.0.input_layernorm.dense"
+_PI0_MARKER = re.compile(r"(?:^|\.)action_time_mlp_in\.weight$")
+
+
+def unused_bits_patterns(cfg: DuQuantConfig, layers: list[SelectedLayer]) -> list[str]:
+    """The ``quant.weight_bits_by_pattern`` keys that match no selected Linear."""
+    names = [la.name for la in layers if la.kind == LINEAR]
+    return [p for p, _ in cfg.quant.weight_bits_by_pattern if not any(re.search(p, n) for n in names)]
+
+
+def selection_notes(cfg: DuQuantConfig, ckpt: Checkpoint, layers: list[SelectedLayer]) -> list[str]:
+    """One line per bits pattern that matches no selected layer: not an error (full_w4a8's
+    adaptive-norm rule has nothing to match on pi0), but worth saying, with why when known."""
+    modules = list(linear_modules(ckpt))
+    return [_unused_note(p, modules, ckpt) for p in unused_bits_patterns(cfg, layers)]
+
+
+def _unused_note(pattern: str, modules: list[str], ckpt: Checkpoint) -> str:
+    """The adaptive-norm rule on a checkpoint without any adaptive norm says so (and names pi0
+    when its time MLP is there); any other unused pattern is said as it is."""
+    field = f"quant.weight_bits_by_pattern '{pattern}'"  # as the TOML writes it
+    if not re.search(pattern, _ADAPTIVE_NORM_PROBE) or any(re.search(pattern, m) for m in modules):
+        return f"note: {field} matches no selected layer"
+    pi0 = " (pi0)" if any(_PI0_MARKER.search(n) for n in ckpt.tensors) else ""
+    return f"note: no adaptive norms on this checkpoint{pi0}: {field} matches no layer"
