@@ -8,25 +8,35 @@ CONFIG ?= llm_w4a8
 CKPT ?=
 JOBS ?=
 OUT ?= artifacts
+DEV_TORCH := 2.13.0
+TARGETS ?=
+# make gpu-check GPU_PYTHON=/path/to/python: an environment that has a CUDA torch already
+# (the project is installed into it without touching its torch).
+GPU_PYTHON ?=
 DEMO_DIR := $(OUT)/demo
 FULL_DIR := $(OUT)/demo-full
 # One BLAS/OpenMP thread per process and no OpenMP busy-waiting: on 2 cores the
 # defaults make small matmuls many times slower under load.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help install packs verify test lint format bench bench-full fuzz mutants full-checkpoint clean
+.PHONY: help install packs verify test test-compat gpu-check constraints lint format bench bench-full fuzz mutants full-checkpoint clean
 
 help:
 	@echo "make packs [CONFIG=llm_w4a8] [CKPT=path] [JOBS=n]   build + verify a bundle (demo checkpoint when no CKPT)"
 	@echo "make test                                           the test suite (CI runs this)"
+	@echo "make test-compat [TARGETS=openpi]                   the runtime's tests on openpi's / LeRobot's torch + transformers"
+	@echo "make gpu-check [GPU_PYTHON=python]                  everything that needs CUDA, <= 5 min on one GPU (one line and exit 0 without)"
+	@echo "make constraints                                    re-pin the dev set (constraints.txt) from a fresh resolve"
 	@echo "make lint | format | verify BUNDLE=... | bench | bench-full | fuzz | mutants | full-checkpoint | clean"
 
-$(STAMP): pyproject.toml Makefile
+# Every version comes from constraints.txt (torch: the CPU wheel 2.13.0); pyproject.toml keeps
+# the ranges users install from. The check fails when .venv differs from the pins.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# The exact CPU wheel for dev/CI; pyproject keeps a permissive torch range for users.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip check
+	$(BIN)/python tools/pins.py check constraints.txt
 	touch $@
 
 install: $(STAMP)
@@ -92,6 +102,26 @@ fuzz: $(STAMP)
 mutants: $(STAMP)
 	$(BIN)/python -m pip install -q mutmut==3.8.1
 	$(BIN)/python tools/mutants.py
+
+# Move the pins on purpose: a fresh resolve of torch==$(DEV_TORCH) + '.[dev]' in a scratch venv.
+constraints:
+	@set -euo pipefail; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	$(PYTHON) -m venv "$$scratch"; \
+	"$$scratch/bin/python" -m pip install -q --upgrade pip; \
+	"$$scratch/bin/python" -m pip install -q torch==$(DEV_TORCH) -e '.[dev]'; \
+	"$$scratch/bin/python" tools/pins.py freeze > constraints.txt.new; \
+	mv constraints.txt.new constraints.txt; \
+	git diff --stat -- constraints.txt
+
+# The runtime's tests on the torch and transformers users pin, one venv each under .venv-compat/
+# (tools/compat.py; not in CI): make test-compat [TARGETS="openpi lerobot dev"].
+test-compat:
+	$(PYTHON) tools/compat.py $(TARGETS)
+
+# Everything that needs a GPU, in one script (bench/gpu_check.py): without CUDA one line, exit 0.
+gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
+	@set -e; $(if $(GPU_PYTHON),$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .;) \
+	$(or $(GPU_PYTHON),$(BIN)/python) bench/gpu_check.py --out $(OUT)/bench/gpu_check.json
 
 full-checkpoint: $(STAMP)
 	$(BIN)/duquant-packs demo-checkpoint --full-size --out $(FULL_DIR)

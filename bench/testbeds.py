@@ -185,7 +185,8 @@ def _couple_siglip_layer(layer: nn.Module, g: torch.Generator) -> None:
 def couple_outliers(model: Pi05Testbed, seed: int = 0) -> Pi05Testbed:
     """Give every layer coupled outliers (function-preserving, in place); returns the model."""
     g = torch.Generator().manual_seed(1000 + seed)
-    for layer in model.pg.vision_tower.encoder.layers:
+    tower = model.pg.vision_tower  # transformers 4.x wraps the transformer in SiglipVisionModel
+    for layer in getattr(tower, "vision_model", tower).encoder.layers:
         _couple_siglip_layer(layer, g)
     for gemma, dims in ((model.pg.language_model, LLM), (model.paligemma_with_expert.gemma_expert.model, EXPERT)):
         for layer in gemma.layers:
