@@ -18,7 +18,7 @@ from pathlib import Path
 
 from duquant_runtime import __version__
 from duquant_runtime.bundle import BundleReader, BundleWriter, LayerPack
-from duquant_runtime.bundle_records import LINEAR
+from duquant_runtime.bundle_records import EMBEDDING, LINEAR
 from duquant_runtime.config import DuQuantConfig
 from duquant_runtime.errors import BundleError
 from duquant_runtime.fingerprint import SourceTensor
@@ -32,7 +32,7 @@ from .pack import pack_layer
 from .process import block_stop_signals
 from .recipe import statistics_needed
 from .rotations import check
-from .select import SelectedLayer, select_layers, selection_notes, source_tensors
+from .select import SelectedLayer, build_notes, select_layers, source_tensors
 from .verify import reader_problems
 from .workers import BACKENDS, run_jobs, start_pool
 
@@ -49,7 +49,8 @@ class BuildResult:
     weight_bytes: int
     name_prefix: str = ""  # the checkpoint's prefix the layer names were found under, e.g. "model."
     quality: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> its recorded SQNR figures
-    notes: list[str] = field(default_factory=list)  # select.selection_notes: e.g. no adaptive norms on pi0
+    notes: list[str] = field(default_factory=list)  # select.build_notes: e.g. no adaptive norms on pi0
+    tables: tuple[str, ...] = ()  # the embedding tables among the layers (their quality is a table's)
 
 
 # Below this many selected weights a pool's start-up (worker processes importing torch and
@@ -182,8 +183,10 @@ def _reuse(plan: _Plan, start: float) -> BuildResult | None:
     final, fp, quality = reusable
     total_bytes = sum(la.weight_bytes for la in plan.layers)
     seconds = time.perf_counter() - start
-    notes = selection_notes(plan.config, plan.ckpt, plan.layers)
-    return BuildResult(final, fp, len(plan.layers), True, seconds, total_bytes, plan.layers[0].prefix, quality, notes)
+    notes = build_notes(plan.config, plan.ckpt, plan.layers)
+    tables = _tables(plan.layers)
+    prefix = plan.layers[0].prefix
+    return BuildResult(final, fp, len(plan.layers), True, seconds, total_bytes, prefix, quality, notes, tables)
 
 
 def _write_bundle(plan: _Plan, packs: Iterator[LayerPack], progress: Progress | None) -> tuple[Path, str, dict]:
@@ -266,8 +269,12 @@ def build_bundle(
         packs.close()  # stops the workers now (loky's, a local dask cluster), not when collected
         pool.shutdown(wait=False, cancel_futures=True)
     seconds, total_bytes = time.perf_counter() - start, sum(la.weight_bytes for la in layers)
-    notes = selection_notes(config, ckpt, layers)
-    return BuildResult(path, fp, len(layers), False, seconds, total_bytes, layers[0].prefix, quality, notes)
+    notes, tables = build_notes(config, ckpt, layers), _tables(layers)
+    return BuildResult(path, fp, len(layers), False, seconds, total_bytes, layers[0].prefix, quality, notes, tables)
+
+
+def _tables(layers: list[SelectedLayer]) -> tuple[str, ...]:
+    return tuple(la.name for la in layers if la.kind == EMBEDDING)
 
 
 def _prepare_output(plan: _Plan) -> None:

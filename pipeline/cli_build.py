@@ -11,9 +11,10 @@ import click
 
 from .cli_common import checkpoint_option, config_option, env_option, fail, friendly, load_config, prefix_note
 from .process import Stopped, StopSignals
-from .report import human, quality_summary, summary_lines
+from .report import calibration_needed, human, quality_summary, summary_lines, table_line
 
 if TYPE_CHECKING:
+    from duquant_runtime.config import DuQuantConfig
     from tqdm import tqdm
 
     from .build import BuildResult
@@ -63,8 +64,9 @@ _BUILD_OPTIONS = (
         help="Calibration statistics from duquant_runtime.capture_stats: the per-layer choice measures output "
         "error on the captured sample and adds the candidates that need data; the config fields that need "
         "statistics (docs/configuration.md marks them) refuse to build without them; static activation scales "
-        "are stored in the bundle (quant.act_mode = per_channel_static) and each layer's output SQNR is "
-        "recorded. Enters the fingerprint.",
+        "are stored in the bundle (quant.act_mode = per_channel_static, or per_step_static: one row per "
+        "denoising step, from statistics captured on an instrumented model), so no calibrate() is needed at "
+        "run time, and each layer's output SQNR is recorded. Enters the fingerprint.",
     ),
     click.option(
         "--min-sqnr",
@@ -132,7 +134,7 @@ def build(
         scheduler=scheduler,
     )
     result = run_until_stopped(run, BuildProgress(cfg.name, quiet))
-    say_result(cfg.name, result)
+    say_result(cfg, result, calib)
 
 
 class BuildProgress:
@@ -183,16 +185,23 @@ def run_until_stopped(run: Callable[..., BuildResult], progress: BuildProgress) 
         progress.close()
 
 
-def say_result(config_name: str, result: BuildResult) -> None:
-    """The summary line and quality lines on stderr, then the bundle's path, last, on stdout."""
+def say_result(cfg: DuQuantConfig, result: BuildResult, calib: str | None = None) -> None:
+    """The summary line, quality lines (the Linears' per component, then each table's) and notes
+    on stderr, then the bundle's path, last, on stdout."""
     verb = "reused verified" if result.skipped else "built"
     click.echo(
-        f"{verb} {config_name}: {result.layers} layers, {human(result.weight_bytes)} of weights, "
+        f"{verb} {cfg.name}: {result.layers} layers, {human(result.weight_bytes)} of weights, "
         f"fingerprint {result.fingerprint[:12]}, {result.seconds:.1f} s" + prefix_note(result.name_prefix),
         err=True,
     )
-    for line in summary_lines(quality_summary(result.quality)):
+    linears = {n: q for n, q in result.quality.items() if n not in result.tables}
+    for line in summary_lines(quality_summary(linears)):
         click.echo(f"  {line}", err=True)
+    for name in result.tables:
+        table = {"layer": name, "bits": cfg.embed.bits, "group_size": cfg.embed.group_size}
+        click.echo(f"  {table_line({**table, **result.quality.get(name, {})})}", err=True)
     for note in result.notes:
         click.echo(note, err=True)
+    if needed := calibration_needed(cfg.to_dict(), calib):
+        click.echo(f"note: this bundle holds {needed}", err=True)
     click.echo(str(result.path))

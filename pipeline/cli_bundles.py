@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 
 import click
-from duquant_runtime.errors import BundleReadError
 from duquant_runtime.locate import locate_bundle
 
 from .cli_common import env_option, friendly, load_config
@@ -39,12 +37,15 @@ EXIT_DOES_NOT_VERIFY = 1
 @env_option
 @friendly
 def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor: bool, use_env: bool) -> None:
-    """Exit 0 when BUNDLE is intact (and matches); otherwise exit 1 and say what differs."""
+    """Exit 0 when BUNDLE is intact (and matches); exit 1 and say what differs when it is damaged
+    or was built for another config or checkpoint; exit 2 when BUNDLE, the config or the
+    checkpoint cannot be found or read."""
     from .verify import verify_bundle
 
     cfg = load_config(config, use_env) if config else None
-    with contextlib.suppress(BundleReadError):  # else verify_bundle says what is wrong with it
-        bundle = str(locate_bundle(bundle))  # a folder holding one bundle: name the file checked
+    # A folder holding one bundle: name the file checked. No such path, or a folder holding none
+    # or several, is a usage error (exit 2); a file that is no intact bundle does not verify (1).
+    bundle = str(locate_bundle(bundle))
     problems = [str(p) for p in verify_bundle(bundle, config=cfg, checkpoint=checkpoint, every_tensor=every_tensor)]
     if problems:
         for line in problems:  # an indented line details the problem above it
@@ -75,8 +76,9 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor
     "plot_to",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also draw each layer's SQNR against depth per component, marked by choice, RTN's beside it, "
-    "into this PNG: where the quantization hurts, at a glance.",
+    help="Also draw each layer's SQNR against depth per component, marked by choice (hollow: more bits), "
+    "RTN's beside it, and the embedding tables', into this file (.png, .pdf, .svg, ...): where the "
+    "quantization hurts, at a glance.",
 )
 @friendly
 def inspect(bundle: str, as_json: bool, worst: int | None, plot_to: str | None) -> None:
@@ -84,11 +86,14 @@ def inspect(bundle: str, as_json: bool, worst: int | None, plot_to: str | None) 
     per component, and provenance. Reads metadata only: instant on any bundle."""
     from .report import print_report, read_report, worst_layers
 
+    if plot_to is not None:
+        from .plot import check_plot_path, plot_report
+
+        check_plot_path(plot_to)  # a wrong path is said before the bundle is read
     info = read_report(bundle)
     if plot_to is not None:
-        from .plot import plot_report
-
         plot_report(info, plot_to)
+        click.echo(f"plot written to {plot_to}", err=True)  # stderr: --json keeps stdout one document
     if as_json:
         if worst is not None:
             info["worst"] = worst_layers(info["quality"], worst)

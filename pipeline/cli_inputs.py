@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import click
-from duquant_runtime.config import SelectConfig, preset_names, resolve
+from duquant_runtime.config import EmbedConfig, QuantConfig, SelectConfig, preset_names, resolve
 
 from .cli_common import checkpoint_option, config_option, env_option, friendly, load_config, prefix_note
 from .demo_specs import MODELS
@@ -21,7 +21,7 @@ from .report import human
 def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
     """Dry run: print every layer the config selects, with its shape and bits, and the total."""
     from .checkpoint import Checkpoint
-    from .select import select_layers, selection_notes
+    from .select import build_notes, select_layers
 
     cfg = load_config(config, use_env)
     ckpt = Checkpoint.open(checkpoint)
@@ -33,7 +33,7 @@ def list_layers(config: str, checkpoint: str, use_env: bool) -> None:
     click.echo(
         f"{len(layers)} layers selected by {cfg.name} ({human(total)} of weights){prefix_note(layers[0].prefix)}"
     )
-    for note in selection_notes(cfg, ckpt, layers):
+    for note in build_notes(cfg, ckpt, layers):
         click.echo(note, err=True)
 
 
@@ -46,10 +46,27 @@ def configs() -> None:
         cfg = resolve(name)
         t = cfg.transform
         click.echo(
-            f"{name:<16} scope={cfg.select.scope!r:<58} w{cfg.quant.weight_bits}a{cfg.quant.act_bits} "
-            f"block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} {describe(cfg)}"
-            f"{_selection_note(cfg.select)}"
+            f"{name:<16} scope={cfg.select.scope!r:<58} w{cfg.quant.weight_bits}a{cfg.quant.act_bits}"
+            f"{_act_note(cfg.quant)} block={t.block_size} permute={int(t.permute)} row_rot={t.row_rot} "
+            f"{describe(cfg)}{_selection_note(cfg.select)}{_embed_note(cfg.embed)}"
         )
+
+
+def _act_note(quant: QuantConfig) -> str:
+    """The activation scales, where they are static: they need calibration before a forward."""
+    if quant.act_mode == "per_step_static" and quant.act_bits:
+        return f" (per-step static, {quant.flow_steps} steps: needs calibration, or build --calib)"
+    if quant.act_mode == "per_channel_static" and quant.act_bits:
+        return " (per-channel static: needs calibration, or build --calib)"
+    return ""
+
+
+def _embed_note(embed: EmbedConfig) -> str:
+    """The embedding tables a preset quantizes too, when any."""
+    if not embed.include:
+        return ""
+    group = f"groups of {embed.group_size}" if embed.group_size else "a scale per row"
+    return f"  + token table int{embed.bits} ({group}): embed.include={embed.include!r}"
 
 
 def _selection_note(select: SelectConfig) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.bundle_records import EMBEDDING
 from duquant_runtime.config import component_of, from_dict
+from duquant_runtime.schema import STATIC_ACT_MODES
 
 from .checkpoint import ITEMSIZE
 
@@ -68,6 +69,22 @@ def summary_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def calibration_needed(config: dict[str, Any], calib: str | None) -> str | None:
+    """Why and how a bundle's static activation scales must be calibrated before its first
+    forward (built without --calib), or None when it needs no calibration."""
+    q = config["quant"]
+    if q["act_mode"] not in STATIC_ACT_MODES or not q["act_bits"] or calib:
+        return None
+    if q["act_mode"] == "per_step_static":
+        how = "over the denoising loop (after instrument(model) and load_bundle)"
+    else:
+        how = "on a few batches (after load_bundle)"
+    return (
+        f"no activation scales (quant.act_mode = '{q['act_mode']}', built without --calib): call "
+        f"duquant_runtime.calibrate(model) {how} before the first forward, or build with --calib STATS.h5"
+    )
+
+
 def read_report(bundle: str | Path) -> dict[str, Any]:
     """Everything `inspect` shows (its --json document), from the bundle's metadata."""
     quality: dict[str, dict[str, Any]] = {}
@@ -90,7 +107,8 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
                 embeddings[-1].update(meta.get("quality", {}))
             else:
                 if meta.get("quality"):
-                    quality[name] = {**meta["quality"], "choice": choice or h.config["transform"]["method"]}
+                    method = choice or h.config["transform"]["method"]
+                    quality[name] = {**meta["quality"], "choice": method, "bits": int(meta["weight_bits"])}
                 if choice:
                     choices[choice] = choices.get(choice, 0) + 1
                 if int(meta["weight_bits"]) != quant.bits_for(name):
@@ -153,6 +171,8 @@ def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
     )
     if h["calib"]:
         echo(f"calibration  statistics {str(h['calib'])[:12]}")
+    elif needed := calibration_needed(h["config"], None):
+        echo(f"calibration  {needed}")
     echo(f"scope        {h['config']['select']['scope']!r}")
     if h["choices"]:
         listing = ", ".join(f"{k} {v}" for k, v in sorted(h["choices"].items(), key=lambda kv: (-kv[1], kv[0])))
@@ -162,12 +182,20 @@ def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
     for line in summary_lines(h["quality_summary"]):
         echo(f"quality      {line}")
     for e in h.get("embeddings", []):
-        group = f"group {e['group_size']}" if e["group_size"] else "per row"
-        rtn = f" (RTN {e['rtn_weight_sqnr_db']:.2f})" if "rtn_weight_sqnr_db" in e else ""
-        sqnr = f"weight SQNR {e['weight_sqnr_db']:.2f} dB{rtn}" if "weight_sqnr_db" in e else "no quality record"
-        echo(f"embedding    {e['layer']}  int{e['bits']} ({group})  {sqnr}")
+        echo(table_line(e))
+    include = h["config"].get("embed", {}).get("include")
+    if include and not h.get("embeddings"):  # a preset's table rule that found no table: say so
+        echo(f"embedding    none: embed.include '{include}' matched no table in the checkpoint")
     if worst is not None:
         _print_worst(worst_layers(h["quality"], worst), len(h["quality"]), echo)
+
+
+def table_line(e: dict[str, Any]) -> str:
+    """`embedding    <table>  int8 (per row)  weight SQNR 43.15 dB (RTN 43.15)`: a table's own line."""
+    group = f"group {e['group_size']}" if e["group_size"] else "per row"
+    rtn = f" (RTN {e['rtn_weight_sqnr_db']:.2f})" if "rtn_weight_sqnr_db" in e else ""
+    sqnr = f"weight SQNR {e['weight_sqnr_db']:.2f} dB{rtn}" if "weight_sqnr_db" in e else "no quality record"
+    return f"embedding    {e['layer']}  int{e['bits']} ({group})  {sqnr}"
 
 
 def _print_fallback(h: dict[str, Any], echo: Echo) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from duquant_runtime.bundle_records import EMBEDDING, LINEAR
-from duquant_runtime.config import DuQuantConfig, matches
+from duquant_runtime.config import DuQuantConfig, matches, preset_names, resolve
 from duquant_runtime.errors import SelectionError
 from duquant_runtime.fingerprint import SourceTensor
 from duquant_runtime.prefix import selection_prefix
@@ -105,8 +105,9 @@ def explain_empty(cfg: DuQuantConfig, modules: list[str]) -> str:
 def embedding_names(config: DuQuantConfig, modules: list[str], linears: list[str]) -> list[str]:
     """The tables ``embed.include`` picks among the checkpoint's 2-D weights (``modules``),
     refused when it picks a layer the selection quantizes as a Linear. A pattern matching no
-    table picks none: the full presets name PaliGemma's, and run on checkpoints without it
-    (the build's summary and ``inspect`` list the tables quantized)."""
+    table is refused, naming the nearest tables, unless it is a preset's own rule: the full
+    presets name PaliGemma's table and run on checkpoints without it, where the build goes on
+    without a table and says so (``embed_notes``)."""
     e = config.embed
     if not e.include:
         return []
@@ -117,6 +118,8 @@ def embedding_names(config: DuQuantConfig, modules: list[str], linears: list[str
         raise SelectionError(
             f"{both[0]} is picked both by [select] (as a Linear) and by embed.include: narrow one of them"
         )
+    if not names and e.include not in preset_embed_rules():
+        raise SelectionError(_no_table_message(e.include, modules, linears))
     return names
 
 
@@ -184,3 +187,49 @@ def _unused_note(pattern: str, modules: list[str], ckpt: Checkpoint) -> str:
         return f"note: {field} matches no selected layer"
     pi0 = " (pi0)" if any(_PI0_MARKER.search(n) for n in ckpt.tensors) else ""
     return f"note: no adaptive norms on this checkpoint{pi0}: {field} matches no layer"
+
+
+def preset_embed_rules() -> set[str]:
+    """The ``embed.include`` patterns the presets set: rules written for PaliGemma's table, which
+    may find none on another model (a config with ``base = "full_w4a8"``), unlike a user's own."""
+    return {rule for name in preset_names() if (rule := resolve(name).embed.include)}
+
+
+def _no_table_message(include: str, modules: list[str], linears: list[str]) -> str:
+    """``embed.include`` matching nothing, with the nearest 2-D weights [select] leaves alone."""
+    chosen = set(linears)
+    tables = [m for m in modules if m not in chosen] or modules
+    pieces = [_literal(a) for a in include.split("|")]
+
+    def likeness(name: str) -> float:
+        return max(
+            difflib.SequenceMatcher(None, piece, candidate).ratio()
+            for piece in pieces
+            for candidate in (name, name.rsplit(".", 1)[-1])
+        )
+
+    near = sorted(tables, key=lambda m: (-likeness(m), m))[:3]
+    message = f"embed.include '{include}' matches no table; nearest: {', '.join(near) or 'none (no 2-D weight)'}"
+    if "lm_head" in include:  # transformers' save_pretrained writes a tied pair's table once, as the embedding
+        message += " (a tied lm_head.weight is not saved: include the embedding it is tied to)"
+    return message
+
+
+def _literal(pattern: str) -> str:
+    """A pattern's plain text, for likeness: 'language_model\\.embed_tokens)$' -> 'language_model.embed_tokens'."""
+    return re.sub(r"[\^$*+?()\[\]{}]", "", re.sub(r"\\(.)", r"\1", pattern.replace("(?:", "")))
+
+
+def embed_notes(cfg: DuQuantConfig, layers: list[SelectedLayer]) -> list[str]:
+    """One line when a preset's table rule found no table (the build goes on without one)."""
+    if not cfg.embed.include or any(la.kind == EMBEDDING for la in layers):
+        return []
+    return [
+        f"note: embed.include '{cfg.embed.include}', a preset's rule for PaliGemma's token table, matches no "
+        "table on this checkpoint: the bundle quantizes no embedding"
+    ]
+
+
+def build_notes(cfg: DuQuantConfig, ckpt: Checkpoint, layers: list[SelectedLayer]) -> list[str]:
+    """Every note a build and ``list-layers`` end with: unused bits patterns, then tables."""
+    return selection_notes(cfg, ckpt, layers) + embed_notes(cfg, layers)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from duquant_runtime.bundle import BundleReader
+from duquant_runtime.bundle import BundleHeader, BundleReader
 from duquant_runtime.bundle_checks import config_problems, integrity_problems
 from duquant_runtime.config import DuQuantConfig, from_dict
-from duquant_runtime.errors import BundleError
+from duquant_runtime.errors import BundleError, SelectionError
 from duquant_runtime.fingerprint import SourceTensor, diff_sources
 
 from .checkpoint import Checkpoint
@@ -52,7 +52,10 @@ def reader_problems(
     if checkpoint is not None and sources is None:
         ckpt = Checkpoint.open(checkpoint)
         bundle_config = config or from_dict(header.config)
-        sources = source_tensors(ckpt, select_layers(bundle_config, ckpt))
+        try:
+            sources = source_tensors(ckpt, select_layers(bundle_config, ckpt))
+        except SelectionError as exc:  # nothing to compare: the checkpoint is another one
+            return [*problems, _another_checkpoint(header, checkpoint, exc)]
     if sources is not None:
         recorded = header.fingerprint_doc["source"]
         differing = diff_sources(recorded, [s.to_json() for s in sources])
@@ -71,3 +74,14 @@ def _source_lines(differing: list[str], compared: int, every_tensor: bool) -> li
         *(f"  {line}" for line in differing[:SHOWN_TENSORS]),
         f"  ... and {more} more (`verify --all` lists every one)",
     ]
+
+
+def _another_checkpoint(header: BundleHeader, checkpoint: str | Path, why: SelectionError) -> str:
+    """The config selects nothing comparable in ``checkpoint``: name the checkpoint the
+    fingerprint's sources come from, and why this one has none of them."""
+    source = header.fingerprint_doc.get("source") or [["?"]]
+    built_from = header.provenance.get("checkpoint", "unknown")
+    return (
+        f"checkpoint {checkpoint} is not the one this bundle was built from ({built_from}, whose "
+        f"{len(source)} source tensors include {source[0][0]}): {why}"
+    )

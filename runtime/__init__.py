@@ -35,6 +35,7 @@ _EXPORTS = {
         name: "errors"
         for name in (
             "ActScalesError",
+            "AlreadyCalibratedError",
             "BundleError",
             "BundleReadError",
             "BundleVersionError",

@@ -18,7 +18,8 @@ from torch import nn
 
 from .actquant import StaticScaleObserver
 from .crc import crc32
-from .errors import ActScalesError, DuQuantError
+from .errors import ActScalesError, AlreadyCalibratedError, DuQuantError
+from .flowsteps import steps_mismatch
 from .h5file import SCALES_MAGIC, FileKind, SealedReader, SealedWriter
 from .layer import DuQuantLinear
 from .read_errors import translated
@@ -50,6 +51,10 @@ class _Observer:
         """The first step (row) no batch reached, None when every one was."""
         return next((row for row, rule in enumerate(self.rules) if rule.batches == 0), None)
 
+    def seen_steps(self) -> list[int]:
+        """The steps (rows) some batch reached."""
+        return [row for row, rule in enumerate(self.rules) if rule.batches]
+
     def result(self) -> torch.Tensor:
         """[in] scales, or [steps, in] for a per-step layer."""
         rows = [rule.scales() for rule in self.rules]
@@ -61,7 +66,9 @@ def static_layers(model: nn.Module) -> dict[str, DuQuantLinear]:
 
 
 @contextlib.contextmanager
-def calibrate(model: nn.Module, steps: int | None = None, percentile: float | None = None) -> Iterator[None]:
+def calibrate(
+    model: nn.Module, steps: int | None = None, percentile: float | None = None, *, overwrite: bool = False
+) -> Iterator[None]:
     """Run batches through ``model`` inside this block; on exit the static scales freeze.
 
     ``steps``/``percentile`` default to the bundle config's ``calib_steps`` and
@@ -69,12 +76,21 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
     quantizes activations per token as a layer without them does, and each layer is
     calibrated on the inputs it will see; a forward pre-hook observes them. Every static
     layer must have seen at least one batch, or the block raises and nothing is frozen.
+    Layers that hold scales already (a bundle built with ``--calib``, ``act_scales=``, an
+    earlier ``calibrate``) are refused with ``AlreadyCalibratedError`` unless ``overwrite``.
     """
     layers = static_layers(model)
     if not layers:
         raise DuQuantError(
             "calibrate(): the model has no DuQuantLinear layer with static activation scales "
-            "(the bundle's quant.act_mode is not 'per_channel_static', or act_bits is 0)"
+            "(the bundle's quant.act_mode is not 'per_channel_static' or 'per_step_static', or act_bits is 0)"
+        )
+    held = [name for name, layer in layers.items() if layer.act_calibrated]
+    if held and not overwrite:  # never replace scales the user may not know are there
+        raise AlreadyCalibratedError(
+            f"calibrate(): {len(held)} of {len(layers)} static layer(s) hold activation scales already (e.g. "
+            f"{held[0]}: from a bundle built with --calib, act_scales= or an earlier calibrate()); pass "
+            "calibrate(model, overwrite=True) to replace them"
         )
     observers, held_back = {}, {}
     for name, layer in layers.items():
@@ -84,15 +100,7 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
     try:
         with observing_eagerly():
             yield
-        unseen = {n: step for n, o in observers.items() if (step := o.unseen_step()) is not None}
-        if unseen:
-            name, step = next(iter(unseen.items()))
-            table = layers[name].step_table
-            at_step = "" if table is None else f" at denoising step {step} (flow time {table.times[step]:g})"
-            raise DuQuantError(
-                f"calibrate(): {len(unseen)} static layer(s) saw no batch{at_step} (e.g. {name}); run inputs "
-                "that reach every quantized layer" + (", at every denoising step" if at_step else "")
-            )
+        _check_every_step_seen(layers, observers)
         for name, layer in layers.items():
             layer.act_scale = held_back.pop(name)
             layer.set_act_scale(observers[name].result())
@@ -101,6 +109,20 @@ def calibrate(model: nn.Module, steps: int | None = None, percentile: float | No
             observers[name].handle.remove()
             if name in held_back:  # the block raised: the scales stay as they were
                 layer.act_scale = held_back[name]
+
+
+def _check_every_step_seen(layers: dict[str, DuQuantLinear], observers: dict[str, _Observer]) -> None:
+    """Refuse to freeze when a static layer (or one step of a per-step layer) saw no batch."""
+    unseen = {n: step for n, o in observers.items() if (step := o.unseen_step()) is not None}
+    if not unseen:
+        return
+    name, step = next(iter(unseen.items()))
+    table = layers[name].step_table
+    at_step = "" if table is None else f" at denoising step {step} (flow time {table.times[step]:g})"
+    why = "run inputs that reach every quantized layer" + (", at every denoising step" if at_step else "")
+    if table is not None:  # a loop of fewer steps than the bundle's table is said as such
+        why = steps_mismatch(observers[name].seen_steps(), table.steps, "this bundle", "build it with") or why
+    raise DuQuantError(f"calibrate(): {len(unseen)} static layer(s) saw no batch{at_step} (e.g. {name}); {why}")
 
 
 def save_act_scales(model: nn.Module, path: str | Path) -> Path:

@@ -54,7 +54,17 @@ class ActScalesError(BundleError):
 
 
 class NotCalibratedError(DuQuantError, RuntimeError):
-    """A static-activation layer was run before its scales were calibrated or loaded."""
+    """A static-activation layer was run before its scales were calibrated or loaded. ``layer``
+    names it (its name in the bundle), when known."""
+
+    def __init__(self, message: str, *, layer: str | None = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+
+
+class AlreadyCalibratedError(DuQuantError, RuntimeError):
+    """``calibrate()`` was asked to replace activation scales the layers hold already (from a
+    ``--calib`` build, ``act_scales=``, or an earlier calibration) without ``overwrite=True``."""
 
 
 class StepError(DuQuantError, RuntimeError):

@@ -177,14 +177,38 @@ class StepTable:
         best = min(max(round((1 - time) * self.steps), 0), self.steps - 1)
         if abs(time - self.times[best]) > TOLERANCE:
             shown = ", ".join(f"{t:g}" for t in self.times)
+            # Worded for every caller: a capture or a calibration in progress meets it as well as inference.
             raise UnknownFlowTimeError(
-                f"layer {layer}: flow time {time:.6g} is none of the {self.steps} steps its scales were "
-                f"calibrated at ({shown}; tolerance {TOLERANCE:g}): calibrate for this schedule "
-                "(quant.flow_steps)",
+                f"layer {layer}: flow time {time:.6g} is none of the {self.steps} flow times of its per-step scale "
+                f"table ({shown}; tolerance {TOLERANCE:g}): the denoising loop runs another number of steps than "
+                f"quant.flow_steps = {self.steps}; run it with {self.steps} steps, or use a config (and bundle) "
+                "whose quant.flow_steps is the loop's",
                 layer=layer,
                 step=time,
             )
         return best
+
+
+def loop_steps(seen: list[int], steps: int) -> int | None:
+    """The number of steps of a shorter loop that reached exactly the rows ``seen`` of a
+    ``steps``-row table (a 10-step loop on a 20-step table: rows 0, 2, ..., 18), or None when
+    ``seen`` is not such a loop's (a loop stopped early, a layer some steps skip)."""
+    n = len(seen)
+    if 0 < n < steps and steps % n == 0 and sorted(seen) == list(range(0, steps, steps // n)):
+        return n
+    return None
+
+
+def steps_mismatch(seen: list[int], steps: int, whose: str, fix: str) -> str | None:
+    """'the loop ran 10 steps; this config has flow_steps = 20: ...' when ``seen`` is a shorter
+    loop's rows (``loop_steps``); ``fix`` says how to change ``whose`` flow_steps."""
+    n = loop_steps(seen, steps)
+    if n is None:
+        return None
+    return (
+        f"the loop ran {n} step{'s' if n != 1 else ''}; {whose} has flow_steps = {steps}: run the loop with "
+        f"{steps} steps, or {fix} quant.flow_steps = {n}"
+    )
 
 
 def _name_of(layer: nn.Module) -> str:

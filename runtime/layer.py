@@ -24,12 +24,13 @@ from torch import nn
 from . import stages as st
 from .actquant import ACT_EPS, fake_quant, per_token_scale
 from .bundle import LayerPack
-from .errors import DuQuantError, NotCalibratedError
+from .errors import DuQuantError
 from .flowsteps import StepTable
 from .layer_buffers import (
     SharedTensors,
     act_scale_shape,
     checked_act_scale,
+    not_calibrated,
     placeholders,
     stage_tensors,
     static_act_scale,
@@ -203,10 +204,7 @@ class DuQuantLinear(nn.Module):
             return x_t
         if self.act_scale is not None:
             if not self.act_calibrated:
-                raise NotCalibratedError(
-                    "this layer uses static per-channel activation scales but has none: run batches inside "
-                    "`with duquant_runtime.calibrate(model): ...` first, or pass act_scales= to load_bundle"
-                )
+                raise not_calibrated(self.bundle_name, self.act_mode)
             scale = self.act_scale
             if self.step_table is not None:  # per-step: the row of the step now running, found in the graph
                 scale = self.step_table.row_of(scale, self)

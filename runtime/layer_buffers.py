@@ -14,6 +14,7 @@ import torch
 
 from .actquant import ACT_EPS
 from .bundle import LayerPack
+from .errors import NotCalibratedError
 from .flowsteps import StepTable
 from .schema import STATIC_ACT_MODES
 
@@ -70,6 +71,24 @@ def static_act_scale(scale: torch.Tensor, device: torch.device | str | None) -> 
 def uses_static_scales(act_mode: str, act_bits: int) -> bool:
     """Does a layer of this activation setting hold static per-channel or per-step scales (``act_scale``)?"""
     return act_mode in STATIC_ACT_MODES and act_bits > 0
+
+
+def not_calibrated(name: str | None, act_mode: str) -> NotCalibratedError:
+    """The refusal of a static layer run before it has scales: the layer, its mode, and the fix."""
+    layer = f"layer {name}" if name else "this DuQuantLinear"
+    if act_mode == "per_step_static":
+        return NotCalibratedError(
+            f"{layer} uses per-step static activation scales (quant.act_mode = 'per_step_static') and has none "
+            "yet: call duquant_runtime.calibrate(model) over the denoising loop (the model instrumented) before "
+            "the first forward, pass act_scales= to load_bundle, or build the bundle with --calib",
+            layer=name,
+        )
+    return NotCalibratedError(
+        f"{layer} uses per-channel static activation scales (quant.act_mode = '{act_mode}') and has none yet: "
+        "run batches inside `with duquant_runtime.calibrate(model): ...` before the first forward, pass "
+        "act_scales= to load_bundle, or build the bundle with --calib",
+        layer=name,
+    )
 
 
 def placeholders(

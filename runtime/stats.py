@@ -34,8 +34,9 @@ from torch import nn
 from .config import DuQuantConfig, matches, resolve
 from .crc import crc32
 from .errors import StatsError
-from .flowsteps import step_table
+from .flowsteps import step_table, steps_mismatch
 from .h5file import STATS_MAGIC, FileKind, SealedReader, SealedWriter
+from .layer import DuQuantLinear
 from .prefix import selection_prefix
 from .read_errors import translated
 from .stats_observer import LayerObserver, LayerStats, observing_eagerly
@@ -89,10 +90,15 @@ class StatsCapture:
         quiet = {n: o.silent_step() for n, o in self._observers.items() if o.silent_step() is not None}
         if quiet:
             name, step = next(iter(quiet.items()))
-            time = self._observers[name].steps.times[step]  # type: ignore[union-attr]
+            obs = self._observers[name]
+            time = obs.steps.times[step]  # type: ignore[union-attr]
+            seen = [k for k, r in enumerate(obs.by_step) if r.seen]
+            why = steps_mismatch(seen, len(obs.by_step), "this config", "capture with") or (
+                "run the whole denoising loop, every step, before saving"
+            )
             raise StatsError(
                 f"{len(quiet)} selected layer(s) recorded no rows at denoising step {step} (flow time {time:g}) "
-                f"inside capture_stats (e.g. {name}): run the whole denoising loop, every step, before saving"
+                f"inside capture_stats (e.g. {name}): {why}"
             )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,15 +138,8 @@ def capture_stats(
     a selected layer run outside a step raises ``NoStepError``.
     """
     cfg = resolve(config)
-    linears = {name_prefix + n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    detected = selection_prefix(cfg.select, linears)
-    linears = {n[len(detected) :]: m for n, m in linears.items() if n.startswith(detected)}
-    names = matches(cfg.select, linears)
-    if not names:
-        raise StatsError(
-            f"config {cfg.name!r} selects none of this model's {len(linears)} nn.Linear modules "
-            f"(e.g. {next(iter(linears), 'none')}); check name_prefix and the config's scope"
-        )
+    linears = _selected_linears(model, cfg, name_prefix)
+    names = list(linears)
     table = None
     if cfg.quant.act_mode == "per_step_static":
         table = step_table(model, cfg.quant.flow_steps, f"capture_stats for config {cfg.name!r}")
@@ -151,6 +150,30 @@ def capture_stats(
     finally:
         for obs in observers.values():
             obs.handle.remove()
+
+
+def _selected_linears(model: nn.Module, cfg: DuQuantConfig, name_prefix: str) -> dict[str, nn.Module]:
+    """The float Linears ``cfg`` selects in ``model``, by the names the build gives them; refused
+    when it selects none, or selects layers a bundle has quantized already (their float inputs
+    are what the statistics are of)."""
+    found = {name_prefix + n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | DuQuantLinear)}
+    detected = selection_prefix(cfg.select, found)
+    found = {n[len(detected) :]: m for n, m in found.items() if n.startswith(detected)}
+    names = matches(cfg.select, found)
+    quantized = [n for n in names if isinstance(found[n], DuQuantLinear)]
+    if quantized:
+        raise StatsError(
+            f"this model holds a bundle already ({len(quantized)} of the {len(names)} layers config {cfg.name!r} "
+            f"selects are DuQuantLinear, e.g. {quantized[0]}): capture statistics on the float model, before "
+            "load_bundle"
+        )
+    if not names:
+        linears = [n for n, m in found.items() if isinstance(m, nn.Linear)]
+        raise StatsError(
+            f"config {cfg.name!r} selects none of this model's {len(linears)} nn.Linear modules "
+            f"(e.g. {next(iter(linears), 'none')}); check name_prefix and the config's scope"
+        )
+    return {n: found[n] for n in names}
 
 
 class StatsReader:

@@ -226,13 +226,15 @@ def test_inspect_plot_draws_every_selected_layer(demo_bundles, tmp_path):
     done = CliRunner().invoke(main, ["inspect", str(path), "--plot", str(picture)])
     assert done.exit_code == 0, done.output
     height, width, _ = matplotlib.image.imread(str(picture)).shape
-    assert (width, height) == (3 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)  # vision, llm, expert
+    assert (width, height) == (4 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)  # vision, llm, expert, table
     info = read_report(path)
     fig = plot_report(info, tmp_path / "again.png")
-    chosen = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_gid() == "chosen")
-    rtn = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_gid() == "baseline")
-    assert chosen == rtn == len(info["quality"]) == 451  # every Linear; the table is listed apart
-    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["expert", "llm", "vision"]
+    layers = fig.axes[:3]
+    chosen = sum(len(c.get_offsets()) for ax in layers for c in ax.collections if c.get_gid() == "chosen")
+    rtn = sum(len(c.get_offsets()) for ax in layers for c in ax.collections if c.get_gid() == "baseline")
+    assert chosen == rtn == len(info["quality"]) == 451  # every Linear; the table in its own panel
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["expert", "llm", "vision", "embedding"]
+    assert sum(len(c.get_offsets()) for c in fig.axes[3].collections if c.get_gid() == "table") == 1
 
 
 def test_weight_bits_by_pattern_puts_the_adaptive_norms_at_8_bits(demo_bundles):

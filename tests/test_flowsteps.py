@@ -16,8 +16,10 @@ import pytest
 import torch
 from duquant_pipeline.build import build_bundle
 from duquant_runtime import (
+    AlreadyCalibratedError,
     DuQuantError,
     NoStepError,
+    NotCalibratedError,
     StatsError,
     StepOutOfTableError,
     UnknownFlowTimeError,
@@ -288,3 +290,107 @@ def test_a_compiled_layer_follows_the_step_and_still_refuses(setup: dict) -> Non
             torch.testing.assert_close(compiled(x), layer(x))
     with pytest.raises(NoStepError):
         compiled(x)
+
+
+# ---------------------------------------------------------------- issue 40: what a new user met
+
+
+def test_an_uncalibrated_per_step_bundle_names_the_layer_its_mode_and_the_fix(setup: dict) -> None:
+    loaded = _loaded(setup, "bare")
+    with pytest.raises(NotCalibratedError) as caught:
+        loaded.sample_actions(*flow_inputs(seed=0))
+    assert str(caught.value) == (
+        "layer gemma_expert.fc1 uses per-step static activation scales (quant.act_mode = 'per_step_static') and "
+        "has none yet: call duquant_runtime.calibrate(model) over the denoising loop (the model instrumented) "
+        "before the first forward, pass act_scales= to load_bundle, or build the bundle with --calib"
+    )
+    assert caught.value.layer == "gemma_expert.fc1"
+    assert caught.value.__cause__ is None and caught.value.__context__ is None  # one exception, not a chain
+
+
+def test_build_and_inspect_say_a_bundle_without_scales_needs_calibrate(setup: dict, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from duquant_pipeline.cli import main
+
+    needed = (
+        "no activation scales (quant.act_mode = 'per_step_static', built without --calib): call "
+        "duquant_runtime.calibrate(model) over the denoising loop (after instrument(model) and load_bundle) "
+        "before the first forward, or build with --calib STATS.h5"
+    )
+    config, ckpt = setup["out"] / "per_step.toml", setup["out"] / "model.safetensors"
+    built = CliRunner().invoke(main, ["build", "-c", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path), "-q"])
+    assert built.exit_code == 0, built.stderr
+    assert built.stderr.splitlines()[-1] == f"note: this bundle holds {needed}"
+    shown = CliRunner().invoke(main, ["inspect", built.stdout.strip()])
+    assert f"calibration  {needed}" in shown.stdout.splitlines()
+    calibrated = CliRunner().invoke(main, ["inspect", str(setup["calib"])])
+    assert "no activation scales" not in calibrated.stdout
+    again = [
+        "build",
+        "-c",
+        str(config),
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(tmp_path),
+        "--calib",
+        str(setup["out"] / "stats.h5"),
+    ]
+    with_calib = CliRunner().invoke(main, [*again, "-q"])
+    assert with_calib.exit_code == 0 and "calibrate" not in with_calib.stderr
+
+
+def test_capture_stats_on_a_quantized_model_says_so(setup: dict) -> None:
+    loaded = _loaded(setup)
+    with pytest.raises(StatsError) as caught, capture_stats(loaded, setup["config"]):
+        pass
+    assert str(caught.value) == (
+        "this model holds a bundle already (2 of the 2 layers config 'per_step' selects are DuQuantLinear, e.g. "
+        "gemma_expert.fc1): capture statistics on the float model, before load_bundle"
+    )
+
+
+def test_a_capture_on_a_shorter_loop_says_how_many_steps_ran(setup: dict, tmp_path: Path) -> None:
+    model = copy.deepcopy(setup["float"])
+    instrument(model)
+    twenty = setup["config"].replace("quant", flow_steps=20)
+    with capture_stats(model, twenty) as stats:
+        model.sample_actions(*flow_inputs(seed=0), num_steps=10)
+    with pytest.raises(StatsError) as caught:
+        stats.save(tmp_path / "stats.h5")
+    assert str(caught.value).endswith(
+        "inside capture_stats (e.g. gemma_expert.fc1): the loop ran 10 steps; this config has flow_steps = 20: "
+        "run the loop with 20 steps, or capture with quant.flow_steps = 10"
+    )
+
+
+def test_calibrating_on_another_number_of_steps_says_so_without_calibrated_at(setup: dict) -> None:
+    loaded = _loaded(setup, "bare")
+    with pytest.raises(DuQuantError) as shorter, calibrate(loaded):
+        loaded.sample_actions(*flow_inputs(seed=0), num_steps=5)
+    assert str(shorter.value).endswith(
+        "the loop ran 5 steps; this bundle has flow_steps = 10: run the loop with 10 steps, or build it with "
+        "quant.flow_steps = 5"
+    )
+    with pytest.raises(UnknownFlowTimeError) as longer, calibrate(loaded):
+        loaded.sample_actions(*flow_inputs(seed=0), num_steps=20)
+    assert "calibrated at" not in str(longer.value)
+    assert str(longer.value).startswith("layer gemma_expert.fc1: flow time 0.95 is none of the 10 flow times")
+    assert "the denoising loop runs another number of steps than quant.flow_steps = 10" in str(longer.value)
+    assert not loaded.gemma_expert.fc1.act_calibrated  # nothing frozen
+
+
+def test_calibrate_refuses_to_replace_scales_unless_asked(setup: dict) -> None:
+    loaded = _loaded(setup)  # built with --calib: the scales came with the bundle
+    stored = loaded.gemma_expert.fc1.act_scale.clone()
+    with pytest.raises(AlreadyCalibratedError) as caught, calibrate(loaded):
+        pytest.fail("the block must not run")
+    assert str(caught.value) == (
+        "calibrate(): 2 of 2 static layer(s) hold activation scales already (e.g. gemma_expert.fc1: from a bundle "
+        "built with --calib, act_scales= or an earlier calibrate()); pass calibrate(model, overwrite=True) to "
+        "replace them"
+    )
+    torch.testing.assert_close(loaded.gemma_expert.fc1.act_scale, stored)
+    with calibrate(loaded, overwrite=True):
+        loaded.sample_actions(*flow_inputs(seed=9))
+    assert not torch.equal(loaded.gemma_expert.fc1.act_scale, stored)
