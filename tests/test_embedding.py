@@ -110,6 +110,23 @@ def test_weight_metadata_is_free_and_values_come_on_use(tmp_path, monkeypatch):
     assert table.buffer_bytes() == 300 * 64 + 300 * 4  # int8 codes + one float32 scale per row
 
 
+def test_a_tied_head_over_several_chunks_keeps_every_row(tmp_path, monkeypatch):
+    """300 rows in chunks of 128: two whole chunks and a partial last one, each in its place."""
+    from duquant_runtime import embedding
+
+    path = built(tmp_path, 4, 16)
+    model = model_for(tensors())
+    load_bundle(model, path)
+    head = TiedHead(model.net.tok.embed_tokens)
+    monkeypatch.setattr(embedding, "HEAD_CHUNK_ROWS", 128)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0))
+    table = reference_rows(path, torch.arange(300), 16).float()  # [300, 64], dequantized here from the file
+    got = head(x)
+    assert got.shape == (2, 3, 300)
+    torch.testing.assert_close(got, x @ table.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, x @ head.table.weight.T, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_model_gets_bf16_rows_and_padding_idx_is_kept(tmp_path):
     t = tensors()
     path = built(tmp_path, 4, 16, t)

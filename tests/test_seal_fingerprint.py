@@ -179,6 +179,30 @@ def test_temp_owner_reads_only_names_temp_name_makes(name, owner):
     assert atomic.temp_owner(Path(name)) == owner
 
 
+class _Stop(KeyboardInterrupt):
+    """A stop signal as the pipeline raises it (``process.Stopped``: a KeyboardInterrupt)."""
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, _Stop, SystemExit], ids=["ctrl-c", "stop-signal", "exit"])
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_an_interrupted_atomic_file_leaves_neither_target_nor_temp(tmp_path, monkeypatch, stop, where):
+    """Not only Exceptions: Ctrl-C, a stop signal and sys.exit, while writing or at the rename."""
+    (tmp_path / "old.bin").write_bytes(b"old")
+
+    def interrupted_replace(src, dst):
+        raise stop()
+
+    if where == "renaming":
+        monkeypatch.setattr(atomic.os, "replace", interrupted_replace)
+    for target in (tmp_path / "new.bin", tmp_path / "old.bin"):
+        with pytest.raises(stop), atomic.atomic_file(target) as pending:
+            pending.tmp.write_bytes(b"half a file")
+            if where == "writing":
+                raise stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]  # no temp file, no new target
+    assert (tmp_path / "old.bin").read_bytes() == b"old"  # the old one untouched
+
+
 # ---------------------------------------------------------------- fingerprint document
 
 
