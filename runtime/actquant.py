@@ -43,13 +43,17 @@ class StaticScaleObserver:
         self.total: torch.Tensor | None = None
         self.batches = 0
 
-    def observe(self, x_t: torch.Tensor) -> None:
+    def observe(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Take a batch in; returns its per-channel percentile."""
         p = percentile_per_channel(x_t.detach().float().abs().reshape(-1, x_t.shape[-1]), self.percentile)
-        self.total = p if self.total is None else self.total + p
+        # The largest batch's percentile, not their mean: batches whose channels differ in size
+        # (another conditioning, a few rows each) made a mean clip every larger one.
+        self.total = p if self.total is None else torch.maximum(self.total, p)
         self.batches += 1
+        return p
 
     def scales(self) -> torch.Tensor | None:
         """float32 [in] scales, None before any batch."""
         if self.total is None:
             return None
-        return (self.total / self.batches / qmax(self.bits)).clamp_min(ACT_EPS).float()
+        return (self.total / qmax(self.bits)).clamp_min(ACT_EPS).float()

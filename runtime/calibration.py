@@ -1,9 +1,12 @@
 """Static activation scales: an explicit calibration step, saved and reloaded by fingerprint.
 
 Semantics follow the seed: per input channel of the transformed basis, the
-``act_percentile`` of |x| over ``calib_steps`` batches, scale = p / qmax — the one rule of
-``actquant.StaticScaleObserver``, which build also uses. Memory stays O(channels) however
-many tokens are seen. Scales files are sealed and written atomically by ``h5file``.
+``act_percentile`` of |x| in each of ``calib_steps`` batches, the largest batch's kept, scale =
+p / qmax — the one rule of ``actquant.StaticScaleObserver``, which build also uses. A layer
+(not per-step) whose static scales would round its inputs worse than per-token scales on the
+calibration batches quantizes per token instead (``act_per_token``), so calibrating never
+loses to the dynamic bundle it starts from. Memory stays O(channels) however many tokens are
+seen. Scales files are sealed and written atomically by ``h5file``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .actquant import StaticScaleObserver
+from .actquant import ACT_EPS, StaticScaleObserver, fake_quant, per_token_scale, qmax
 from .crc import crc32
 from .errors import ActScalesError, AlreadyCalibratedError, DuQuantError
 from .flowsteps import steps_mismatch
@@ -28,6 +31,10 @@ from .stats_observer import observing_eagerly
 # 2: sealed; 1 (unsealed, each dataset with its crc32) is still read.
 KIND = FileKind(SCALES_MAGIC, "duquant-packs-act-scales", 2, unsealed=(1,))
 SCALES_FORMAT, SCALES_VERSION, SEAL_MAGIC = KIND.format, KIND.version, KIND.magic
+ROWS_KEPT = 128  # rows per layer kept (spread over the batches) to choose per token or static
+# A layer keeps its static scales only where they round the held-out rows with clearly less error
+# (a fifth) than per-token scales: a near tie on a few kept rows does not carry to new inputs.
+STATIC_MARGIN = 0.8
 
 
 class _Observer:
@@ -39,13 +46,20 @@ class _Observer:
         self.per_step = layer.step_table is not None
         rows = len(layer.step_table.times) if layer.step_table is not None else 1
         self.rules = [StaticScaleObserver(pct, layer.act_bits) for _ in range(rows)]
+        self.check = None if self.per_step else _PerTokenCheck(steps, layer.act_bits)
         self.handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, layer: DuQuantLinear, args: tuple[torch.Tensor, ...]) -> None:
         rule = self.rules[0 if layer.step_table is None else layer.step_table.row(layer.bundle_name or "?")]
         if rule.batches < self.steps:
             with torch.no_grad():
-                rule.observe(layer.rotate_input(args[0].detach()))
+                x_t = layer.rotate_input(args[0].detach())
+                p = rule.observe(x_t)
+                if self.check is not None:
+                    self.check.add(x_t.reshape(-1, x_t.shape[-1]), p)
+
+    def per_token_wins(self, layer: DuQuantLinear) -> bool:
+        return self.check is not None and self.check.per_token_wins(layer)
 
     def unseen_step(self) -> int | None:
         """The first step (row) no batch reached, None when every one was."""
@@ -59,6 +73,39 @@ class _Observer:
         """[in] scales, or [steps, in] for a per-step layer."""
         rows = [rule.scales() for rule in self.rules]
         return torch.stack(rows) if self.per_step else rows[0]  # type: ignore[arg-type,return-value]
+
+
+class _PerTokenCheck:
+    """Would the layer round its inputs better per token than with its static scales? Measured
+    leave-one-batch-out, so clipping on inputs the scales were not taken from counts: each batch's
+    kept rows rounded with the scales of the other batches (their largest percentile), against
+    per-token scales, the errors weighted by the energy of the weight column each channel meets."""
+
+    def __init__(self, steps: int, bits: int) -> None:
+        self.bits, self.per_batch = bits, max(1, ROWS_KEPT // max(1, steps))
+        self.rows: list[torch.Tensor] = []  # kept rows of each batch (CPU, float32)
+        self.percentiles: list[torch.Tensor] = []  # each batch's per-channel percentile
+
+    def add(self, x_t: torch.Tensor, percentile: torch.Tensor) -> None:
+        kept = x_t[:: max(1, x_t.shape[0] // self.per_batch)][: self.per_batch]
+        self.rows.append(kept.float().cpu())
+        self.percentiles.append(percentile.float().cpu())
+
+    def per_token_wins(self, layer: DuQuantLinear) -> bool:
+        if len(self.rows) < 2:  # one batch: nothing held out to measure on
+            return False
+        with torch.no_grad():
+            energy = layer.dequantized_weight(torch.float32).double().square().sum(0).cpu()
+        seen = torch.stack(self.percentiles)
+        static = token = 0.0
+        for k, rows in enumerate(self.rows):
+            others = torch.cat([seen[:k], seen[k + 1 :]]).amax(0)
+            static += self._error(rows, (others / qmax(self.bits)).clamp_min(ACT_EPS), energy)
+            token += self._error(rows, per_token_scale(rows, self.bits), energy)
+        return not static < STATIC_MARGIN * token
+
+    def _error(self, rows: torch.Tensor, scale: torch.Tensor, energy: torch.Tensor) -> float:
+        return float((fake_quant(rows, scale, self.bits) - rows).double().square().sum(0) @ energy)
 
 
 def static_layers(model: nn.Module) -> dict[str, DuQuantLinear]:
@@ -103,7 +150,8 @@ def calibrate(
         _check_every_step_seen(layers, observers)
         for name, layer in layers.items():
             layer.act_scale = held_back.pop(name)
-            layer.set_act_scale(observers[name].result())
+            scales = observers[name].result()
+            layer.set_act_scale(scales, per_token=observers[name].per_token_wins(layer))
     finally:
         for name, layer in layers.items():
             observers[name].handle.remove()
@@ -145,7 +193,7 @@ def save_act_scales(model: nn.Module, path: str | Path) -> Path:
         for layer in layers.values():
             data = layer.act_scale.detach().float().cpu().numpy()
             out.dataset(f"scales/{layer.bundle_name}", data)
-            out.attrs({"crc32": crc32(data)}, f"scales/{layer.bundle_name}")
+            out.attrs({"crc32": crc32(data), "per_token": int(layer.act_per_token)}, f"scales/{layer.bundle_name}")
     return Path(path)
 
 
@@ -173,11 +221,12 @@ def apply_act_scales(layers: Mapping[str, DuQuantLinear], path: str | Path, fing
         raise ActScalesError(
             f"act_scales={path} given, but the bundle's layers use no static activation scales", field="act_mode"
         )
-    for target, data in scales.items():
-        static[target].set_act_scale(torch.from_numpy(data))
+    for target, (data, per_token) in scales.items():
+        static[target].set_act_scale(torch.from_numpy(data), per_token=per_token)
 
 
-def _read_scales(f: SealedReader, target: str, layer: DuQuantLinear) -> np.ndarray:
+def _read_scales(f: SealedReader, target: str, layer: DuQuantLinear) -> tuple[np.ndarray, bool]:
+    """A layer's scales and whether calibration chose per-token scales for it (files before 0.9: no)."""
     at = f"scales/{layer.bundle_name}"
     node = f.node(at)
     if node is None:
@@ -187,4 +236,4 @@ def _read_scales(f: SealedReader, target: str, layer: DuQuantLinear) -> np.ndarr
     data = np.asarray(f.read(at), dtype=np.float32)
     if not f.sealed and int(f.attr("crc32", at)) != crc32(data):
         raise ActScalesError(f"{f.path}: scales of layer {layer.bundle_name} are damaged", layer=target, field="scales")
-    return data
+    return data, f.has_attr("per_token", at) and bool(int(f.attr("per_token", at)))

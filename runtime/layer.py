@@ -119,6 +119,7 @@ class DuQuantLinear(nn.Module):
         # Python state, set by calibrate() outside forward (never inside it): torch.compile
         # guards on it instead of tracing a mutation. Saved by get_extra_state.
         self.act_calibrated = act_calibrated
+        self.act_per_token = False  # calibrate() measured per-token scales better for this layer
         self.bundle_name, self.bundle_fingerprint = bundle_name, bundle_fingerprint
         self.calib_defaults = calib_defaults
         given = buffers or {}
@@ -202,7 +203,7 @@ class DuQuantLinear(nn.Module):
     def quantize_activations(self, x_t: torch.Tensor) -> torch.Tensor:
         if self.act_bits <= 0:
             return x_t
-        if self.act_scale is not None:
+        if self.act_scale is not None and not self.act_per_token:
             if not self.act_calibrated:
                 raise not_calibrated(self.bundle_name, self.act_mode)
             scale = self.act_scale
@@ -264,6 +265,7 @@ class DuQuantLinear(nn.Module):
         from it can still save activation scales for its bundle."""
         state = {
             "act_calibrated": self.act_calibrated,
+            "act_per_token": self.act_per_token,
             "bundle_name": self.bundle_name,
             "bundle_fingerprint": self.bundle_fingerprint,
             "calib_defaults": list(self.calib_defaults),
@@ -277,17 +279,19 @@ class DuQuantLinear(nn.Module):
             raise DuQuantError(STATE_BEFORE_0_3)
         state = json.loads(bytes(state.tolist()).decode())
         self.act_calibrated = bool(state.get("act_calibrated", False))
+        self.act_per_token = bool(state.get("act_per_token", False))
         self.bundle_name = state.get("bundle_name")
         self.bundle_fingerprint = state.get("bundle_fingerprint")
         steps, pct = state.get("calib_defaults", self.calib_defaults)
         self.calib_defaults = (int(steps), float(pct))
 
-    def set_act_scale(self, scale: torch.Tensor) -> None:
-        """Freeze static activation scales (called outside forward by calibrate/load)."""
+    def set_act_scale(self, scale: torch.Tensor, per_token: bool = False) -> None:
+        """Freeze static activation scales (called outside forward by calibrate/load); ``per_token``:
+        quantize per token instead, where calibration measured that better."""
         if self.act_scale is None:
             raise ValueError("this layer does not use static activation scales")
         self.act_scale = static_act_scale(checked_act_scale(scale, tuple(self.act_scale.shape)), self.dtype_ref.device)
-        self.act_calibrated = True
+        self.act_calibrated, self.act_per_token = True, per_token
 
     def buffer_bytes(self) -> int:
         """Bytes of this layer's buffers (a buffer shared with other layers counts in full)."""

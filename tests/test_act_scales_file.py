@@ -83,8 +83,8 @@ def _fingerprint(bundle: Path) -> str:
 @pytest.fixture(scope="module")
 def calibrated(bundles):
     """A model calibrated on three batches (calib_steps = 2), the scales the static rule gives
-    (per channel, torch.quantile of |x_t| over each of the first two batches' rows, averaged,
-    over qmax 127), and a probe input with its output."""
+    (per channel, torch.quantile of |x_t| over each of the first two batches' rows, the larger
+    of the two, over qmax 127), and a probe input with its output."""
     model = TwoLayers()
     load_bundle(model, bundles["static"])
     layers = {n: model.get_submodule(n) for n in NAMES}
@@ -100,7 +100,7 @@ def calibrated(bundles):
         h.remove()
     with torch.no_grad():
         want = {
-            n: torch.stack([torch.quantile(layers[n].rotate_input(x).abs(), 0.9, dim=0) for x in seen[n][:2]]).mean(0)
+            n: torch.stack([torch.quantile(layers[n].rotate_input(x).abs(), 0.9, dim=0) for x in seen[n][:2]]).amax(0)
             / 127.0
             for n in NAMES
         }
@@ -220,7 +220,8 @@ def test_the_saved_file_holds_each_layers_scales_bound_to_the_bundle(bundles, ca
             assert ds.dtype == np.float32 and ds.shape == (calibrated["model"].get_submodule(name).in_features,)
             torch.testing.assert_close(torch.from_numpy(ds[()]), calibrated["want"][name], rtol=1e-5, atol=1e-7)
             assert torch.equal(torch.from_numpy(ds[()]), calibrated["model"].get_submodule(name).act_scale)
-            assert dict(ds.attrs) == {"crc32": zlib.crc32(ds[()].tobytes())}
+            per_token = int(calibrated["model"].get_submodule(name).act_per_token)  # the layer's measured choice
+            assert dict(ds.attrs) == {"crc32": zlib.crc32(ds[()].tobytes()), "per_token": per_token}
 
 
 def test_load_restores_the_scales_and_the_calibrated_output(bundles, calibrated, saved):

@@ -34,6 +34,7 @@ from duquant_pipeline.select import select_layers
 from duquant_runtime import DuQuantLinear, calibrate, capture_stats, flow_step, instrument, load_bundle
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.bundle_records import EMBEDDING, LINEAR
+from duquant_runtime.calibration import static_layers
 from duquant_runtime.config import load_toml, resolve
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
@@ -474,22 +475,29 @@ def test_pi0_each_step_quantizes_with_its_own_row(per_step: dict) -> None:
 
 def test_pi0_per_step_actions_are_close_to_float(per_step: dict) -> None:
     """Relative error of the actions against float, on observations the capture never saw: below
-    one static table's for all steps (calibrated on the same observations), and below 6%.
+    6%, and on average within 2x of one static table for all steps (calibrated on the same
+    observations with calibrate()'s largest-batch rule, its per-token choice off).
 
-    Measured over 30 held-out seeds (this stand-in, 2026-12): per-step 1.2-4.2% (mean 2.7%), one
-    static table 2.3-5.6% (mean 4.0%; per-step/one-table 0.34-0.86 on every seed), per-token
-    dynamic W4A8 1.0% and the 4-bit weights alone 1.0%: int8 activations cost per-token nothing,
-    and a static scale clips the 1% of values above its 99th percentile. 6% is the per-step worst
-    case with ~40% margin."""
+    Measured over 30 held-out seeds (this stand-in, 2026-12, 0.8): per-step 1.2-4.2% (mean 2.7%),
+    per-token dynamic W4A8 1.0% and the 4-bit weights alone 1.0%: int8 activations cost per-token
+    nothing, and a static scale clips the 1% of values above its 99th percentile. 6% is the
+    per-step worst case with ~40% margin. Until 0.9 calibrate() averaged the batches' percentiles,
+    which clipped the one table on every larger batch (2.3-5.6%, per-step/one-table 0.34-0.86);
+    taking the largest batch's, the one table clips less than the per-step rows' 99th percentile
+    and is better at 8 bits here (seeds 11-13: per-step 1.2/2.0/1.2%, one table 1.1/1.2/0.9%).
+    That per-step rows are used step by step is tested above."""
     loaded = _loaded(per_step)
     one_table = copy.deepcopy(per_step["float"])
     load_bundle(one_table, per_step["one_table"])
     with calibrate(one_table):
         for seed in CALIB_SEEDS:
             one_table.sample_actions(*pi0_inputs(seed=seed))
+    for layer in static_layers(one_table).values():  # the one table as such, not calibrate's per-token choice
+        layer.act_per_token = False
+    errors, yardsticks = [], []
     for seed in (11, 12, 13):
         inputs = pi0_inputs(seed=seed)
         want = per_step["float"].sample_actions(*inputs)
-        err = _rel(loaded.sample_actions(*inputs), want)
-        yardstick = _rel(one_table.sample_actions(*inputs), want)
-        assert err < 0.06 and err < yardstick, (seed, err, yardstick)
+        errors.append(_rel(loaded.sample_actions(*inputs), want))
+        yardsticks.append(_rel(one_table.sample_actions(*inputs), want))
+    assert max(errors) < 0.06 and sum(errors) < 2 * sum(yardsticks), (errors, yardsticks)
