@@ -205,9 +205,10 @@ def test_tied_head_reads_the_same_codes_and_survives_tie_weights_and_save_model(
     assert not list(head.buffers()) and not list(head.parameters()) and head.weight.layer is table
     x = torch.randn(2, 3, table.embedding_dim)
     torch.testing.assert_close(head(x), x @ table.weight.materialize().T)
-    # GemmaTextScaledWordEmbedding's own forward (rows times embed_scale) runs on the codes
+    # GemmaTextScaledWordEmbedding's own forward (rows times embed_scale) runs on the codes;
+    # transformers 4.x (openpi's pin) has a plain nn.Embedding and scales in the model's forward
     ids = torch.tensor([[1, 5, 9]])
-    scale = model.paligemma_with_expert.paligemma.model.language_model.embed_tokens.embed_scale
+    scale = getattr(model.paligemma_with_expert.paligemma.model.language_model.embed_tokens, "embed_scale", 1.0)
     torch.testing.assert_close(table(ids), table.rows(ids.reshape(-1), torch.float32).view(1, 3, -1) * scale)
     pg.tie_weights()
     assert pg.lm_head is head and head.table is table

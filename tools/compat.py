@@ -50,7 +50,7 @@ TARGETS = {
             "LeRobot's ceiling (torch<2.12, pi extra transformers<5.6)",
             ("torch==2.11.*", "transformers==5.5.*"),
         ),
-        Target("dev", "the dev set (constraints.txt)", ("torch==2.13.0",), constrained=True),
+        Target("dev", "the dev set (constraints.txt)", ("torch==2.13.0", "transformers"), constrained=True),
     )
 }
 
