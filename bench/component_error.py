@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
+from cases import recipes
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.demo_model import component_inputs, load_demo_model
 from duquant_runtime import calibrate, capture_stats, load_bundle
@@ -60,6 +61,11 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="artifacts/demo")
     ap.add_argument("--out", default="artifacts")
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument(
+        "--recipes",
+        default="",
+        help="compare only these data-free recipes (bench/cases.py), e.g. unweighted,default,simple",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -76,6 +82,8 @@ def main() -> None:
             True,
         ),
     }
+    if args.recipes:
+        cases = {label: (c, False) for label, c in recipes(cfg, args.recipes).items()}
     base = load_demo_model(args.checkpoint, torch.float32)
     stats_path = capture(base, cfg, args.calib_batches, Path(args.out) / "bench" / f"stats-{args.config}.h5")
     inputs = component_inputs(base.dims, seed=0)

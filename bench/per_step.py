@@ -37,6 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
+from cases import recipes
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
 from duquant_runtime import DuQuantLinear, capture_stats, flow_step, instrument, load_bundle
@@ -50,8 +51,11 @@ MODES = ("per_token_dynamic", "per_channel_static", "per_step_static")
 HEADS = (("action_in_proj",), ("action_out_proj",), ("time_mlp_in", "time_mlp_out"))
 
 
-def case_configs(percentile: float | None = None) -> dict[str, DuQuantConfig]:
-    """W4A8 cases from ``dit_w4a8``, W4A4 from ``dit_w4a4`` (its act_percentile 99), each activation mode."""
+def case_configs(percentile: float | None = None, only_recipes: str = "") -> dict[str, DuQuantConfig]:
+    """W4A8 cases from ``dit_w4a8``, W4A4 from ``dit_w4a4`` (its act_percentile 99), each activation mode;
+    ``only_recipes``: bench/cases.py's data-free recipes of ``dit_w4a8`` (per-token dynamic) instead."""
+    if only_recipes:
+        return {f"W4A8 dynamic, {k}": c for k, c in recipes(resolve("dit_w4a8"), only_recipes).items()}
     out = {}
     for bits, preset in ((8, "dit_w4a8"), (4, "dit_w4a4")):
         base = resolve(preset)
@@ -104,12 +108,18 @@ def layer_sqnr(quantized: nn.Module, float_model: nn.Module, inputs: dict[str, l
 
 
 def evaluate(
-    seed: int, layers: int, work: Path, percentile: float | None = None, only: str = "", step_rows: int = 256
+    seed: int,
+    layers: int,
+    work: Path,
+    percentile: float | None = None,
+    only: str = "",
+    step_rows: int = 256,
+    only_recipes: str = "",
 ) -> dict[str, dict]:
     from safetensors.torch import save_model
 
     float_model = build_timecond(seed=seed, layers=layers)
-    cases = {k: v for k, v in case_configs(percentile=percentile).items() if only in k}
+    cases = {k: v for k, v in case_configs(percentile, only_recipes).items() if only in k}
     names = matches(
         next(iter(cases.values())).select, [n for n, m in float_model.named_modules() if isinstance(m, nn.Linear)]
     )
@@ -169,6 +179,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--act-percentile", type=float, default=None, help="override the preset's act_percentile")
     parser.add_argument("--cases", default="", help="only the cases whose label contains this")
+    parser.add_argument("--recipes", default="", help="compare only these data-free recipes (bench/cases.py)")
     parser.add_argument("--step-rows", type=int, default=256, help="capture_stats' rows kept per denoising step")
     parser.add_argument("--out", default="artifacts/bench/per_step.json")
     args = parser.parse_args()
@@ -176,7 +187,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         per_seed = {
-            seed: evaluate(seed, args.layers, Path(tmp), args.act_percentile, args.cases, args.step_rows)
+            seed: evaluate(seed, args.layers, Path(tmp), args.act_percentile, args.cases, args.step_rows, args.recipes)
             for seed in seeds
         }
     labels = list(per_seed[seeds[0]])

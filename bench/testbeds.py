@@ -55,14 +55,17 @@ COMPONENT_PREFIX = {
 class Pi05Testbed(nn.Module):
     """``paligemma_with_expert.{paligemma, gemma_expert}`` as in openpi's PI0Pytorch."""
 
-    def __init__(self, layers: int = 4, vocab: int = 512, seed: int = 0) -> None:
+    def __init__(self, layers: int = 4, vocab: int = 512, seed: int = 0, init: float | None = None) -> None:
         super().__init__()
         from transformers import GemmaConfig, GemmaForCausalLM, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
         torch.manual_seed(seed)
-        text = dict(model_type="gemma", vocab_size=vocab, num_hidden_layers=layers, **LLM)
+        std = {} if init is None else {"initializer_range": init}  # a larger init: harsher outliers meet larger weights
+        text = dict(model_type="gemma", vocab_size=vocab, num_hidden_layers=layers, **LLM, **std)
         # PaliGemma's SigLIP has no pooling head (vision_use_head=False), as in pi0.5
-        vision = dict(num_hidden_layers=layers, projection_dim=LLM["hidden_size"], vision_use_head=False, **VISION)
+        vision = dict(
+            num_hidden_layers=layers, projection_dim=LLM["hidden_size"], vision_use_head=False, **VISION, **std
+        )
         config = PaliGemmaConfig(
             text_config=text,
             vision_config=vision,
@@ -72,7 +75,7 @@ class Pi05Testbed(nn.Module):
         self.paligemma_with_expert = nn.Module()
         self.paligemma_with_expert.paligemma = PaliGemmaForConditionalGeneration(config)
         self.paligemma_with_expert.gemma_expert = GemmaForCausalLM(
-            GemmaConfig(vocab_size=8, num_hidden_layers=layers, **EXPERT)
+            GemmaConfig(vocab_size=8, num_hidden_layers=layers, **EXPERT, **std)
         )
 
     @property
@@ -149,54 +152,59 @@ def _layer_norm(norm: nn.LayerNorm, f: torch.Tensor) -> None:
     norm.bias.mul_(f.to(norm.bias.dtype))
 
 
-def _couple_norm(g: torch.Generator, norm: nn.Module, scale_norm: Callable, consumers: list[nn.Linear]) -> None:
+def _couple_norm(
+    g: torch.Generator, norm: nn.Module, scale_norm: Callable, consumers: list[nn.Linear], power: float = 1.0
+) -> None:
     """Scale a norm's output channels, undone on the columns of every Linear it feeds."""
-    f = _channel_factors(g, norm.weight.shape[0])
+    f = _channel_factors(g, norm.weight.shape[0]) ** power
     scale_norm(norm, f)
     _scale_columns(consumers, f)
 
 
 def _couple_rows(
-    g: torch.Generator, producer: nn.Linear, consumer: nn.Linear, head_dim: int = 0, group: int = 1
+    g: torch.Generator, producer: nn.Linear, consumer: nn.Linear, head_dim: int = 0, group: int = 1, power: float = 1.0
 ) -> None:
     """Scale a producer's output rows, undone on the consumer columns that read them."""
-    f = _channel_factors(g, producer.weight.shape[0], big=0.25)
+    f = _channel_factors(g, producer.weight.shape[0], big=0.25) ** power
     _scale_rows(producer, f)
     if group > 1:  # v row (k, d) is read at o column (h, d) by every query head h of KV head k
         f = f.view(-1, 1, head_dim).expand(-1, group, head_dim).reshape(-1)
     _scale_columns([consumer], f)
 
 
-def _couple_gemma_layer(layer: nn.Module, g: torch.Generator, heads: int, kv_heads: int, head_dim: int) -> None:
+def _couple_gemma_layer(layer: nn.Module, g: torch.Generator, dims: dict, power: float) -> None:
     attn, mlp = layer.self_attn, layer.mlp
-    _couple_norm(g, layer.input_layernorm, _gemma_norm, [attn.q_proj, attn.k_proj, attn.v_proj])
-    _couple_norm(g, layer.post_attention_layernorm, _gemma_norm, [mlp.gate_proj, mlp.up_proj])
-    _couple_rows(g, attn.v_proj, attn.o_proj, head_dim, heads // kv_heads)  # attention is linear in v
-    _couple_rows(g, mlp.up_proj, mlp.down_proj)  # gelu(gate) * up is linear in up
+    heads, kv_heads, head_dim = dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"]
+    _couple_norm(g, layer.input_layernorm, _gemma_norm, [attn.q_proj, attn.k_proj, attn.v_proj], power)
+    _couple_norm(g, layer.post_attention_layernorm, _gemma_norm, [mlp.gate_proj, mlp.up_proj], power)
+    _couple_rows(g, attn.v_proj, attn.o_proj, head_dim, heads // kv_heads, power)  # attention is linear in v
+    _couple_rows(g, mlp.up_proj, mlp.down_proj, power=power)  # gelu(gate) * up is linear in up
 
 
-def _couple_siglip_layer(layer: nn.Module, g: torch.Generator) -> None:
+def _couple_siglip_layer(layer: nn.Module, g: torch.Generator, power: float) -> None:
     attn, mlp = layer.self_attn, layer.mlp
-    _couple_norm(g, layer.layer_norm1, _layer_norm, [attn.q_proj, attn.k_proj, attn.v_proj])
-    _couple_norm(g, layer.layer_norm2, _layer_norm, [mlp.fc1])
-    _couple_rows(g, attn.v_proj, attn.out_proj)
+    _couple_norm(g, layer.layer_norm1, _layer_norm, [attn.q_proj, attn.k_proj, attn.v_proj], power)
+    _couple_norm(g, layer.layer_norm2, _layer_norm, [mlp.fc1], power)
+    _couple_rows(g, attn.v_proj, attn.out_proj, power=power)
 
 
-def couple_outliers(model: Pi05Testbed, seed: int = 0) -> Pi05Testbed:
-    """Give every layer coupled outliers (function-preserving, in place); returns the model."""
+def couple_outliers(model: Pi05Testbed, seed: int = 0, power: float = 1.0) -> Pi05Testbed:
+    """Give every layer coupled outliers (function-preserving, in place); returns the model.
+    ``power``: every factor raised to it (1.5: the "strong" testbed)."""
     g = torch.Generator().manual_seed(1000 + seed)
     tower = model.pg.vision_tower  # transformers 4.x wraps the transformer in SiglipVisionModel
     for layer in getattr(tower, "vision_model", tower).encoder.layers:
-        _couple_siglip_layer(layer, g)
+        _couple_siglip_layer(layer, g, power)
     for gemma, dims in ((model.pg.language_model, LLM), (model.paligemma_with_expert.gemma_expert.model, EXPERT)):
         for layer in gemma.layers:
-            _couple_gemma_layer(layer, g, dims["num_attention_heads"], dims["num_key_value_heads"], dims["head_dim"])
+            _couple_gemma_layer(layer, g, dims, power)
     return model
 
 
-def build_pi05(seed: int = 0, coupled: bool = True, layers: int = 4) -> Pi05Testbed:
-    model = Pi05Testbed(layers=layers, seed=seed).eval()
-    return couple_outliers(model, seed) if coupled else model
+def build_pi05(seed: int = 0, coupled: bool = True, layers: int = 4, strong: bool = False) -> Pi05Testbed:
+    """The testbed; ``strong``: outlier factors to the power 1.5 and weights initialized at 0.06."""
+    model = Pi05Testbed(layers=layers, seed=seed, init=0.06 if strong else None).eval()
+    return couple_outliers(model, seed, 1.5 if strong else 1.0) if coupled or strong else model
 
 
 # ---------------------------------------------------------------- real pretrained weights

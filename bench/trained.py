@@ -40,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
+from cases import recipes
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
 from duquant_runtime import capture_stats, load_bundle
@@ -58,13 +59,13 @@ class Testbed:
     eval_seed: int = 0
 
 
-def pi05_testbed(coupled: bool, seed: int) -> Testbed:
-    model = build_pi05(seed=seed, coupled=coupled)
+def pi05_testbed(kind: str, seed: int) -> Testbed:
+    model = build_pi05(seed=seed, coupled=kind == "coupled", strong=kind == "strong")
 
     def run(m: nn.Module, batch_seed: int) -> dict[str, torch.Tensor]:
         return m.components(pi05_inputs(batch=4, seed=batch_seed))
 
-    name = f"{'coupled' if coupled else 'plain'}#{seed}"
+    name = f"{kind}#{seed}"
     return Testbed(name, model, resolve("full_w4a8"), run, calib_seeds=tuple(range(1, 9)))
 
 
@@ -88,8 +89,12 @@ def minilm_testbed() -> Testbed | None:
     return Testbed("minilm", model, config, run, calib_seeds=(1,), eval_seed=0)
 
 
-def case_configs(base: DuQuantConfig) -> dict[str, tuple[DuQuantConfig, bool]]:
-    """label -> (config with base's selection, built with --calib)."""
+def case_configs(base: DuQuantConfig, only: str = "") -> dict[str, tuple[DuQuantConfig, bool]]:
+    """label -> (config with base's selection, built with --calib); ``only``: bench/cases.py's
+    recipes instead, data-free."""
+    if only:
+        default = DuQuantConfig(name=base.name, select=base.select, quant=resolve("full_w4a8").quant)
+        return {label: (c, False) for label, c in recipes(default, only).items()}
 
     def like(preset: str) -> DuQuantConfig:
         p = resolve(preset)
@@ -128,7 +133,7 @@ def per_layer_sqnr(model: nn.Module, names: list[str], inputs: dict, reference: 
     return out
 
 
-def evaluate(tb: Testbed, work: Path) -> dict:
+def evaluate(tb: Testbed, work: Path, only: str = "") -> dict:
     from safetensors.torch import save_model
 
     model = tb.model.eval()
@@ -152,7 +157,7 @@ def evaluate(tb: Testbed, work: Path) -> dict:
     rtn = swap(model, names, RTNLinear)
     rtn_layers = per_layer_sqnr(rtn, names, inputs, reference)
     rows["RTN W4A8"] = {"layers": rtn_layers, "components": _components(tb, rtn, reference_out), "choices": {}}
-    for label, (config, calib) in case_configs(tb.config).items():
+    for label, (config, calib) in case_configs(tb.config, only).items():
         start = time.perf_counter()
         result = build_bundle(config, ckpt, work / "bundles", calib=stats if calib else None, jobs=1)
         loaded = copy.deepcopy(model)
@@ -214,13 +219,14 @@ def main() -> None:
     ap.add_argument("--testbeds", default="coupled,plain,minilm")
     ap.add_argument("--seeds", type=int, default=1, help="pi0.5 testbeds per kind (different draws)")
     ap.add_argument("--out", default="artifacts/bench/trained.json")
+    ap.add_argument("--recipes", default="", help="compare only these data-free recipes (bench/cases.py)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     wanted = args.testbeds.split(",")
     beds: list[Testbed] = []
-    for kind in ("coupled", "plain"):
+    for kind in ("coupled", "plain", "strong"):
         if kind in wanted:
-            beds += [pi05_testbed(kind == "coupled", seed) for seed in range(args.seeds)]
+            beds += [pi05_testbed(kind, seed) for seed in range(args.seeds)]
     if "minilm" in wanted:
         bed = minilm_testbed()
         if bed is None:
@@ -231,7 +237,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="duquant-trained-") as tmp:
         for tb in beds:
             start = time.perf_counter()
-            result = evaluate(tb, Path(tmp))
+            result = evaluate(tb, Path(tmp), args.recipes)
             report[tb.name] = {"summary": summarize(tb.name, result), **result}
             print(f"({tb.name}: {time.perf_counter() - start:.0f} s)", file=sys.stderr)
     out = Path(args.out)

@@ -18,7 +18,7 @@ from .rotations import handler
 
 def fingerprint_document(
     config: DuQuantConfig,
-    tensors: Iterable[SourceTensor],
+    tensors: Iterable[SourceTensor],  # the layers' own and (``producer``) the estimates' tensors
     calib_digest: str | None = None,
     choices: Mapping[str, str] | None = None,
     name_prefix: str = "",
@@ -34,9 +34,12 @@ def fingerprint_document(
         "schema": CONFIG_SCHEMA,
         "algorithm": {"method": method.name, "version": method.version},
         "config": config.fingerprint_fields(),
-        "source": sorted((t.to_json() for t in tensors), key=lambda row: row[0]),
+        "source": sorted((t.to_json() for t in tensors if not t.producer), key=lambda row: row[0]),
         "calib": calib_digest,
     }
+    producers = sorted((t.to_json() for t in tensors if t.producer), key=lambda row: row[0])
+    if producers:  # the activation estimates' tensors (norm gains): recorded only when read
+        doc["producers"] = producers
     if name_prefix:
         doc["name_prefix"] = name_prefix
     if choices:

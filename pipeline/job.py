@@ -16,6 +16,7 @@ from . import process
 from .checkpoint import Checkpoint, CheckpointError
 from .embed import pack_embedding
 from .pack import pack_layer, readonly_tensor
+from .proxy import activation_rms
 from .recipe import Recipe
 from .select import SelectedLayer
 
@@ -64,4 +65,13 @@ def layer_job(ckpt_path: str, layer: SelectedLayer, recipe: Recipe, stats_path: 
         raise CheckpointError(f"layer {layer.name} has NaN/Inf value(s) in {layer.bias}")
     signature = weight_signature(readonly_tensor(weight))
     stats = None if stats_path is None else _layer_stats(stats_path, layer, signature, weight.size)
-    return pack_layer(weight, bias, layer, dtype, recipe, stats, signature, source_bits=bits_digest(raw))
+    act = _activation_estimate(ckpt, layer) if stats is None else None
+    return pack_layer(weight, bias, layer, dtype, recipe, stats, signature, source_bits=bits_digest(raw), act_rms=act)
+
+
+def _activation_estimate(ckpt: Checkpoint, layer: SelectedLayer) -> np.ndarray | None:
+    """The layer's data-free activation RMS estimate from its producers' tensors (pipeline/proxy.py)."""
+    if layer.proxy is None:
+        return None
+    act = activation_rms(layer.proxy, lambda name: ckpt.read(name, np.float32), layer.in_features)
+    return act if np.isfinite(act).all() else None  # a NaN producer: rank as without an estimate

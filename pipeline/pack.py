@@ -1,13 +1,10 @@
-"""One layer's pack, pure: candidate transforms, weight quantization, the per-layer choice.
+"""One layer's pack, pure: the per-layer choice among the recipe's candidates, the refinements,
+the 8-bit fallback and the quality record.
 
 With a single candidate (the config asks for no per-layer choice) this is the configured
-method as it always was. Otherwise every candidate is packed
-and measured with the runtime's own layer, and the best is kept:
-
-* data-free, by the error of the effective weight in the original basis (the expected
-  output error for inputs with independent, equal-variance channels; docs/benchmarks.md, "Quality"
-  shows it picks within ~0.5 dB of the best candidate measured on real inputs);
-* with calibration statistics, by the output error on the captured sample rows.
+method as it always was. Otherwise every candidate is packed and measured
+(``quantizer.LayerQuantizer``: data-free on the layer's activation estimate, or with statistics
+on the captured sample), and the best is kept.
 
 The recipe's refinements then recompute the chosen candidate's codes, each kept only when
 it lowers the measured error. A layer whose best SQNR stays under ``quant.min_sqnr_db`` is
@@ -17,224 +14,49 @@ comparison) go into the pack's ``quality`` record.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-
 import numpy as np
-import torch
 from duquant_runtime.bundle import LayerPack
-from duquant_runtime.codes import pack_codes, storage_for_bits
 from duquant_runtime.config import DuQuantConfig
-from duquant_runtime.layer import DuQuantLinear
-from duquant_runtime.schema import STATIC_ACT_MODES
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
-from .basis import Transform, transformed_hessian
-from .pretransforms import column_rms
-from .quality import (
-    db,
-    output_energies,
-    output_sqnr_db,
-    runtime_layer,
-    static_scales,
-    weight_error,
-    weight_sqnr_db,
-)
-from .recipe import Candidate, Recipe, resolve
+from .proxy import kind as layer_source_kind
+from .quantizer import RANK_MIN_ROWS, LayerQuantizer, Measured, readonly_tensor
+from .recipe import Candidate, Recipe
 from .select import SelectedLayer
-from .weightquant import Refinement, quantize_weight, round_to_nearest
+
+__all__ = ["RANK_MARGIN_DB", "RANK_MIN_ROWS", "LayerQuantizer", "choose", "pack_layer", "readonly_tensor"]
 
 FALLBACK_BITS = 8  # quant.min_sqnr_db: layers that cannot reach it are packed at 8 bits
-# Data-free ranking sample: every k-th row, 1/RANK_FRACTION of the rows but at least
-# RANK_MIN_ROWS; layers with fewer than 2·RANK_MIN_ROWS rows are ranked on all of them.
-# (``choose``; docs/benchmarks.md, "Quality" gives how often this changes a choice, and by how much.)
-RANK_FRACTION = 8
-RANK_MIN_ROWS = 512
 RANK_MARGIN_DB = 0.5  # the sample's runner-up within this of the leader is packed on all rows too
 
 
-def readonly_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor view of a (possibly read-only, memory-mapped) array, for reading only: no
-    copy, and no "NumPy array is not writable" warning on every build."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
-@dataclass
-class Measured:
-    tr: Transform
-    codes: np.ndarray  # int8 [out, in]
-    scales: np.ndarray  # float32 [out]
-    bits: int
-    sqnr: float  # what the choice maximizes: output SQNR with a sample, else weight SQNR
-    figures: dict[str, float]
-    pack: LayerPack | None = None  # assembled already when the figures needed the runtime layer
-
-
-class LayerQuantizer:
-    """Packs and measures candidates of one layer (its weight, statistics and config)."""
-
-    def __init__(
-        self,
-        weight: np.ndarray,
-        bias: np.ndarray | None,
-        layer: SelectedLayer,
-        source_dtype: str,
-        recipe: Recipe | DuQuantConfig,
-        stats: LayerStats | None,
-        signature: tuple[float, float],
-        rms: np.ndarray | None = None,
-        source_bits: int | None = None,
-    ) -> None:
-        """``recipe``: the build's, or a config to resolve (with statistics when ``stats`` is given)."""
-        self.recipe = recipe if isinstance(recipe, Recipe) else resolve(recipe, stats is not None)
-        self.weight, self.bias, self.layer, self.config, self.stats = weight, bias, layer, self.recipe.config, stats
-        self.source_dtype, self.signature = source_dtype, signature
-        self._rms = rms
-        self.source_bits = source_bits
-        # float64 for a float64 method's bit-exact numbers; float32 is exact enough to rank 4-bit errors
-        self.w_ref = readonly_tensor(weight).to(torch.float64 if weight.dtype == np.float64 else torch.float32)
-        self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
-        self.signal = signature[1]  # ‖W‖², the float64 sum of squares the signature already holds
-
-    @property
-    def rms(self) -> np.ndarray:
-        """Column RMS of the weight, for every equalization candidate: computed once."""
-        if self._rms is None:
-            self._rms = column_rms(self.weight)
-        return self._rms
-
-    def row_sample(self) -> LayerQuantizer:
-        """A packer for every k-th row (at least RANK_MIN_ROWS, 1/RANK_FRACTION of a large layer),
-        with the whole weight's equalization; this packer itself when the layer is small."""
-        rows = self.weight.shape[0]
-        wanted = max(RANK_MIN_ROWS, rows // RANK_FRACTION)
-        if 2 * wanted > rows:
-            return self
-        sample = np.ascontiguousarray(self.weight[:: rows // wanted])
-        signature = weight_signature(readonly_tensor(sample))
-        return LayerQuantizer(sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms)
-
-    def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
-        stored = {s.key: s.kind.stored(v) for s, v in (*tr.stages, *tr.out_stages)}
-        return LayerPack(
-            name=self.layer.name,
-            in_features=self.layer.in_features,
-            out_features=self.layer.out_features,
-            weight_bits=bits,
-            storage=storage_for_bits(bits),
-            qweight=pack_codes(codes, bits),
-            w_scale=scales,
-            bias=None if self.bias is None else self.bias.astype(np.float32),
-            source_dtype=self.source_dtype,
-            source_sum=self.signature[0],
-            source_sumsq=self.signature[1],
-            source_bits=self.source_bits,
-            stages=tuple(s for s, _ in tr.stages),
-            out_stages=tuple(s for s, _ in tr.out_stages),
-            stage_values=stored,
-        )
-
-    def measure(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> Measured:
-        """Pack, load it as the runtime does, and measure it."""
-        q = self.config.quant
-        pack = self.assemble(tr, codes, scales, bits)
-        static = self.stats is not None and q.act_mode in STATIC_ACT_MODES and q.act_bits > 0
-        layer = runtime_layer(
-            pack, q.act_bits, "per_channel_static" if static else "per_token_dynamic", self.w_ref.dtype
-        )
-        figures = {"weight_sqnr_db": weight_sqnr_db(layer, self.w_ref, self.signal)}
-        if static and q.per_step:
-            figures["output_sqnr_db"] = self.per_step(layer, pack)
-        else:
-            if static:
-                pack.act_scale = static_scales(layer, self.stats.sample, q.act_bits, q.act_percentile)
-                layer.set_act_scale(torch.from_numpy(pack.act_scale))
-            if self.sample is not None:
-                figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
-        key = "output_sqnr_db" if self.sample is not None else "weight_sqnr_db"
-        return Measured(tr, codes, scales, bits, figures[key], figures, pack)
-
-    def per_step(self, layer: DuQuantLinear, pack: LayerPack) -> float:
-        """One static scale row per denoising step, each from that step's sample (``pack.act_scale``
-        [steps, in]); returns the output SQNR over every step's rows, each with its own row."""
-        q, steps = self.config.quant, self.stats.step_sample  # type: ignore[union-attr]
-        assert steps is not None  # the build checks the statistics were captured per step
-        pack.act_scale = np.stack([static_scales(layer, rows, q.act_bits, q.act_percentile) for rows in steps])
-        signal = noise = 0.0
-        for rows, scale in zip(steps, pack.act_scale, strict=True):
-            layer.set_act_scale(torch.from_numpy(scale))
-            x = torch.from_numpy(rows).double()
-            s, n = output_energies(layer, x, self.w_ref)
-            signal, noise = signal + s, noise + n
-        return db(signal, noise)
-
-    def measure_weight(
-        self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int, sq_err: float
-    ) -> Measured:
-        """Data-free: the effective weight's SQNR from the codes' error mapped back through the
-        runtime's stages (``quality.weight_error``), without assembling a pack per candidate."""
-        sqnr = db(self.signal, weight_error(tr, codes, scales, sq_err))
-        return Measured(tr, codes, scales, bits, sqnr, {"weight_sqnr_db": sqnr})
-
-    def finished(self, m: Measured) -> LayerPack:
-        return m.pack if m.pack is not None else self.assemble(m.tr, m.codes, m.scales, m.bits)
-
-    def hessian(self, tr: Transform) -> torch.Tensor | None:
-        return None if self.stats is None else transformed_hessian(tr, self.stats.hessian())
-
-    def candidate(self, cand: Candidate, bits: int) -> Measured:
-        rms = self.rms if cand.pre.uses_rms else None
-        return self.quantized(cand.transform(self.weight, self.config.transform, self.stats, rms), bits)
-
-    def quantized(self, tr: Transform, bits: int) -> Measured:
-        """The transform's weight quantized at ``bits`` (scale search, RTN codes), measured."""
-        w_t = torch.from_numpy(np.ascontiguousarray(tr.w_t))
-        search = self.config.quant.weight_search
-        codes, scales, sq_err = quantize_weight(w_t, bits, search=search, hessian=self.hessian(tr))
-        if self.stats is None:
-            return self.measure_weight(tr, codes, scales, bits, sq_err)
-        return self.measure(tr, codes, scales, bits)
-
-    def refined(self, best: Measured, bits: int, refinement: Refinement) -> Measured:
-        """``refinement``'s codes for the chosen transform, with its scales; kept only if they measure better."""
-        hessian = self.hessian(best.tr)
-        assert hessian is not None  # checked before the build starts
-        codes = refinement.codes(best.tr.w_t, best.scales, bits, hessian)
-        refined = self.measure(best.tr, codes, best.scales, bits)
-        return refined if refined.sqnr > best.sqnr or self.sample is None else best
-
-    def rtn_figures(self) -> dict[str, float]:
-        """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""
-        codes, scales, sq_err = round_to_nearest(self.w_ref, self.layer.bits)
-        if self.stats is None:  # the weight figure needs no layer
-            return {"rtn_weight_sqnr_db": db(self.signal, sq_err)}
-        m = self.measure(Transform(w_t=self.w_ref.numpy()), codes, scales, self.layer.bits)
-        return {f"rtn_{k}": v for k, v in m.figures.items()}
-
-
-def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_free: bool) -> tuple[Measured, int]:
-    """The best candidate, measured on the whole layer, and its index (ties keep the first).
+def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_free: bool) -> tuple[Measured, Candidate]:
+    """The best candidate, measured on the whole layer (ties keep the first).
 
     Data-free candidates are first ranked on a sample of rows (``row_sample``): a row's error
     depends only on that row and the transform, and the transform is the one of the whole
-    layer. The leader is then packed on all rows, and so is the runner-up when the sample
-    puts it within RANK_MARGIN_DB, so a near tie is settled on the whole weight.
+    layer. The leader's rotation then competes at the other ``block_search`` sizes (with the
+    leader's pre-transform: where the rotation won, its block may too). The leader is packed on
+    all rows, and so is the runner-up when the sample puts it within RANK_MARGIN_DB, so a near
+    tie is settled on the whole weight.
     """
     ranker = packer.row_sample() if data_free and len(options) > 1 else packer
+    options, scores = list(options), []
     best: Measured | None = None
-    best_index, scores = 0, []
-    for index, option in enumerate(options):  # only the best so far is kept: one layer's temporaries at a time
-        m = ranker.candidate(option, bits)
+    best_index, index = 0, 0
+    while index < len(options):  # only the best so far is kept: one layer's temporaries at a time
+        m = ranker.candidate(options[index], bits)
         scores.append(m.sqnr)
         if best is None or m.sqnr > best.sqnr:
             best, best_index = m, index
         del m
+        index += 1
+        if index == len(options) and data_free and packer.act_var is not None:
+            options += [v for v in packer.recipe.block_variants(options[best_index]) if v not in options]
     assert best is not None
     if ranker is packer:
-        return best, best_index
+        return best, options[best_index]
     order = sorted(range(len(options)), key=lambda i: -scores[i])
     finalists = sorted(i for i in order[:2] if scores[best_index] - scores[i] < RANK_MARGIN_DB)
     best = None
@@ -243,7 +65,7 @@ def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_fre
         if best is None or m.sqnr > best.sqnr:
             best, best_index = m, index
     assert best is not None
-    return best, best_index
+    return best, options[best_index]
 
 
 def pack_layer(
@@ -256,19 +78,23 @@ def pack_layer(
     signature: tuple[float, float] | None = None,
     *,
     source_bits: int | None = None,
+    act_rms: np.ndarray | None = None,
 ) -> LayerPack:
     """One layer's pack from its weight (float64 for a float64 method, float32 otherwise): the kept
     candidate transform, its codes and scales, static activation scales (static act_mode
     with statistics) and the quality record. ``source_bits``: ``bits_digest`` of the stored
-    source tensor, which loads check live weights of the source's dtype against."""
+    source tensor, which loads check live weights of the source's dtype against; ``act_rms``: the
+    layer's data-free activation estimate (``proxy.activation_rms``), when it has one."""
     signature = signature or weight_signature(readonly_tensor(weight))
-    packer = LayerQuantizer(weight, bias, layer, source_dtype, recipe, stats, signature, source_bits=source_bits)
+    packer = LayerQuantizer(
+        weight, bias, layer, source_dtype, recipe, stats, signature, source_bits=source_bits, act_rms=act_rms
+    )
     bits = layer.bits
-    options = list(packer.recipe.candidates)
-    best, best_index = choose(packer, options, bits, stats is None)
+    options = list(packer.recipe.options(packer.act_var is not None))
+    best, chosen = choose(packer, options, bits, stats is None)
     config = packer.config
     q = config.quant
-    choice = options[best_index].label()
+    choice = chosen.label()
     for refinement in packer.recipe.refinements:
         refined = packer.refined(best, bits, refinement)
         choice += refinement.label if refined is not best else ""
@@ -285,4 +111,12 @@ def pack_layer(
         figures.update(packer.rtn_figures())
     pack.quality = {k: round(v, 3) if np.isfinite(v) else 999.0 for k, v in figures.items()}
     pack.choice = choice if packer.recipe.records_choice else None
+    if stats is None and len(options) > 1:
+        pack.act_source = "none" if packer.act_var is None else layer_source(layer)
     return pack
+
+
+def layer_source(layer: SelectedLayer) -> str:
+    """Where the layer's activation estimate came from (``proxy.kind``; "given" when a caller
+    passed one for a layer selected without producers)."""
+    return "given" if layer.proxy is None else layer_source_kind(layer.proxy)

@@ -3,7 +3,8 @@
 One panel per component (vision / llm / expert): each layer's recorded SQNR (output SQNR when
 built with --calib, else weight SQNR) against its depth, marked by the candidate build kept
 (hollow where the layer is packed at more bits than the fewest in the bundle, e.g. full_w4a8's
-8-bit adaptive norms), with plain round-to-nearest's beside it in grey, and the component's
+8-bit adaptive norms; ringed where the data-free choice found no activation estimate and ranked
+on the unweighted weight error), with plain round-to-nearest's beside it in grey, and the component's
 bytes in the title; then one panel for the embedding tables, if any. matplotlib (the
 ``[build]`` extra) draws it off screen.
 """
@@ -87,6 +88,18 @@ def _draw_layers(ax: Any, rows: list[dict[str, Any]], key: str, kinds: list[str]
             marker = MARKERS[i % len(MARKERS)]
             xy = zip(*mine, strict=True)
             ax.scatter(*xy, s=14, marker=marker, facecolors=face, edgecolors=color, label=label, gid="chosen")
+    blind = [(x, r[key]) for x, r in points if r.get("act_source") == "none"]
+    if blind:  # chosen without an activation estimate (no producer found): ringed
+        ax.scatter(
+            *zip(*blind, strict=True),
+            s=60,
+            marker="o",
+            facecolors="none",
+            edgecolors="0.3",
+            linewidths=0.6,
+            label="no activation estimate",
+            gid="unweighted",
+        )
     return len(points)
 
 

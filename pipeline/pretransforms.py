@@ -24,6 +24,8 @@ from .basis import Basis
 
 # Factors are clipped to this range (geometric mean 1): a dead channel cannot blow up the other side.
 FACTOR_RANGE = (1e-4, 1e4)
+Act = np.ndarray | None  # a layer's data-free activation RMS estimate [in], when it has one
+Factors = np.ndarray | None
 
 
 def _normalized(s: np.ndarray) -> np.ndarray:
@@ -63,19 +65,23 @@ class PreTransform:
     """No pre-transform: the weight goes to the rotation as it is."""
 
     uses_rms: ClassVar[bool] = False  # does ``factors`` read the weight's column RMS?
+    uses_proxy: ClassVar[bool] = False  # does it need the activation estimate (pipeline/proxy.py)?
 
     @property
     def suffix(self) -> str:
         """What the pre-transform adds to a choice label ("" for none)."""
         return ""
 
-    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> np.ndarray | None:
-        """s per input column, or None for no stage. ``rms``: ``column_rms(w)`` when known."""
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None, act: Act = None) -> Factors:
+        """s per input column, or None for no stage. ``rms``: ``column_rms(w)`` when known; ``act``:
+        the data-free activation RMS estimate, when the layer has one."""
         return None
 
-    def build(self, basis: Basis, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> LayerStats | None:
+    def build(
+        self, basis: Basis, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None, act: Act = None
+    ) -> LayerStats | None:
         """Add the ``in_scale`` stage 1/s to ``basis`` (nothing for none); the statistics in its basis."""
-        s = self.factors(w, stats, rms)
+        s = self.factors(w, stats, rms, act)
         if s is None:
             return stats
         basis.add(SCALE, "in_scale", 1.0 / s)
@@ -93,7 +99,7 @@ class Equalize(PreTransform):
     def suffix(self) -> str:
         return f"+eq{self.beta:g}"
 
-    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> np.ndarray:
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None, act: Act = None) -> Factors:
         return equalization_factors(w, self.beta, rms)
 
 
@@ -107,10 +113,31 @@ class Smooth(PreTransform):
     def suffix(self) -> str:
         return f"+smooth{self.alpha:g}"
 
-    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None) -> np.ndarray:
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None, act: Act = None) -> Factors:
         if stats is None:
             raise ValueError("SmoothQuant smoothing needs calibration statistics (--calib)")
         return smoothing_factors(stats.absmax, w, self.alpha)
+
+
+@dataclass(frozen=True)
+class ProxySmooth(PreTransform):
+    """SmoothQuant of strength ``alpha`` on the data-free activation estimate: s_j = a_j^α / rms(W_:,j)^(1-α).
+    Column RMS rather than SmoothQuant's maxima: the estimate is an RMS too."""
+
+    alpha: float
+    uses_rms: ClassVar[bool] = True
+    uses_proxy: ClassVar[bool] = True
+
+    @property
+    def suffix(self) -> str:
+        return f"+proxy{self.alpha:g}"
+
+    def factors(self, w: np.ndarray, stats: LayerStats | None, rms: np.ndarray | None, act: Act = None) -> Factors:
+        if act is None:
+            raise ValueError("proxy smoothing needs the layer's activation estimate")
+        rms = column_rms(w) if rms is None else rms
+        floor = max(float(rms.max()) * 1e-6, 1e-30)
+        return _normalized(act**self.alpha / np.maximum(rms, floor) ** (1.0 - self.alpha))
 
 
 NONE = PreTransform()
@@ -129,13 +156,21 @@ def fixed_pre_transform(t: TransformConfig) -> PreTransform:
     return smoothing(t.smooth_alpha)
 
 
-def pre_transform_groups(t: TransformConfig, calibrated: bool) -> list[list[PreTransform]]:
+def uses_estimate(t: TransformConfig) -> bool:
+    """Does a data-free choice among equalizations also try smoothing on each layer's activation
+    estimate (``act_proxy`` on, no fixed SmoothQuant strength)?"""
+    return t.act_proxy and bool(t.equalize) and t.smooth_alpha == 0
+
+
+def pre_transform_groups(t: TransformConfig, calibrated: bool, proxy: bool = False) -> list[list[PreTransform]]:
     """The pre-transforms a build tries, in groups it pairs with every rotation in turn: the
-    data-free strengths (a fixed SmoothQuant strength, smooth_alpha, stands in for them), then,
-    with statistics, the smooth_search strengths."""
+    data-free strengths (a fixed SmoothQuant strength, smooth_alpha, stands in for them) with,
+    for a layer that has an activation estimate (``proxy``), smoothing on it; then, with
+    statistics, the smooth_search strengths."""
     if t.smooth_alpha > 0:
         return [[Smooth(t.smooth_alpha)]]
-    groups = [[equalizing(beta) for beta in t.equalize or (0.0,)]]
+    extra = [ProxySmooth(a) for a in t.proxy_smooth if a > 0] if proxy and uses_estimate(t) else []
+    groups = [[equalizing(beta) for beta in t.equalize or (0.0,)] + extra]
     if calibrated and t.smooth_search:
         groups.append([smoothing(alpha) for alpha in t.smooth_search])
     return groups

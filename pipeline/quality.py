@@ -60,17 +60,61 @@ def weight_error(tr: Transform, codes: np.ndarray, scales: np.ndarray, transform
     rotations keep norms, so only a transform with a scale stage pays for the mapping."""
     if all(s.kind.preserves_norm for s, _ in tr.stages):
         return transformed_error
+    return weight_errors(tr, codes, scales)[0]
+
+
+def weight_errors(
+    tr: Transform, codes: np.ndarray, scales: np.ndarray, col_weight: np.ndarray | None = None
+) -> tuple[float, float]:
+    """(‖W_eff - W‖², Σ_j col_weight_j ‖(W_eff - W)[:, j]‖²) in one pass over the error rows
+    mapped back to the original basis (the second: the output error for inputs of independent
+    channels with variances ``col_weight`` [in]; 0 without it)."""
     w_t = np.ascontiguousarray(tr.w_t)
     plan = tr.plan(torch.from_numpy(w_t).dtype)
     s = scales.astype(w_t.dtype)
     step = max(1, CHUNK // max(1, w_t.shape[1]))
     buffer = np.empty((min(step, w_t.shape[0]), w_t.shape[1]), dtype=w_t.dtype)
-    total = 0.0
+    weight = None if col_weight is None else torch.from_numpy(np.asarray(col_weight, dtype=np.float64))
+    total = weighted = 0.0
     for start in range(0, w_t.shape[0], step):
         stop = min(start + step, w_t.shape[0])
         e_t = kernels.dequantized_error(w_t[start:stop], codes[start:stop], s[start:stop], buffer[: stop - start])
-        total += _sum_squares(st.weight_from_basis(plan, torch.from_numpy(e_t)))
-    return total
+        columns = st.weight_from_basis(plan, torch.from_numpy(e_t)).square().sum(0, dtype=torch.float64)
+        total += float(columns.sum())
+        if weight is not None:
+            weighted += float(columns @ weight)
+    return total, weighted
+
+
+def variance_in_basis(tr: Transform, var: np.ndarray) -> np.ndarray:
+    """Per-channel variances of x·T for x of independent channels with variances ``var`` [in]:
+    each stage's matrix squared elementwise (a scale's value, a rotation's blocks; a permutation
+    moves them), so no [in, in] product is formed."""
+    v = torch.from_numpy(np.asarray(var, dtype=np.float64))[None]
+    for kind, value in tr.plan():
+        v = kind.apply(v, value * value if value.is_floating_point() else value)
+    return v[0].numpy()
+
+
+def activation_error(
+    tr: Transform, var: np.ndarray, bits: int, per_token: bool, weight_energy: float | None = None
+) -> float:
+    """Expected ‖(x_q - x_t)·W_tᵀ‖² per row for activations of variances ``var`` quantized at
+    ``bits`` in the transform's basis: rounding noise of Δ²/12 per channel, Δ = peak / qmax. The
+    peak is a row's largest channel (per-token: about √(2 ln n) of the largest deviation, which
+    a rotation lowers by spreading it) or each channel's own (per-channel static). ``weight_energy``:
+    ‖W‖², which a transform of rotations and permutations keeps (no pass over W_t then)."""
+    if bits <= 0:
+        return 0.0
+    var_t = variance_in_basis(tr, var)
+    qmax = 2 ** (bits - 1) - 1
+    peak2 = 2.0 * math.log(max(var_t.size, 2))
+    if per_token and weight_energy is not None and all(s.kind.preserves_norm for s, _ in tr.stages):
+        return float(peak2 * var_t.max() / qmax**2 / 12.0 * weight_energy)
+    col_energy = kernels.column_sum_squares(np.ascontiguousarray(tr.w_t))
+    if per_token:
+        return float(peak2 * var_t.max() / qmax**2 / 12.0 * col_energy.sum())
+    return float(peak2 / qmax**2 / 12.0 * (var_t @ col_energy))
 
 
 def runtime_layer(pack: LayerPack, act_bits: int, act_mode: str, dtype: torch.dtype) -> DuQuantLinear:

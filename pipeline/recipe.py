@@ -8,6 +8,7 @@ stage first (the statistics follow it into the scaled basis), then the rotation'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,25 +28,34 @@ class Candidate:
 
     rotation: Method
     pre: PreTransform = NONE
+    block: int | None = None  # the rotation's block size when not the config's (block_search)
 
     def label(self) -> str:
-        """The choice label recorded in the bundle: the rotation's, then the pre-transform's."""
-        return self.rotation.label + self.pre.suffix
+        """The choice label recorded in the bundle: the rotation's (with its block when searched),
+        then the pre-transform's."""
+        return self.rotation.label + ("" if self.block is None else str(self.block)) + self.pre.suffix
 
     def transform(
-        self, w: np.ndarray, t: TransformConfig, stats: LayerStats | None, rms: np.ndarray | None = None
+        self,
+        w: np.ndarray,
+        t: TransformConfig,
+        stats: LayerStats | None,
+        rms: np.ndarray | None = None,
+        act: np.ndarray | None = None,
     ) -> Transform:
-        """The candidate's stages and ``w`` in their basis. ``rms``: ``w``'s column RMS, when known."""
+        """The candidate's stages and ``w`` in their basis. ``rms``: ``w``'s column RMS, when known;
+        ``act``: the layer's data-free activation estimate, when it has one."""
         basis = Basis(torch.from_numpy(np.ascontiguousarray(w)).to(self.rotation.basis_dtype(w)))
-        stats = self.pre.build(basis, w, stats, rms)
-        self.rotation.build(basis, t, stats)
+        stats = self.pre.build(basis, w, stats, rms, act)
+        self.rotation.build(basis, t if self.block is None else dataclasses.replace(t, block_size=self.block), stats)
         return basis.result()
 
 
-def candidates(t: TransformConfig, calibrated: bool) -> list[Candidate]:
+def candidates(t: TransformConfig, calibrated: bool, proxy: bool = False) -> list[Candidate]:
     """The transforms build tries for one layer, in a fixed order (ties keep the first): each
-    group of pre-transforms with every rotation in turn."""
-    groups = pre_transform_groups(t, calibrated)
+    group of pre-transforms with every rotation in turn. ``proxy``: the layer has a data-free
+    activation estimate (its candidates include smoothing on it)."""
+    groups = pre_transform_groups(t, calibrated, proxy)
     return [Candidate(rotation, pre) for group in groups for rotation in rotations.rotations(t) for pre in group]
 
 
@@ -57,6 +67,18 @@ class Recipe:
     candidates: tuple[Candidate, ...]
     calibrated: bool
     refinements: tuple[weightquant.Refinement, ...] = ()
+    proxy_candidates: tuple[Candidate, ...] = ()  # for a layer with an activation estimate
+
+    def block_variants(self, leader: Candidate) -> list[Candidate]:
+        """``leader`` at the other ``block_search`` sizes, when its rotation takes a block size."""
+        t = self.config.transform
+        if leader.block is not None or not leader.rotation.block_searchable:
+            return []
+        return [Candidate(leader.rotation, leader.pre, b) for b in t.block_search if b != t.block_size]
+
+    def options(self, has_proxy: bool) -> tuple[Candidate, ...]:
+        """The candidates one layer tries."""
+        return self.proxy_candidates if has_proxy and self.proxy_candidates else self.candidates
 
     @property
     def rotation(self) -> Method:
@@ -71,7 +93,8 @@ class Recipe:
 def resolve(config: DuQuantConfig, calibrated: bool) -> Recipe:
     """``config``'s recipe; ``calibrated``: the build has calibration statistics."""
     found = tuple(candidates(config.transform, calibrated))
-    return Recipe(config, found, calibrated, weightquant.refinements(config.quant))
+    with_proxy = () if calibrated else tuple(candidates(config.transform, calibrated, proxy=True))
+    return Recipe(config, found, calibrated, weightquant.refinements(config.quant), with_proxy)
 
 
 def statistics_needed(config: DuQuantConfig) -> list[str]:

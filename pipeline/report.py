@@ -108,7 +108,8 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
             else:
                 if meta.get("quality"):
                     method = choice or h.config["transform"]["method"]
-                    quality[name] = {**meta["quality"], "choice": method, "bits": int(meta["weight_bits"])}
+                    act = {"act_source": meta["act_source"]} if meta.get("act_source") else {}
+                    quality[name] = {**meta["quality"], "choice": method, "bits": int(meta["weight_bits"]), **act}
                 if choice:
                     choices[choice] = choices.get(choice, 0) + 1
                 if int(meta["weight_bits"]) != quant.bits_for(name):
@@ -177,6 +178,8 @@ def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
     if h["choices"]:
         listing = ", ".join(f"{k} {v}" for k, v in sorted(h["choices"].items(), key=lambda kv: (-kv[1], kv[0])))
         echo(f"choices      {listing}")
+    if line := act_source_line(h["quality"]):
+        echo(f"act sizes    {line}")
     _print_fallback(h, echo)
     _print_components(h["components"], echo)
     for line in summary_lines(h["quality_summary"]):
@@ -230,10 +233,24 @@ def _print_worst(rows: list[dict[str, Any]], recorded: int, echo: Echo) -> None:
     key = "output_sqnr_db" if has_out else "weight_sqnr_db"
     which = "all" if len(rows) == recorded else f"worst {len(rows)} of"
     echo(f"{which} {recorded} layers by {'output' if has_out else 'weight'} SQNR (dB), worst first:")
-    echo(f"  {'weight':>7} {'output':>7} {'RTN':>7}  {'choice':<22} layer")
+    echo(f"  {'weight':>7} {'output':>7} {'RTN':>7}  {'choice':<22} {'act sizes':<13} layer")
     for r in rows:
         out = f"{r['output_sqnr_db']:7.2f}" if has_out else f"{'-':>7}"
         rtn = r.get(f"rtn_{key}")
         rtn_text = f"{rtn:7.2f}" if rtn is not None else f"{'-':>7}"
-        echo(f"  {r['weight_sqnr_db']:7.2f} {out} {rtn_text}  {r['choice']:<22} {r['layer']}")
+        source = r.get("act_source", "-")
+        echo(f"  {r['weight_sqnr_db']:7.2f} {out} {rtn_text}  {r['choice']:<22} {source:<13} {r['layer']}")
     echo('  raise their bits with [quant] per_layer_weight_bits = { "<layer>" = 8 }, or exclude them')
+
+
+def act_source_line(quality: list[dict[str, Any]]) -> str:
+    """How many layers' data-free choice read their activation sizes from a norm, from producer
+    rows, or from none (ranked on the unweighted weight error); "" when the build used none."""
+    counts: dict[str, int] = {}
+    for r in quality:
+        if "act_source" in r:
+            counts[r["act_source"]] = counts.get(r["act_source"], 0) + 1
+    if not counts:
+        return ""
+    listing = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{listing} (where the data-free choice read each layer's activation sizes; none: unweighted)"

@@ -20,6 +20,7 @@ from duquant_runtime.errors import SelectionError
 from duquant_runtime.fingerprint import SourceTensor
 from duquant_runtime.prefix import selection_prefix
 
+from . import proxy as proxy_rules
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 
 
@@ -33,6 +34,8 @@ class SelectedLayer:
     dtype: str
     bits: int
     kind: str = LINEAR  # or EMBEDDING: a table picked by [embed] (out_features = its rows)
+    # the tensors that produce its input, for the data-free activation estimate (pipeline/proxy.py)
+    proxy: proxy_rules.Source | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -140,10 +143,14 @@ def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
             f"quant.per_layer_weight_bits names {stray[0]!r}, which is not a selected layer of config {cfg.name!r}"
         )
     out = []
+    shapes = {name: info.shape for name, info in ckpt.tensors.items()} if cfg.transform.act_proxy else None
     for n in names:
         weight, bias = modules[n]
         info = ckpt.tensors[weight]
-        out.append(SelectedLayer(n, weight, bias, info.shape[0], info.shape[1], info.dtype, q.bits_for(n)))
+        source = None if shapes is None else proxy_rules.find_source(prefix + n, shapes, info.shape[1])
+        out.append(
+            SelectedLayer(n, weight, bias, info.shape[0], info.shape[1], info.dtype, q.bits_for(n), proxy=source)
+        )
     for n in embedding_names(cfg, sorted(modules), names):
         info = ckpt.tensors[modules[n][0]]
         out.append(SelectedLayer(n, modules[n][0], None, *info.shape, info.dtype, cfg.embed.bits, EMBEDDING))
@@ -153,10 +160,14 @@ def select_layers(cfg: DuQuantConfig, ckpt: Checkpoint) -> list[SelectedLayer]:
 def source_tensors(ckpt: Checkpoint, layers: list[SelectedLayer], jobs: int = 1) -> list[SourceTensor]:
     """sha256 of every selected tensor's raw bytes (hashlib releases the GIL: threads suffice)."""
     names = [n for layer in layers for n in layer.tensor_names]
+    own = set(names)
+    # the tensors the activation estimates were read from that are no layer's own (norm gains)
+    names += [n for n in dict.fromkeys(n for la in layers for n in proxy_rules.tensor_names(la.proxy)) if n not in own]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         hashes = list(pool.map(ckpt.sha256, names))
     return [
-        SourceTensor(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape, h) for n, h in zip(names, hashes, strict=True)
+        SourceTensor(n, ckpt.tensors[n].dtype, ckpt.tensors[n].shape, h, n not in own)
+        for n, h in zip(names, hashes, strict=True)
     ]
 
 

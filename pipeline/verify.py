@@ -57,7 +57,7 @@ def reader_problems(
         except SelectionError as exc:  # nothing to compare: the checkpoint is another one
             return [*problems, _another_checkpoint(header, checkpoint, exc)]
     if sources is not None:
-        recorded = header.fingerprint_doc["source"]
+        recorded = header.fingerprint_doc["source"] + header.fingerprint_doc.get("producers", [])
         differing = diff_sources(recorded, [s.to_json() for s in sources])
         compared = len({r[0] for r in recorded} | {s.name for s in sources})
         problems += _source_lines(differing, compared, every_tensor)

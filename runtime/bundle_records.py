@@ -56,6 +56,9 @@ class LayerPack:
     act_scale: np.ndarray | None = None
     quality: dict[str, float] | None = None
     choice: str | None = None
+    # where a data-free choice read the activation sizes from: "norm", "producer rows" or "none"
+    # (the unweighted weight error); None when the build did not choose data-free
+    act_source: str | None = None
     # LINEAR (in/out features: the weight's columns/rows) or EMBEDDING (embedding_dim /
     # num_embeddings: a table of rows, no stages, ``w_scale`` [rows, groups] of ``group_size``
     # columns each, 0 = one group per row)

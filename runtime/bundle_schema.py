@@ -47,6 +47,8 @@ def layer_meta(pack: LayerPack, arrays: dict[str, np.ndarray]) -> dict[str, Any]
         meta["quality"] = pack.quality
     if pack.choice:
         meta["choice"] = pack.choice
+    if pack.act_source:
+        meta["act_source"] = pack.act_source
     return meta
 
 
@@ -196,6 +198,7 @@ def pack_of(name: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], stag
         stage_values={s.key: arrays[s.key] for s in (*inputs, *outputs)},
         quality=_quality(meta.get("quality")),
         choice=str(meta["choice"]) if "choice" in meta else None,
+        act_source=str(meta["act_source"]) if "act_source" in meta else None,
         kind=str(meta.get("layer_kind", LINEAR)),
         group_size=int(meta.get("group_size", 0)) if meta.get("layer_kind") == EMBEDDING else 0,
     )

@@ -82,6 +82,12 @@ def _typed(section: str, key: str, value: Any, default: Any, annotation: str) ->
         ):
             raise ConfigError(f"{where} must be a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
+    if annotation == "tuple[int, ...]":
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        return tuple(value)
     if annotation == "tuple[str, ...]":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of layer names, got {value!r}")

@@ -29,6 +29,9 @@ class SourceTensor:
     dtype: str
     shape: tuple[int, ...]
     sha256: str
+    # a layer's own tensor (its weight or bias), or a producer the build read its activation
+    # estimate from (recorded apart, under "producers": the runtime's layers are the former)
+    producer: bool = False
 
     def to_json(self) -> list[Any]:
         return [self.name, self.dtype, list(self.shape), self.sha256]

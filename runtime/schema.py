@@ -88,6 +88,14 @@ class TransformConfig:
     smooth_search: tuple[float, ...] = ()
     # and whether "no rotation" (plain per-row round-to-nearest, after equalization) competes.
     rtn_candidate: bool = True
+    # Data-free: rank the candidates by their output error on each layer's activation sizes
+    # estimated from the checkpoint (its norm's gains, its producer's rows: pipeline/proxy.py),
+    # and try SmoothQuant on that estimate at these strengths (layers with no estimate: neither).
+    act_proxy: bool = True
+    proxy_smooth: tuple[float, ...] = (0.5,)
+    # and, where the method's rotation leads (hadamard), it again at these block sizes with the
+    # leader's pre-transform; a layer keeps the block its measurements prefer.
+    block_search: tuple[int, ...] = (16,)
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ class DuQuantConfig:
         d["quant"]["weight_bits_by_pattern"] = dict(self.quant.weight_bits_by_pattern)
         d["transform"]["equalize"] = list(self.transform.equalize)
         d["transform"]["smooth_search"] = list(self.transform.smooth_search)
+        d["transform"]["proxy_smooth"] = list(self.transform.proxy_smooth)
+        d["transform"]["block_search"] = list(self.transform.block_search)
         return d
 
     @property
@@ -249,11 +259,15 @@ def _validate_choice(cfg: DuQuantConfig) -> None:
     )
     _check(0.0 < q.gptq_damp <= 1.0, f"quant.gptq_damp must be in (0, 1], got {q.gptq_damp}")
     _check(0.0 <= q.min_sqnr_db <= 100.0, f"quant.min_sqnr_db must be in [0, 100] dB (0 = off), got {q.min_sqnr_db}")
-    for key, values in (("equalize", t.equalize), ("smooth_search", t.smooth_search)):
+    for key, values in (("equalize", t.equalize), ("smooth_search", t.smooth_search), ("proxy_smooth", t.proxy_smooth)):
         _check(
             all(0.0 <= v <= 1.0 for v in values) and len(set(values)) == len(values),
             f"transform.{key} must be distinct strengths in [0, 1], got {list(values)}",
         )
+    _check(
+        all(b >= 2 and not b & (b - 1) for b in t.block_search) and len(set(t.block_search)) == len(t.block_search),
+        f"transform.block_search must be distinct powers of two (e.g. [16]), got {list(t.block_search)}",
+    )
     _check(
         not (t.smooth_search and t.smooth_alpha > 0),
         "transform.smooth_alpha and transform.smooth_search are exclusive: give one strength, or the list to search",

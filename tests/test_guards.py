@@ -138,6 +138,9 @@ OTHER_VALUES = {
         "smooth_alpha": 0.5,
         "equalize": (0.0, 0.25),
         "smooth_search": (0.5,),
+        "act_proxy": False,
+        "proxy_smooth": (0.25,),
+        "block_search": (32,),
         "rtn_candidate": False,
     },
 }
@@ -262,9 +265,9 @@ def _batches() -> list[torch.Tensor]:
 
 def expected_scales(layer: DuQuantLinear, batches: list[torch.Tensor], pct: float) -> torch.Tensor:
     """The static rule written out: per channel, torch.quantile of |x_t| over each batch's
-    rows, averaged over the batches, over qmax (127 at 8 bits)."""
+    rows, the largest batch's, over qmax (127 at 8 bits)."""
     per_batch = [torch.quantile(layer.rotate_input(b).abs(), pct / 100.0, dim=0) for b in batches]
-    return torch.stack(per_batch).mean(dim=0) / 127.0
+    return torch.stack(per_batch).amax(dim=0) / 127.0
 
 
 def test_calibrate_uses_the_percentile_and_the_first_calib_steps_batches(static_bundle):

@@ -25,7 +25,7 @@ HOMES = {
 }
 # The RTN baseline is also what every quality record compares with (pack.rtn_figures, and
 # embed.pack_embedding for tables).
-ALSO = {"round_to_nearest": {"pipeline/weightquant.py", "pipeline/pack.py", "pipeline/embed.py"}}
+ALSO = {"round_to_nearest": {"pipeline/weightquant.py", "pipeline/quantizer.py", "pipeline/embed.py"}}
 # A stage kind is defined in stages.py and named besides only by the code that adds it.
 KIND_PRODUCERS = {"runtime/stages.py", "pipeline/pretransforms.py", "pipeline/basis.py"}
 

@@ -28,6 +28,7 @@ class Method:
     version: ClassVar[int]
     dtype: ClassVar[torch.dtype] = torch.float32
     row_rotation: ClassVar[bool] = False  # does it define transform.row_rot = 'restore'?
+    block_searchable: ClassVar[bool] = False  # may a per-layer choice try it at other block sizes?
 
     @property
     def label(self) -> str:

@@ -66,6 +66,7 @@ def hadamard_blocks(n: int, block: int, *, signs: bool, seed: int) -> np.ndarray
 @register
 class Hadamard(Method):
     name, version = "hadamard", 1
+    block_searchable = True
 
     def validate(self, t: TransformConfig) -> None:
         super().validate(t)
