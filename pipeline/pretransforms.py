@@ -185,4 +185,6 @@ def describe(t: TransformConfig) -> str:
     """The pre-transforms' part of a config's one-line summary ("" for none)."""
     fixed = f" smooth={t.smooth_alpha}" if t.smooth_alpha else ""
     searched = f" per-layer: eq={list(t.equalize)}" if t.equalize else ""
+    if t.equalize and uses_estimate(t) and t.proxy_smooth:  # data-free, on the activation estimate
+        searched += f" act-estimate smooth={list(t.proxy_smooth)}"
     return fixed + searched + (f" smooth={list(t.smooth_search)}" if t.smooth_search else "")
