@@ -10,7 +10,9 @@ adaRMSNorm does (scale and shift from a time embedding), so its activations chan
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +117,35 @@ act_percentile = 99.0
 [transform]
 block_size = 16
 """
+DYNAMIC_CONFIG = PER_STEP_CONFIG.replace('name = "per_step"', 'name = "dynamic"').replace(
+    'act_mode = "per_step_static"', 'act_mode = "per_token_dynamic"'
+)
+
+
+def standin_bundles(out: Path) -> dict:
+    """The openpi stand-in's float model and checkpoint in ``out``, statistics captured on an
+    instrumented copy over 4 loops, and two bundles of its expert: per-step static (built with
+    --calib) and per-token dynamic. {"float", "configs", "paths", "checkpoint"}."""
+    from duquant_pipeline.build import build_bundle
+    from duquant_runtime import capture_stats, instrument
+    from duquant_runtime.config import load_toml
+    from safetensors.torch import save_model
+
+    float_model = OpenpiStandIn().eval()
+    checkpoint = out / "model.safetensors"
+    save_model(float_model, str(checkpoint))
+    configs = {}
+    for name, text in (("per_step", PER_STEP_CONFIG), ("dynamic", DYNAMIC_CONFIG)):
+        (out / f"{name}.toml").write_text(text)
+        configs[name] = load_toml(out / f"{name}.toml")
+    capturing = copy.deepcopy(float_model)
+    instrument(capturing)
+    with capture_stats(capturing, configs["per_step"]) as stats:
+        for seed in range(4):
+            capturing.sample_actions(*flow_inputs(seed=seed))
+    calib = stats.save(out / "stats.h5")
+    paths = {
+        "per_step": build_bundle(configs["per_step"], checkpoint, out, jobs=1, calib=calib).path,
+        "dynamic": build_bundle(configs["dynamic"], checkpoint, out, jobs=1).path,
+    }
+    return {"float": float_model, "configs": configs, "paths": paths, "checkpoint": checkpoint}

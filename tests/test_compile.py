@@ -18,38 +18,15 @@ import pytest
 import torch
 from duquant_pipeline.build import build_bundle
 from duquant_runtime import UnknownFlowTimeError, capture_stats, instrument, load_bundle
-from duquant_runtime.config import load_toml
-from flow_standin import PER_STEP_CONFIG, OpenpiStandIn, flow_inputs
-from safetensors.torch import save_model
+from flow_standin import OpenpiStandIn, flow_inputs, standin_bundles
 from torch._dynamo.utils import counters
 
-DYNAMIC_CONFIG = PER_STEP_CONFIG.replace('name = "per_step"', 'name = "dynamic"').replace(
-    'act_mode = "per_step_static"', 'act_mode = "per_token_dynamic"'
-)
 BACKENDS = ("eager", "inductor")
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("compile")
-    float_model = OpenpiStandIn().eval()
-    save_model(float_model, str(out / "model.safetensors"))
-    configs = {}
-    for name, text in (("per_step", PER_STEP_CONFIG), ("dynamic", DYNAMIC_CONFIG)):
-        (out / f"{name}.toml").write_text(text)
-        configs[name] = load_toml(out / f"{name}.toml")
-    capturing = copy.deepcopy(float_model)
-    instrument(capturing)
-    with capture_stats(capturing, configs["per_step"]) as stats:
-        for seed in range(4):
-            capturing.sample_actions(*flow_inputs(seed=seed))
-    stats.save(out / "stats.h5")
-    built = {
-        "per_step": build_bundle(configs["per_step"], out / "model.safetensors", out, jobs=1, calib=out / "stats.h5"),
-        "dynamic": build_bundle(configs["dynamic"], out / "model.safetensors", out, jobs=1),
-    }
-    paths = {k: b.path for k, b in built.items()}
-    return {"float": float_model, "configs": configs, "paths": paths, "checkpoint": out / "model.safetensors"}
+    return standin_bundles(tmp_path_factory.mktemp("compile"))
 
 
 def _model(bundles: dict, kind: str, compile_with: str | None) -> OpenpiStandIn:

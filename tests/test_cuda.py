@@ -11,42 +11,19 @@ import copy
 
 import pytest
 import torch
-from duquant_pipeline.build import build_bundle
-from duquant_runtime import capture_stats, instrument, load_bundle
-from duquant_runtime.config import load_toml
-from flow_standin import PER_STEP_CONFIG, OpenpiStandIn, flow_inputs
-from safetensors.torch import save_model
+from duquant_runtime import instrument, load_bundle
+from flow_standin import OpenpiStandIn, flow_inputs, standin_bundles
 from torch._dynamo.utils import counters
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)"),
 ]
-DYNAMIC_CONFIG = PER_STEP_CONFIG.replace('name = "per_step"', 'name = "dynamic"').replace(
-    'act_mode = "per_step_static"', 'act_mode = "per_token_dynamic"'
-)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("cuda")
-    float_model = OpenpiStandIn().eval()
-    save_model(float_model, str(out / "model.safetensors"))
-    configs = {}
-    for name, text in (("per_step", PER_STEP_CONFIG), ("dynamic", DYNAMIC_CONFIG)):
-        (out / f"{name}.toml").write_text(text)
-        configs[name] = load_toml(out / f"{name}.toml")
-    capturing = copy.deepcopy(float_model)
-    instrument(capturing)
-    with capture_stats(capturing, configs["per_step"]) as stats:
-        for seed in range(4):
-            capturing.sample_actions(*flow_inputs(seed=seed))
-    calib = stats.save(out / "stats.h5")
-    paths = {
-        "per_step": build_bundle(configs["per_step"], out / "model.safetensors", out, jobs=1, calib=calib).path,
-        "dynamic": build_bundle(configs["dynamic"], out / "model.safetensors", out, jobs=1).path,
-    }
-    return {"float": float_model, "paths": paths}
+    return standin_bundles(tmp_path_factory.mktemp("cuda"))
 
 
 def _loaded(built: dict, kind: str, device: str, dtype: torch.dtype, **options: object) -> OpenpiStandIn:
