@@ -43,18 +43,15 @@ def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_fre
     """
     ranker = packer.row_sample() if data_free and len(options) > 1 else packer
     options, scores = list(options), []
-    best: Measured | None = None
-    best_index, index = 0, 0
-    while index < len(options):  # only the best so far is kept: one layer's temporaries at a time
-        m = ranker.candidate(options[index], bits)
-        scores.append(m.sqnr)
-        if best is None or m.sqnr > best.sqnr:
-            best, best_index = m, index
-        del m
-        index += 1
-        if index == len(options) and data_free and packer.act_var is not None:
-            options += [v for v in packer.recipe.block_variants(options[best_index]) if v not in options]
-    assert best is not None
+    best, best_index = _rank(ranker, options, bits, scores)
+    if data_free and packer.act_var is not None:
+        variants = [v for v in packer.recipe.block_variants(options[best_index]) if v not in options]
+        if variants:
+            start = len(options)
+            options += variants
+            leader, index = _rank(ranker, variants, bits, scores)
+            if leader.sqnr > best.sqnr:
+                best, best_index = leader, start + index
     if ranker is packer:
         return best, options[best_index]
     order = sorted(range(len(options)), key=lambda i: -scores[i])
@@ -66,6 +63,21 @@ def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_fre
             best, best_index = m, index
     assert best is not None
     return best, options[best_index]
+
+
+def _rank(ranker: LayerQuantizer, options: list[Candidate], bits: int, scores: list[float]) -> tuple[Measured, int]:
+    """The best of ``options`` measured by ``ranker`` and its index; each score appended to ``scores``.
+    Only the best so far is kept: one layer's temporaries at a time."""
+    best: Measured | None = None
+    best_index = 0
+    for index, option in enumerate(options):
+        m = ranker.candidate(option, bits)
+        scores.append(m.sqnr)
+        if best is None or m.sqnr > best.sqnr:
+            best, best_index = m, index
+        del m
+    assert best is not None
+    return best, best_index
 
 
 def pack_layer(

@@ -33,6 +33,11 @@ def _normalized(s: np.ndarray) -> np.ndarray:
     return np.clip(s / np.exp(np.mean(np.log(s))), *FACTOR_RANGE)  # geometric mean 1: no scale drift
 
 
+def _floored(rms: np.ndarray) -> np.ndarray:
+    """Column RMS with all-zero columns raised to a millionth of the largest (their factor stays ~1)."""
+    return np.maximum(rms, max(float(rms.max()) * 1e-6, 1e-30))
+
+
 def smoothing_factors(act_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
     """SmoothQuant: s_j = max|x_j|^α / max|W_:,j|^(1-α); x/s and W·s leave x·Wᵀ unchanged."""
     a = np.maximum(act_absmax.astype(np.float64), 1e-5)
@@ -56,8 +61,7 @@ def equalization_factors(w: np.ndarray, beta: float, rms: np.ndarray | None = No
     ranks candidates on a sample of rows with the whole weight's factors).
     """
     rms = column_rms(w) if rms is None else rms
-    floor = max(float(rms.max()) * 1e-6, 1e-30)  # all-zero columns keep factor ~1
-    return _normalized(np.maximum(rms, floor) ** -beta)
+    return _normalized(_floored(rms) ** -beta)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,6 @@ class PreTransform:
     """No pre-transform: the weight goes to the rotation as it is."""
 
     uses_rms: ClassVar[bool] = False  # does ``factors`` read the weight's column RMS?
-    uses_proxy: ClassVar[bool] = False  # does it need the activation estimate (pipeline/proxy.py)?
 
     @property
     def suffix(self) -> str:
@@ -126,7 +129,6 @@ class ProxySmooth(PreTransform):
 
     alpha: float
     uses_rms: ClassVar[bool] = True
-    uses_proxy: ClassVar[bool] = True
 
     @property
     def suffix(self) -> str:
@@ -136,8 +138,7 @@ class ProxySmooth(PreTransform):
         if act is None:
             raise ValueError("proxy smoothing needs the layer's activation estimate")
         rms = column_rms(w) if rms is None else rms
-        floor = max(float(rms.max()) * 1e-6, 1e-30)
-        return _normalized(act**self.alpha / np.maximum(rms, floor) ** (1.0 - self.alpha))
+        return _normalized(act**self.alpha / _floored(rms) ** (1.0 - self.alpha))
 
 
 NONE = PreTransform()

@@ -25,7 +25,6 @@ from duquant_runtime.schema import STATIC_ACT_MODES
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
-from . import kernels
 from .basis import Transform, transformed_hessian
 from .pretransforms import column_rms
 from .quality import (
@@ -97,7 +96,8 @@ class LayerQuantizer:
         self.sample = None if stats is None or not stats.sample.shape[0] else torch.from_numpy(stats.sample).double()
         self.signal = signature[1]  # ‖W‖², the float64 sum of squares the signature already holds
         use_proxy = act_rms is not None and stats is None and self.config.transform.act_proxy
-        self.act_var = act_rms * act_rms if use_proxy else None  # type: ignore[operator]
+        self.act = act_rms if use_proxy else None
+        self.act_var = None if self.act is None else self.act * self.act
         self._proxy_signal: float | None = None  # Σ_j var_j ‖W[:, j]‖², once per layer
 
     @property
@@ -116,9 +116,8 @@ class LayerQuantizer:
             return self
         sample = np.ascontiguousarray(self.weight[:: rows // wanted])
         signature = weight_signature(readonly_tensor(sample))
-        act = None if self.act_var is None else np.sqrt(self.act_var)
         return LayerQuantizer(
-            sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms, act_rms=act
+            sample, None, self.layer, self.source_dtype, self.recipe, None, signature, self.rms, act_rms=self.act
         )
 
     def assemble(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> LayerPack:
@@ -194,8 +193,8 @@ class LayerQuantizer:
         the weight error weighted by them, plus the activations' rounding error."""
         q, var = self.config.quant, self.act_var
         assert var is not None
-        if self._proxy_signal is None:
-            self._proxy_signal = float(kernels.column_sum_squares(np.ascontiguousarray(self.weight)) @ var)
+        if self._proxy_signal is None:  # the column energies the equalization's RMS holds already
+            self._proxy_signal = float((self.rms * self.rms * self.weight.shape[0]) @ var)
         # per-channel static layers start per token (calibrate keeps what measures better): rank
         # as the dynamic bundle; per-step layers have a static row per step
         noise = weighted_error + activation_error(tr, var, q.act_bits, not q.per_step, self.signal)
@@ -209,8 +208,7 @@ class LayerQuantizer:
 
     def candidate(self, cand: Candidate, bits: int) -> Measured:
         rms = self.rms if cand.pre.uses_rms else None
-        act = None if self.act_var is None else np.sqrt(self.act_var)
-        return self.quantized(cand.transform(self.weight, self.config.transform, self.stats, rms, act), bits)
+        return self.quantized(cand.transform(self.weight, self.config.transform, self.stats, rms, self.act), bits)
 
     def quantized(self, tr: Transform, bits: int) -> Measured:
         """The transform's weight quantized at ``bits`` (scale search, RTN codes), measured."""

@@ -176,8 +176,7 @@ def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
         echo(f"calibration  {needed}")
     echo(f"scope        {h['config']['select']['scope']!r}")
     if h["choices"]:
-        listing = ", ".join(f"{k} {v}" for k, v in sorted(h["choices"].items(), key=lambda kv: (-kv[1], kv[0])))
-        echo(f"choices      {listing}")
+        echo(f"choices      {counted(h['choices'])}")
     if line := act_source_line(h["quality"]):
         echo(f"act sizes    {line}")
     _print_fallback(h, echo)
@@ -252,5 +251,9 @@ def act_source_line(quality: list[dict[str, Any]]) -> str:
             counts[r["act_source"]] = counts.get(r["act_source"], 0) + 1
     if not counts:
         return ""
-    listing = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"{listing} (where the data-free choice read each layer's activation sizes; none: unweighted)"
+    return f"{counted(counts)} (where the data-free choice read each layer's activation sizes; none: unweighted)"
+
+
+def counted(counts: dict[str, int]) -> str:
+    """ "a 3, b 1": most first, ties by name."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
