@@ -101,6 +101,10 @@ def _typed(section: str, key: str, value: Any, default: Any, annotation: str) ->
                 raise ConfigError(f"{where}[{name!r}] must be an integer, got {bits!r}")
             pairs.append((str(name), bits))
         return tuple(sorted(pairs))
+    if annotation == "tuple[tuple[str, str], ...]":
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{where} must be a table of layer name pattern -> activation mode, got {value!r}")
+        return tuple(sorted((str(k), v) for k, v in value.items()))
     raise ConfigError(f"unsupported field {where}")  # pragma: no cover - schema bug
 
 
