@@ -59,6 +59,10 @@ class LayerPack:
     # where a data-free choice read the activation sizes from: "norm", "producer rows" or "none"
     # (the unweighted weight error); None when the build did not choose data-free
     act_source: str | None = None
+    # the layer's activation quantization as built (0.10: per layer, e.g. an A4 layer kept at A8
+    # by quant.a4_min_sqnr_db); None in older bundles, whose layers all run the config's
+    act_bits: int | None = None
+    act_mode: str | None = None
     # LINEAR (in/out features: the weight's columns/rows) or EMBEDDING (embedding_dim /
     # num_embeddings: a table of rows, no stages, ``w_scale`` [rows, groups] of ``group_size``
     # columns each, 0 = one group per row)

@@ -15,7 +15,7 @@ from .codes import INT4, INT8, scale_groups
 from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
-from .schema import MAX_FLOW_STEPS
+from .schema import ACT_MODES, MAX_FLOW_STEPS
 from .stages import F32, StageKind, StageSpec, check_plan
 
 
@@ -49,6 +49,8 @@ def layer_meta(pack: LayerPack, arrays: dict[str, np.ndarray]) -> dict[str, Any]
         meta["choice"] = pack.choice
     if pack.act_source:
         meta["act_source"] = pack.act_source
+    if pack.act_bits is not None:
+        meta.update(act_bits=int(pack.act_bits), act_mode=str(pack.act_mode))
     return meta
 
 
@@ -168,6 +170,16 @@ def _source_bits(value: Any) -> int | None:
     return value
 
 
+def _act(meta: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The layer's own activation bits and mode (0.10), None for a bundle that has none."""
+    if "act_bits" not in meta:
+        return None, None
+    bits, mode = meta["act_bits"], meta.get("act_mode")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 0 <= bits <= 16 or mode not in ACT_MODES:
+        raise ValueError(f"malformed activation quantization (act_bits {bits!r}, act_mode {mode!r})")
+    return bits, mode
+
+
 def _quality(value: Any) -> dict[str, float] | None:
     if value is None:
         return None
@@ -179,6 +191,7 @@ def _quality(value: Any) -> dict[str, float] | None:
 def pack_of(name: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], stages: tuple[tuple, tuple]) -> LayerPack:
     """The layer's pack from its checked metadata, arrays and (input, output) stages."""
     inputs, outputs = stages
+    act_bits, act_mode = _act(meta)
     return LayerPack(
         name=name,
         in_features=int(meta["in_features"]),
@@ -199,6 +212,8 @@ def pack_of(name: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], stag
         quality=_quality(meta.get("quality")),
         choice=str(meta["choice"]) if "choice" in meta else None,
         act_source=str(meta["act_source"]) if "act_source" in meta else None,
+        act_bits=act_bits,
+        act_mode=act_mode,
         kind=str(meta.get("layer_kind", LINEAR)),
         group_size=int(meta.get("group_size", 0)) if meta.get("layer_kind") == EMBEDDING else 0,
     )

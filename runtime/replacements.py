@@ -116,20 +116,21 @@ def _replacement(
             bundle_name=name,
             bundle_fingerprint=header.fingerprint,
         )
-    table = options.step_table
-    if pack.act_scale is not None and config.quant.act_bits > 0:
+    act_bits, act_mode = layer_act(pack, config)
+    table = options.step_table if act_mode == "per_step_static" and act_bits > 0 else None
+    if pack.act_scale is not None and act_bits > 0:
         wanted = act_scale_shape(pack.in_features, table)
         if pack.act_scale.shape != wanted:
             raise BundleError(
                 f"{header.path}: layer {name} holds activation scales of shape {pack.act_scale.shape}, but its "
-                f"config ({config.quant.act_mode}) needs {wanted}; the bundle is inconsistent",
+                f"activation mode ({act_mode}) needs {wanted}; the bundle is inconsistent",
                 layer=name,
                 field="act_scale",
             )
     return DuQuantLinear.from_pack(
         pack,
-        act_bits=config.quant.act_bits,
-        act_mode=config.quant.act_mode,
+        act_bits=act_bits,
+        act_mode=act_mode,
         weight_storage=options.weight_storage,
         dtype=dtype,
         device=device,
@@ -139,6 +140,14 @@ def _replacement(
         calib_defaults=(config.quant.calib_steps, config.quant.act_percentile),
         step_table=table,
     )
+
+
+def layer_act(pack: LayerPack, config: DuQuantConfig) -> tuple[int, str]:
+    """The layer's activation bits and mode: as the bundle records them for the layer (0.10),
+    else as its config gives them."""
+    if pack.act_bits is not None and pack.act_mode is not None:
+        return pack.act_bits, pack.act_mode
+    return config.quant.act_bits, config.quant.mode_for(pack.name)
 
 
 def _check_complete(header: BundleHeader) -> None:

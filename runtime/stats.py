@@ -34,7 +34,7 @@ from torch import nn
 from .config import DuQuantConfig, matches, resolve
 from .crc import crc32
 from .errors import StatsError
-from .flowsteps import step_table, steps_mismatch
+from .flowsteps import StepTable, step_table, steps_mismatch
 from .h5file import STATS_MAGIC, FileKind, SealedReader, SealedWriter
 from .layer import DuQuantLinear
 from .prefix import selection_prefix
@@ -141,9 +141,13 @@ def capture_stats(
     linears = _selected_linears(model, cfg, name_prefix)
     names = list(linears)
     table = None
-    if cfg.quant.act_mode == "per_step_static":
+    if cfg.quant.per_step:
         table = step_table(model, cfg.quant.flow_steps, f"capture_stats for config {cfg.name!r}")
-    observers = {n: LayerObserver(linears[n], gram_block, sample_rows, seed, table, step_rows, n) for n in names}
+
+    def steps_of(name: str) -> StepTable | None:  # only per-step layers read the clock
+        return table if cfg.quant.mode_for(name) == "per_step_static" else None
+
+    observers = {n: LayerObserver(linears[n], gram_block, sample_rows, seed, steps_of(n), step_rows, n) for n in names}
     try:
         with observing_eagerly():
             yield StatsCapture(observers, cfg)
