@@ -73,11 +73,15 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
     that do not cover the selection; returns the statistics digest for the fingerprint."""
     needs = statistics_needed(config)
     layers = [la for la in layers if la.kind == LINEAR]  # tables have no activations to capture
+    for la in layers:  # patterns giving a layer two activation modes are refused now, not in a worker
+        config.quant.mode_for(la.name)
     if calib is None:
         if needs:
             raise StatsError(
                 f"config {config.name!r} sets {' and '.join(needs)}, which need calibration statistics: "
-                "pass --calib stats.h5 (record them with duquant_runtime.capture_stats)"
+                f"pass --calib stats.h5, recorded on the float model with `with duquant_runtime.capture_stats(model, "
+                f"{config.name!r}) as s: <run batches>; s.save('stats.h5')` (README, \"Calibration\"; on a demo "
+                f"checkpoint `duquant-packs demo-stats -c {config.name} --ckpt <demo>` captures them)"
             )
         return None
     reader = StatsReader(calib)
@@ -93,8 +97,9 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
             f"{calib} was captured on another checkpoint: {wrong[0]} has in_features "
             f"{reader.meta[wrong[0]]['in_features']} there"
         )
-    if config.quant.per_step:
-        _check_steps(config, reader, str(calib), layers[0].name)
+    stepped = [la.name for la in layers if config.quant.mode_for(la.name) == "per_step_static"]
+    if config.quant.per_step and stepped:
+        _check_steps(config, reader, str(calib), stepped[0])
     return reader.digest
 
 

@@ -14,7 +14,7 @@ from duquant_runtime import __version__
 
 from .cli_build import build
 from .cli_bundles import inspect, verify
-from .cli_inputs import configs, demo_checkpoint, list_layers
+from .cli_inputs import configs, demo_checkpoint, demo_stats, list_layers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,7 +32,7 @@ def main() -> None:
     """
 
 
-for command in (build, list_layers, verify, inspect, configs, demo_checkpoint):
+for command in (build, list_layers, verify, inspect, configs, demo_checkpoint, demo_stats):
     main.add_command(command)
 
 

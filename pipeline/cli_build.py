@@ -11,10 +11,11 @@ import click
 
 from .cli_common import checkpoint_option, config_option, env_option, fail, friendly, load_config, prefix_note
 from .process import Stopped, StopSignals
-from .report import calibration_needed, human, quality_summary, summary_lines, table_line
+from .report import calibration_needed, human, quality_summary, summary_lines
+from .report_text import table_line
 
 if TYPE_CHECKING:
-    from duquant_runtime.config import DuQuantConfig
+    from duquant_runtime.config import DuQuantConfig, QuantConfig
     from tqdm import tqdm
 
     from .build import BuildResult
@@ -185,6 +186,23 @@ def run_until_stopped(run: Callable[..., BuildResult], progress: BuildProgress) 
         progress.close()
 
 
+def act_fallback_line(cfg: DuQuantConfig, quality: dict[str, dict[str, float]]) -> str:
+    """How many layers quant.a4_min_sqnr_db kept at 8-bit activations, and which (the first few)."""
+    kept = sorted(n for n, q in quality.items() if "a4_held_out_sqnr_db" in q)
+    more = f", ... ({len(kept) - 5} more: inspect --quality 0 lists them)" if len(kept) > 5 else ""
+    names = f": {', '.join(kept[:5])}{more}" if kept else ""
+    q = cfg.quant
+    return (
+        f"A8 fallback: {len(kept)} of {len(quality)} layers kept at 8-bit activations "
+        f"(held-out SQNR under {q.a4_min_sqnr_db:g} dB{_rtn_floor(q) if q.a4_vs_rtn_w4a8 else ''} "
+        f"at A{q.act_bits}){names}"
+    )
+
+
+def _rtn_floor(q: QuantConfig) -> str:
+    return f" or within {q.a4_rtn_margin_db:g} dB of RTN W4A8" if q.a4_rtn_margin_db else " or under RTN W4A8"
+
+
 def say_result(cfg: DuQuantConfig, result: BuildResult, calib: str | None = None) -> None:
     """The summary line, quality lines (the Linears' per component, then each table's) and notes
     on stderr, then the bundle's path, last, on stdout."""
@@ -200,6 +218,8 @@ def say_result(cfg: DuQuantConfig, result: BuildResult, calib: str | None = None
     for name in result.tables:
         table = {"layer": name, "bits": cfg.embed.bits, "group_size": cfg.embed.group_size}
         click.echo(f"  {table_line({**table, **result.quality.get(name, {})})}", err=True)
+    if cfg.quant.a4_min_sqnr_db:
+        click.echo(f"  {act_fallback_line(cfg, linears)}", err=True)
     for note in result.notes:
         click.echo(note, err=True)
     if needed := calibration_needed(cfg.to_dict(), calib):

@@ -84,7 +84,8 @@ def verify(bundle: str, config: str | None, checkpoint: str | None, every_tensor
 def inspect(bundle: str, as_json: bool, worst: int | None, plot_to: str | None) -> None:
     """Config, fingerprint, layers, bytes per component (checkpoint weights vs bundle), quality
     per component, and provenance. Reads metadata only: instant on any bundle."""
-    from .report import print_report, read_report, worst_layers
+    from .report import read_report, worst_layers
+    from .report_text import print_report
 
     if plot_to is not None:
         from .plot import check_plot_path, plot_report

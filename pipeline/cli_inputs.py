@@ -1,4 +1,4 @@
-"""`duquant-packs list-layers`, `configs` and `demo-checkpoint`: the commands about a build's
+"""`duquant-packs list-layers`, `configs`, `demo-checkpoint` and `demo-stats`: the commands about a build's
 inputs (what a config selects in a checkpoint, the presets, the demo checkpoint)."""
 
 from __future__ import annotations
@@ -53,11 +53,22 @@ def configs() -> None:
 
 
 def _act_note(quant: QuantConfig) -> str:
-    """The activation scales, where they are static: they need calibration before a forward."""
-    if quant.act_mode == "per_step_static" and quant.act_bits:
-        return f" (per-step static, {quant.flow_steps} steps: needs calibration, or build --calib)"
-    if quant.act_mode == "per_channel_static" and quant.act_bits:
-        return " (per-channel static: needs calibration, or build --calib)"
+    """The activation scales, where they are static: they need calibration before a forward;
+    the modes given by pattern, and the A8 fallback."""
+    if not quant.act_bits:
+        return ""
+    modes = {
+        "per_step_static": f"per-step static, {quant.flow_steps} steps",
+        "per_channel_static": "per-channel static",
+        "per_token_dynamic": "per-token dynamic",
+    }
+    parts = [modes[quant.act_mode]] + [f"{modes[m]} on {p!r}" for p, m in quant.act_mode_by_pattern]
+    if quant.a4_min_sqnr_db:
+        parts.append(f"A8 under {quant.a4_min_sqnr_db:g} dB held out")
+    if quant.a4_min_sqnr_db:
+        return f" ({'; '.join(parts)}: needs build --calib)"
+    if {quant.act_mode, *(m for _, m in quant.act_mode_by_pattern)} & {"per_step_static", "per_channel_static"}:
+        return f" ({'; '.join(parts)}: needs calibration, or build --calib)"
     return ""
 
 
@@ -119,3 +130,29 @@ def demo_checkpoint(out_dir: str, model: str, full_size: bool, size: str | None,
             out_dir, size=size, dtype=dtype, model=model, on_tensor=lambda name, nbytes: bar.update(1)
         )
     click.echo(str(path))
+
+
+@click.command("demo-stats")
+@config_option
+@checkpoint_option
+@click.option(
+    "--out", default=None, type=click.Path(dir_okay=False), help="Default: artifacts/stats/<config>-<demo folder>.h5"
+)
+@env_option
+@friendly
+def demo_stats(config: str, checkpoint: str, out: str | None, use_env: bool) -> None:
+    """Capture calibration statistics on a demo checkpoint, for `build --calib` (a preset such as
+    full_w4a4 or full_w4a8_calib needs them): its vision tower, LLM and action expert run on the
+    demo's inputs (the expert once per denoising step), as capture_stats records a real model.
+
+    \b
+      duquant-packs demo-stats -c full_w4a4 --ckpt artifacts/demo
+      duquant-packs build      -c full_w4a4 --ckpt artifacts/demo --calib artifacts/stats/full_w4a4-demo.h5
+    """
+    from pathlib import Path
+
+    from .demo_stats import capture_demo_stats
+
+    cfg = load_config(config, use_env)
+    path = Path(out or f"artifacts/stats/{cfg.name}-{Path(checkpoint).resolve().name}.h5")
+    click.echo(str(capture_demo_stats(checkpoint, cfg, path)))

@@ -44,8 +44,9 @@ def choose(packer: LayerQuantizer, options: list[Candidate], bits: int, data_fre
     ranker = packer.row_sample() if data_free and len(options) > 1 else packer
     options, scores = list(options), []
     best, best_index = _rank(ranker, options, bits, scores)
-    if data_free and packer.act_var is not None:
-        variants = [v for v in packer.recipe.block_variants(options[best_index]) if v not in options]
+    if packer.act_var is not None or packer.sample is not None:
+        width = packer.layer.in_features
+        variants = [v for v in packer.recipe.block_variants(options[best_index], width) if v not in options]
         if variants:
             start = len(options)
             options += variants
@@ -103,14 +104,11 @@ def pack_layer(
     )
     bits = layer.bits
     options = list(packer.recipe.options(packer.act_var is not None))
-    best, chosen = choose(packer, options, bits, stats is None)
+    best, choice = chosen_and_refined(packer, options, bits)
     config = packer.config
     q = config.quant
-    choice = chosen.label()
-    for refinement in packer.recipe.refinements:
-        refined = packer.refined(best, bits, refinement)
-        choice += refinement.label if refined is not best else ""
-        best = refined
+    if packer.sample is not None:
+        best, choice = activation_choice(packer, options, best, choice)
     if q.min_sqnr_db > 0 and best.sqnr < q.min_sqnr_db and bits < FALLBACK_BITS:
         bits = FALLBACK_BITS
         best = packer.quantized(best.tr, bits)  # the chosen transform, at 8 bits
@@ -125,7 +123,54 @@ def pack_layer(
     pack.choice = choice if packer.recipe.records_choice else None
     if stats is None and len(options) > 1:
         pack.act_source = "none" if packer.act_var is None else layer_source(layer)
+    pack.act_bits, pack.act_mode = packer.act_bits, packer.act_mode
     return pack
+
+
+def chosen_and_refined(packer: LayerQuantizer, options: list[Candidate], bits: int) -> tuple[Measured, str]:
+    """The best candidate with the recipe's refinements that measure better, and its label."""
+    best, chosen = choose(packer, options, bits, packer.stats is None)
+    choice = chosen.label()
+    for refinement in packer.recipe.refinements:
+        refined = packer.refined(best, bits, refinement)
+        choice += refinement.label if refined is not best else ""
+        best = refined
+    return best, choice
+
+
+def activation_choice(
+    packer: LayerQuantizer, options: list[Candidate], best: Measured, choice: str
+) -> tuple[Measured, str]:
+    """With statistics, the layer's activation quantization by measurement on held-out rows:
+    a per-channel static layer keeps per-token scales where they measure better; a layer whose
+    activations are under 8 bits and measure under ``quant.a4_min_sqnr_db`` (or, with
+    ``quant.a4_vs_rtn_w4a8``, under RTN W4A8 of the layer plus ``a4_rtn_margin_db``) is chosen
+    again at 8 (``+a8`` in its choice). Either way the held-out figure is recorded."""
+    q = packer.config.quant
+    may_fall_back = q.a4_min_sqnr_db > 0 and 0 < packer.act_bits < FALLBACK_BITS
+    if not (packer.static or may_fall_back):
+        return best, choice
+    held = packer.held_out_sqnr(best)
+    if packer.act_mode == "per_channel_static" and packer.act_bits > 0:
+        packer.act_mode = "per_token_dynamic"
+        per_token = packer.held_out_sqnr(best)
+        if per_token > held:  # the same codes, measured (and packed) without static scales
+            best, held = packer.measure(best.tr, best.codes, best.scales, best.bits), per_token
+            choice += "+tok"
+        else:
+            packer.act_mode = "per_channel_static"
+    rtn = packer.rtn_w4a8_sqnr() if may_fall_back and q.a4_vs_rtn_w4a8 else None
+    floor = q.a4_min_sqnr_db if rtn is None else max(q.a4_min_sqnr_db, rtn + q.a4_rtn_margin_db)
+    if may_fall_back and held < floor:
+        packer.act_bits, packer.act_mode = FALLBACK_BITS, q.mode_for(packer.layer.name)
+        best, choice = chosen_and_refined(packer, options, best.bits)
+        best, choice = activation_choice(packer, options, best, choice + "+a8")
+        best.figures["a4_held_out_sqnr_db"] = held
+    else:
+        best.figures["held_out_sqnr_db"] = held
+    if rtn is not None:
+        best.figures["rtn_w4a8_held_out_sqnr_db"] = rtn
+    return best, choice
 
 
 def layer_source(layer: SelectedLayer) -> str:

@@ -88,6 +88,10 @@ def _draw_layers(ax: Any, rows: list[dict[str, Any]], key: str, kinds: list[str]
             marker = MARKERS[i % len(MARKERS)]
             xy = zip(*mine, strict=True)
             ax.scatter(*xy, s=14, marker=marker, facecolors=face, edgecolors=color, label=label, gid="chosen")
+    kept = [(x, r[key]) for x, r in points if "a4_held_out_sqnr_db" in r]
+    if kept:  # kept at 8-bit activations by quant.a4_min_sqnr_db: crossed
+        xy = zip(*kept, strict=True)
+        ax.scatter(*xy, s=50, marker="x", c="C3", linewidths=0.8, label="kept at A8 (a4_min_sqnr_db)", gid="a8")
     blind = [(x, r[key]) for x, r in points if r.get("act_source") == "none"]
     if blind:  # chosen without an activation estimate (no producer found): ringed
         ax.scatter(

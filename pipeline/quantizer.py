@@ -12,6 +12,7 @@ codes, scales and the figures the per-layer choice (``pack.choose``) ranks:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -99,6 +100,18 @@ class LayerQuantizer:
         self.act = act_rms if use_proxy else None
         self.act_var = None if self.act is None else self.act * self.act
         self._proxy_signal: float | None = None  # Σ_j var_j ‖W[:, j]‖², once per layer
+        # the layer's activation quantization: its config's, until pack.py keeps it at 8 bits
+        # (quant.a4_min_sqnr_db) or measures per-token scales better than static ones
+        self.act_bits, self.act_mode = self.config.quant.act_bits, self.config.quant.mode_for(layer.name)
+
+    @property
+    def static(self) -> bool:
+        """Are the layer's activations quantized with scales fitted to the sample (with statistics)?"""
+        return self.stats is not None and self.act_mode in STATIC_ACT_MODES and self.act_bits > 0
+
+    @property
+    def per_step(self) -> bool:
+        return self.act_mode == "per_step_static" and self.act_bits > 0
 
     @property
     def rms(self) -> np.ndarray:
@@ -142,36 +155,59 @@ class LayerQuantizer:
 
     def measure(self, tr: Transform, codes: np.ndarray, scales: np.ndarray, bits: int) -> Measured:
         """Pack, load it as the runtime does, and measure it."""
-        q = self.config.quant
         pack = self.assemble(tr, codes, scales, bits)
-        static = self.stats is not None and q.act_mode in STATIC_ACT_MODES and q.act_bits > 0
-        layer = runtime_layer(
-            pack, q.act_bits, "per_channel_static" if static else "per_token_dynamic", self.w_ref.dtype
-        )
+        layer = self.runtime(pack)
         figures = {"weight_sqnr_db": weight_sqnr_db(layer, self.w_ref, self.signal)}
-        if static and q.per_step:
-            figures["output_sqnr_db"] = self.per_step(layer, pack)
+        if self.static and self.per_step:
+            figures["output_sqnr_db"] = self.per_step_sqnr(layer, pack)
         else:
-            if static:
-                pack.act_scale = static_scales(layer, self.stats.sample, q.act_bits, q.act_percentile)
+            if self.static:
+                pack.act_scale = self.fitted(layer, self.stats.sample)  # type: ignore[union-attr]
                 layer.set_act_scale(torch.from_numpy(pack.act_scale))
             if self.sample is not None:
                 figures["output_sqnr_db"] = output_sqnr_db(layer, self.sample, self.w_ref)
         key = "output_sqnr_db" if self.sample is not None else "weight_sqnr_db"
         return Measured(tr, codes, scales, bits, figures[key], figures, pack)
 
-    def per_step(self, layer: DuQuantLinear, pack: LayerPack) -> float:
+    def runtime(self, pack: LayerPack) -> DuQuantLinear:
+        """The pack as the runtime loads it, at the layer's activation bits (a per-step layer
+        measured one step's row at a time, as a per-channel one)."""
+        return runtime_layer(
+            pack, self.act_bits, "per_channel_static" if self.static else "per_token_dynamic", self.w_ref.dtype
+        )
+
+    def fitted(self, layer: DuQuantLinear, rows: np.ndarray) -> np.ndarray:
+        """Static scales from ``rows`` in the layer's basis, at the layer's activation bits."""
+        return static_scales(layer, rows, self.act_bits, self.config.quant.act_percentile)
+
+    def per_step_sqnr(self, layer: DuQuantLinear, pack: LayerPack) -> float:
         """One static scale row per denoising step, each from that step's sample (``pack.act_scale``
         [steps, in]); returns the output SQNR over every step's rows, each with its own row."""
-        q, steps = self.config.quant, self.stats.step_sample  # type: ignore[union-attr]
+        steps = self.stats.step_sample  # type: ignore[union-attr]
         assert steps is not None  # the build checks the statistics were captured per step
-        pack.act_scale = np.stack([static_scales(layer, rows, q.act_bits, q.act_percentile) for rows in steps])
+        pack.act_scale = np.stack([self.fitted(layer, rows) for rows in steps])
         signal = noise = 0.0
         for rows, scale in zip(steps, pack.act_scale, strict=True):
             layer.set_act_scale(torch.from_numpy(scale))
-            x = torch.from_numpy(rows).double()
-            s, n = output_energies(layer, x, self.w_ref)
+            s, n = output_energies(layer, torch.from_numpy(rows).double(), self.w_ref)
             signal, noise = signal + s, noise + n
+        return db(signal, noise)
+
+    def held_out_sqnr(self, m: Measured) -> float:
+        """The kept candidate's output SQNR on rows its static scales were not fitted to: the
+        sample's two halves (each step's, per step), each measured with scales from the other.
+        Per-token layers fit nothing to the sample: measured on all of it."""
+        layer = self.runtime(dataclasses.replace(self.finished(m), act_scale=None))  # scales set per half
+        if not self.static:
+            return output_sqnr_db(layer, self.sample, self.w_ref)  # type: ignore[arg-type]
+        groups = self.stats.step_sample if self.per_step else self.stats.sample[None]  # type: ignore[union-attr]
+        signal = noise = 0.0
+        for rows in groups:
+            halves = (rows[0::2], rows[1::2])
+            for fit, held in (halves, halves[::-1]):
+                layer.set_act_scale(torch.from_numpy(self.fitted(layer, fit)))
+                s, n = output_energies(layer, torch.from_numpy(held).double(), self.w_ref)
+                signal, noise = signal + s, noise + n
         return db(signal, noise)
 
     def measure_weight(
@@ -191,13 +227,13 @@ class LayerQuantizer:
     def proxy_sqnr(self, tr: Transform, weighted_error: float) -> float:
         """Output SQNR expected for inputs of independent channels with the estimated variances:
         the weight error weighted by them, plus the activations' rounding error."""
-        q, var = self.config.quant, self.act_var
+        var = self.act_var
         assert var is not None
         if self._proxy_signal is None:  # the column energies the equalization's RMS holds already
             self._proxy_signal = float((self.rms * self.rms * self.weight.shape[0]) @ var)
         # per-channel static layers start per token (calibrate keeps what measures better): rank
         # as the dynamic bundle; per-step layers have a static row per step
-        noise = weighted_error + activation_error(tr, var, q.act_bits, not q.per_step, self.signal)
+        noise = weighted_error + activation_error(tr, var, self.act_bits, not self.per_step, self.signal)
         return db(self._proxy_signal, noise)
 
     def finished(self, m: Measured) -> LayerPack:
@@ -226,6 +262,17 @@ class LayerQuantizer:
         codes = refinement.codes(best.tr.w_t, best.scales, bits, hessian)
         refined = self.measure(best.tr, codes, best.scales, bits)
         return refined if refined.sqnr > best.sqnr or self.sample is None else best
+
+    def rtn_w4a8_sqnr(self) -> float:
+        """Plain round-to-nearest of the layer's weight bits with per-token 8-bit activations
+        (RTN W4A8), on the rows ``held_out_sqnr`` measures (every step's, for a per-step layer):
+        what a layer kept at A4 must beat."""
+        codes, scales, _ = round_to_nearest(self.w_ref, self.layer.bits)
+        pack = self.assemble(Transform(w_t=self.w_ref.numpy()), codes, scales, self.layer.bits)
+        layer = runtime_layer(pack, 8, "per_token_dynamic", self.w_ref.dtype)
+        steps = self.stats.step_sample if self.per_step else None  # type: ignore[union-attr]
+        rows = self.sample if steps is None else torch.from_numpy(steps.reshape(-1, steps.shape[-1])).double()
+        return output_sqnr_db(layer, rows, self.w_ref)  # type: ignore[arg-type]
 
     def rtn_figures(self) -> dict[str, float]:
         """Plain W4A8 round-to-nearest of the same layer (per-row absmax, per-token activations)."""

@@ -21,6 +21,10 @@ from .basis import Basis, Transform
 from .pretransforms import NONE, PreTransform, fixed_pre_transform, pre_transform_groups
 from .rotations import Method, handler
 
+# block_search's 0 (the full width) stops here: the rotation is one [n, n] matrix, shared by the
+# layers of that width, and its product costs n² per row, as much as a square layer of that width.
+FULL_WIDTH_MAX = 4096
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -69,12 +73,15 @@ class Recipe:
     refinements: tuple[weightquant.Refinement, ...] = ()
     proxy_candidates: tuple[Candidate, ...] = ()  # for a layer with an activation estimate
 
-    def block_variants(self, leader: Candidate) -> list[Candidate]:
-        """``leader`` at the other ``block_search`` sizes, when its rotation takes a block size."""
+    def block_variants(self, leader: Candidate, width: int) -> list[Candidate]:
+        """``leader`` at the other ``block_search`` sizes, when its rotation takes a block size
+        (0: the layer's ``width``, where it is a power of two up to FULL_WIDTH_MAX)."""
         t = self.config.transform
         if leader.block is not None or not leader.rotation.block_searchable:
             return []
-        return [Candidate(leader.rotation, leader.pre, b) for b in t.block_search if b != t.block_size]
+        full = width if width <= FULL_WIDTH_MAX and not width & (width - 1) else None
+        sizes = dict.fromkeys(full if b == 0 else b for b in t.block_search)
+        return [Candidate(leader.rotation, leader.pre, b) for b in sizes if b and b != t.block_size and b <= width]
 
     def options(self, has_proxy: bool) -> tuple[Candidate, ...]:
         """The candidates one layer tries."""
@@ -100,6 +107,8 @@ def resolve(config: DuQuantConfig, calibrated: bool) -> Recipe:
 def statistics_needed(config: DuQuantConfig) -> list[str]:
     """The config fields set in ``config`` that need calibration statistics."""
     switches = [r.switch for r in weightquant.refinements(config.quant)]
+    if config.quant.a4_min_sqnr_db > 0:  # measured on the held-out half of the captured sample
+        switches.append("quant.a4_min_sqnr_db")
     return switches + pretransforms.statistics_needed(config.transform)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.bundle_records import EMBEDDING
-from duquant_runtime.config import component_of, from_dict
+from duquant_runtime.config import QuantConfig, component_of, from_dict
 from duquant_runtime.schema import STATIC_ACT_MODES
 
 from .checkpoint import ITEMSIZE
@@ -85,11 +86,37 @@ def calibration_needed(config: dict[str, Any], calib: str | None) -> str | None:
     )
 
 
+@dataclass
+class LinearTally:
+    """What `inspect` reports of the bundle's Linears, layer by layer."""
+
+    quant: QuantConfig
+    method: str
+    quality: dict[str, dict[str, Any]] = field(default_factory=dict)
+    choices: dict[str, int] = field(default_factory=dict)
+    promoted: list[str] = field(default_factory=list)  # packed at more weight bits (min_sqnr_db)
+    acts: dict[str, int] = field(default_factory=dict)  # "a4 static" -> layers
+    kept_a8: list[str] = field(default_factory=list)  # kept at 8-bit activations by a4_min_sqnr_db
+
+    def add(self, name: str, meta: dict[str, Any]) -> None:
+        choice, act = meta.get("choice"), layer_act(meta, self.quant, name)
+        if meta.get("quality"):
+            source = {"act_source": meta["act_source"]} if meta.get("act_source") else {}
+            row = {"choice": choice or self.method, "bits": int(meta["weight_bits"]), "act": act, **source}
+            self.quality[name] = {**meta["quality"], **row}
+        if choice:
+            self.choices[choice] = self.choices.get(choice, 0) + 1
+        if int(meta["weight_bits"]) != self.quant.bits_for(name):
+            self.promoted.append(f"{name} (w{meta['weight_bits']})")
+        self.acts[act] = self.acts.get(act, 0) + 1
+        if "act_bits" in meta and int(meta["act_bits"]) != self.quant.act_bits:
+            held = meta.get("quality", {}).get("a4_held_out_sqnr_db")
+            figure = "" if held is None else f"{held:.2f} dB at A{self.quant.act_bits}, "
+            self.kept_a8.append(f"{name} ({figure}{act})")
+
+
 def read_report(bundle: str | Path) -> dict[str, Any]:
     """Everything `inspect` shows (its --json document), from the bundle's metadata."""
-    quality: dict[str, dict[str, Any]] = {}
-    choices: dict[str, int] = {}
-    promoted: list[str] = []
     embeddings: list[dict[str, Any]] = []
     with BundleReader(bundle, in_memory=False) as reader:
         h = reader.header
@@ -97,23 +124,15 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
         prefix = h.fingerprint_doc.get("name_prefix", "")
         per: dict[str, dict[str, Any]] = {}
         counted: set[int] = set()
-        quant = from_dict(h.config).quant
+        linears = LinearTally(from_dict(h.config).quant, h.config["transform"]["method"])
         for name in h.layer_names:
             meta = reader.layer_summary(name)
-            choice = meta.get("choice")
             if meta.get("layer_kind") == EMBEDDING:  # a table: its own line, not among the Linears'
                 group = int(meta.get("group_size", 0))
                 embeddings.append({"layer": name, "bits": int(meta["weight_bits"]), "group_size": group})
                 embeddings[-1].update(meta.get("quality", {}))
             else:
-                if meta.get("quality"):
-                    method = choice or h.config["transform"]["method"]
-                    act = {"act_source": meta["act_source"]} if meta.get("act_source") else {}
-                    quality[name] = {**meta["quality"], "choice": method, "bits": int(meta["weight_bits"]), **act}
-                if choice:
-                    choices[choice] = choices.get(choice, 0) + 1
-                if int(meta["weight_bits"]) != quant.bits_for(name):
-                    promoted.append(f"{name} (w{meta['weight_bits']})")
+                linears.add(name, meta)
             comp = per.setdefault(component_of(name), {"layers": 0, "source_bytes": 0, "bundle_bytes": 0})
             comp["layers"] += 1
             row = source.get(f"{prefix}{name}.weight")
@@ -139,12 +158,26 @@ def read_report(bundle: str | Path) -> dict[str, Any]:
         "config": h.config,
         "provenance": h.provenance,
         "calib": h.fingerprint_doc.get("calib"),
-        "choices": choices,
-        "min_sqnr_fallback": promoted,
-        "quality": [{"layer": name, **q} for name, q in sorted(quality.items())],
-        "quality_summary": quality_summary(quality),
+        "choices": linears.choices,
+        "min_sqnr_fallback": linears.promoted,
+        "activations": linears.acts,
+        "act_fallback": linears.kept_a8,
+        "quality": [{"layer": name, **q} for name, q in sorted(linears.quality.items())],
+        "quality_summary": quality_summary(linears.quality),
         "embeddings": embeddings,
     }
+
+
+ACT_SHORT = {"per_token_dynamic": "token", "per_channel_static": "static", "per_step_static": "step"}
+
+
+def layer_act(meta: dict[str, Any], quant: QuantConfig, name: str) -> str:
+    """A layer's activation quantization in short ("a4 step", "a8 token", "a16 none" for off): as
+    its meta records it (0.10), else as its config gives it."""
+    bits = int(meta.get("act_bits", quant.act_bits))
+    if not bits:
+        return "float"
+    return f"a{bits} {ACT_SHORT[str(meta.get('act_mode') or quant.mode_for(name))]}"
 
 
 def worst_layers(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -152,106 +185,6 @@ def worst_layers(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     key = quality_key({r["layer"]: r for r in rows})
     ranked = sorted((r for r in rows if key in r), key=lambda r: r[key])
     return ranked if n <= 0 else ranked[:n]
-
-
-def print_report(info: dict[str, Any], worst: int | None, echo: Echo) -> None:
-    from .weightquant import describe as describe_weights  # numba: not for every CLI start
-
-    h = info
-    echo(f"bundle       {h['path']}")
-    echo(f"config       {h['config_name']}")
-    echo(f"fingerprint  {h['fingerprint']}")
-    echo(f"format       {h['format_version']} (written by duquant-packs {h['tool_version']}, {h['created_at']})")
-    echo(f"checkpoint   {h['provenance'].get('checkpoint')}")
-    echo(f"layers       {h['layers']}    file {human(h['file_bytes'])}")
-    t, q = h["config"]["transform"], h["config"]["quant"]
-    echo(
-        f"method       {t['method']}  block {t['block_size']}/{t['block_out_size']}  permute {t['permute']}  "
-        f"row_rot {t['row_rot']}  w{q['weight_bits']}a{q['act_bits']} ({q['act_mode']})  "
-        f"weights {describe_weights(from_dict(h['config']).quant)}"
-    )
-    if h["calib"]:
-        echo(f"calibration  statistics {str(h['calib'])[:12]}")
-    elif needed := calibration_needed(h["config"], None):
-        echo(f"calibration  {needed}")
-    echo(f"scope        {h['config']['select']['scope']!r}")
-    if h["choices"]:
-        echo(f"choices      {counted(h['choices'])}")
-    if line := act_source_line(h["quality"]):
-        echo(f"act sizes    {line}")
-    _print_fallback(h, echo)
-    _print_components(h["components"], echo)
-    for line in summary_lines(h["quality_summary"]):
-        echo(f"quality      {line}")
-    for e in h.get("embeddings", []):
-        echo(table_line(e))
-    include = h["config"].get("embed", {}).get("include")
-    if include and not h.get("embeddings"):  # a preset's table rule that found no table: say so
-        echo(f"embedding    none: embed.include '{include}' matched no table in the checkpoint")
-    if worst is not None:
-        _print_worst(worst_layers(h["quality"], worst), len(h["quality"]), echo)
-
-
-def table_line(e: dict[str, Any]) -> str:
-    """`embedding    <table>  int8 (per row)  weight SQNR 43.15 dB (RTN 43.15)`: a table's own line."""
-    group = f"group {e['group_size']}" if e["group_size"] else "per row"
-    rtn = f" (RTN {e['rtn_weight_sqnr_db']:.2f})" if "rtn_weight_sqnr_db" in e else ""
-    sqnr = f"weight SQNR {e['weight_sqnr_db']:.2f} dB{rtn}" if "weight_sqnr_db" in e else "no quality record"
-    return f"embedding    {e['layer']}  int{e['bits']} ({group})  {sqnr}"
-
-
-def _print_fallback(h: dict[str, Any], echo: Echo) -> None:
-    min_sqnr = h["config"]["quant"].get("min_sqnr_db", 0.0)
-    if not min_sqnr:
-        return
-    promoted = h["min_sqnr_fallback"]
-    echo(f"min SQNR     {min_sqnr:g} dB: {len(promoted)} layer(s) packed at 8 bits")
-    for line in promoted[:20]:
-        echo(f"  {line}")
-    if len(promoted) > 20:
-        echo(f"  ... and {len(promoted) - 20} more (--json lists all)")
-
-
-def _print_components(per: dict[str, dict[str, Any]], echo: Echo) -> None:
-    dtypes = sorted({d for c in per.values() for d in c["source_dtypes"]})
-    source = f"{dtypes[0]} weights" if len(dtypes) == 1 else "source weights"
-    echo(f"component    layers   {source:>14}   bundle     ratio")
-    for comp, c in sorted(per.items()):
-        ratio = c["bundle_bytes"] / c["source_bytes"]
-        echo(
-            f"{comp:<12} {c['layers']:>6}   {human(c['source_bytes']):>14}   {human(c['bundle_bytes']):>9}"
-            f"   {ratio:.3f}x"
-        )
-
-
-def _print_worst(rows: list[dict[str, Any]], recorded: int, echo: Echo) -> None:
-    if recorded == 0:
-        echo("quality      not recorded (bundle built before quality reports existed): rebuild to get them")
-        return
-    has_out = "output_sqnr_db" in rows[0]
-    key = "output_sqnr_db" if has_out else "weight_sqnr_db"
-    which = "all" if len(rows) == recorded else f"worst {len(rows)} of"
-    echo(f"{which} {recorded} layers by {'output' if has_out else 'weight'} SQNR (dB), worst first:")
-    echo(f"  {'weight':>7} {'output':>7} {'RTN':>7}  {'choice':<22} {'act sizes':<13} layer")
-    for r in rows:
-        out = f"{r['output_sqnr_db']:7.2f}" if has_out else f"{'-':>7}"
-        rtn = r.get(f"rtn_{key}")
-        rtn_text = f"{rtn:7.2f}" if rtn is not None else f"{'-':>7}"
-        source = r.get("act_source", "-")
-        echo(f"  {r['weight_sqnr_db']:7.2f} {out} {rtn_text}  {r['choice']:<22} {source:<13} {r['layer']}")
-    echo('  raise their bits with [quant] per_layer_weight_bits = { "<layer>" = 8 }, or exclude them')
-
-
-def act_source_line(quality: list[dict[str, Any]]) -> str:
-    """How many layers' data-free choice read their activation sizes from a norm, from producer
-    rows, or from none (ranked on the unweighted weight error); "" when the build used none."""
-    counts: dict[str, int] = {}
-    for r in quality:
-        if "act_source" in r:
-            counts[r["act_source"]] = counts.get(r["act_source"], 0) + 1
-    if not counts:
-        return ""
-    return f"{counted(counts)} (where the data-free choice read each layer's activation sizes; none: unweighted)"
 
 
 def counted(counts: dict[str, int]) -> str:

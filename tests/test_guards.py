@@ -124,6 +124,10 @@ OTHER_VALUES = {
         "min_sqnr_db": 15.0,
         "per_layer_weight_bits": (("paligemma_with_expert.paligemma.model.language_model.layers.0.mlp.up_proj", 8),),
         "weight_bits_by_pattern": ((r"mlp\.up_proj$", 8),),
+        "act_mode_by_pattern": ((r"mlp\.up_proj$", "per_channel_static"),),
+        "a4_min_sqnr_db": 20.0,
+        "a4_vs_rtn_w4a8": True,
+        "a4_rtn_margin_db": 1.0,
     },
     "transform": {
         "block_size": 32,  # alone: block_out_size stays
@@ -146,6 +150,7 @@ OTHER_VALUES = {
 }
 ALONE_INVALID = {("transform", "row_rot")}  # needs the per-layer choice off too
 NEEDS_PER_STEP = {("quant", "flow_steps")}  # only a per-step table has steps (left out otherwise)
+NEEDS_A4_FLOOR = {("quant", "a4_vs_rtn_w4a8"), ("quant", "a4_rtn_margin_db")}  # compare what a4_min_sqnr_db measures
 
 
 def test_every_config_field_is_compared(demo_bundles):
@@ -164,6 +169,10 @@ def test_every_config_field_is_compared(demo_bundles):
             if (section, name) in ALONE_INVALID:
                 other = base.replace("transform", equalize=(), rtn_candidate=False).replace(section, **{name: value})
                 fields = {f"{section}.{name}", "transform.equalize", "transform.rtn_candidate"}
+            elif (section, name) in NEEDS_A4_FLOOR:
+                needed = {"a4_min_sqnr_db": 20.0, "a4_vs_rtn_w4a8": True}
+                other = base.replace("quant", **{**needed, name: value})
+                fields = {f"{section}.{name}", *(f"quant.{k}" for k in needed)}
             elif (section, name) in NEEDS_PER_STEP:
                 other = base.replace("quant", act_mode="per_step_static", **{name: value})
                 fields = {f"{section}.{name}", "quant.act_mode"}

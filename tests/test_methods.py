@@ -256,27 +256,47 @@ def test_calibrated_build_gptq_static_scales_and_quality(tiny_model_ckpt, tmp_pa
     result = build_bundle(cfg, ckpt, tmp_path, jobs=1, calib=stats_path)
     plain = build_bundle(_calib_config(act_mode="per_channel_static"), ckpt, tmp_path, jobs=1)
     assert result.fingerprint != plain.fingerprint
-    with BundleReader(result.path) as r:
-        pack = r.read_layer("net.up_proj")
-        assert pack.act_scale is not None and pack.quality and "output_sqnr_db" in pack.quality
-    # static scales come with the bundle: no calibrate() needed
     m = Tiny(model.net.up_proj.weight.detach().double().numpy(), model.net.down_proj.weight.detach().double().numpy())
     load_bundle(m, result.path, cfg)
-    # the stored scales are the static rule on the captured sample, written out here:
-    # torch.quantile of |x_t| per channel over the sample's rows, over qmax
-    layer = m.net.up_proj
-    sample = torch.from_numpy(StatsReader(stats_path).layer("net.up_proj").sample).float()
-    with torch.no_grad():
-        x_t = layer.rotate_input(sample).abs()
-    want = torch.quantile(x_t, cfg.quant.act_percentile / 100.0, dim=0) / 127.0
-    torch.testing.assert_close(torch.from_numpy(pack.act_scale).float(), want, rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(layer.act_scale.float(), want, rtol=1e-5, atol=1e-8)
-    assert layer.act_calibrated
+    with BundleReader(result.path) as r:
+        for name in r.header.layer_names:
+            pack = r.read_layer(name)
+            assert pack.quality and "output_sqnr_db" in pack.quality and "held_out_sqnr_db" in pack.quality
+            layer = m.get_submodule(name)
+            # each layer keeps static scales, or per-token ones where they measured better held out
+            if pack.act_mode == "per_channel_static":
+                assert pack.act_scale is not None and layer.act_calibrated and not pack.choice.endswith("+tok")
+                torch.testing.assert_close(layer.act_scale.float(), torch.from_numpy(pack.act_scale).float())
+            else:
+                assert pack.act_mode == "per_token_dynamic" and pack.choice.endswith("+tok")
+                assert pack.act_scale is None and layer.act_mode == "per_token_dynamic" and layer.act_scale is None
     x = torch.from_numpy(_correlated_inputs(np.random.default_rng(9), 64, 48)).float()
     with torch.no_grad():
         assert torch.isfinite(m(x)).all()
     r = CliRunner().invoke(main, ["inspect", str(result.path), "--quality", "1"])
     assert r.exit_code == 0 and "worst 1 of 2 layers by output SQNR" in r.stdout
+
+
+def test_static_scales_are_the_percentile_rule_on_the_captured_sample(tiny_model_ckpt, tmp_path):
+    """A static candidate's stored scales: torch.quantile of |x_t| per channel over the sample's
+    rows, over qmax, written out here."""
+    from duquant_pipeline.quantizer import LayerQuantizer
+    from duquant_pipeline.recipe import Candidate
+    from duquant_pipeline.rotations import handler
+    from duquant_runtime.signature import weight_signature
+
+    _, model, batches = tiny_model_ckpt
+    cfg = _calib_config(act_mode="per_channel_static")
+    stats = StatsReader(_capture(model, batches, tmp_path / "s.h5", cfg)).layer("net.up_proj")
+    w = model.net.up_proj.weight.detach().double().numpy()
+    layer = SelectedLayer("net.up_proj", "net.up_proj.weight", None, 64, 48, "BF16", 4)
+    packer = LayerQuantizer(w, None, layer, "BF16", cfg, stats, weight_signature(torch.from_numpy(w)))
+    measured = packer.candidate(Candidate(handler("hadamard")), 4)
+    runtime = packer.runtime(measured.pack)
+    with torch.no_grad():
+        x_t = runtime.rotate_input(torch.from_numpy(stats.sample).float()).abs()
+    want = torch.quantile(x_t, cfg.quant.act_percentile / 100.0, dim=0) / 127.0
+    torch.testing.assert_close(torch.from_numpy(measured.pack.act_scale).float(), want, rtol=1e-5, atol=1e-8)
 
 
 def test_stats_from_another_checkpoint_are_refused(tiny_model_ckpt, tmp_path):

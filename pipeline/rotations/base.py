@@ -95,7 +95,8 @@ def rotations(t: TransformConfig) -> tuple[Method, ...]:
 def describe(t: TransformConfig) -> str:
     """The rotations' part of a config's one-line summary, beyond ``method``."""
     blocks = [b for b in t.block_search if b != t.block_size] if handler(t.method).block_searchable else []
-    lead = f" +block {'/'.join(map(str, blocks))} where it leads (data-free)" if blocks and t.act_proxy else ""
+    shown = "/".join("full width" if b == 0 else str(b) for b in blocks)
+    lead = f" +block {shown} where it leads" if blocks else ""
     return lead + (" +no-rotation" if t.rtn_candidate else "")
 
 
