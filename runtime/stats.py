@@ -140,12 +140,13 @@ def capture_stats(
     cfg = resolve(config)
     linears = _selected_linears(model, cfg, name_prefix)
     names = list(linears)
+    stepped = {n for n in names if cfg.quant.per_step and cfg.quant.mode_for(n) == "per_step_static"}
     table = None
-    if cfg.quant.per_step:
+    if stepped:  # only per-step layers read the clock (llm_w4a4 selects none of full_w4a4's)
         table = step_table(model, cfg.quant.flow_steps, f"capture_stats for config {cfg.name!r}")
 
-    def steps_of(name: str) -> StepTable | None:  # only per-step layers read the clock
-        return table if cfg.quant.mode_for(name) == "per_step_static" else None
+    def steps_of(name: str) -> StepTable | None:
+        return table if name in stepped else None
 
     observers = {n: LayerObserver(linears[n], gram_block, sample_rows, seed, steps_of(n), step_rows, n) for n in names}
     try:

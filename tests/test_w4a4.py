@@ -250,3 +250,21 @@ def test_build_prints_the_layers_kept_at_a8(two_parts, tmp_path):
     assert r.exit_code == 0, r.output
     assert "A8 fallback: 2 of 2 layers kept at 8-bit activations (held-out SQNR under 99 dB at A4): " in r.stderr
     assert "expert.fc, llm.fc" in r.stderr
+
+
+def test_a_config_whose_per_step_pattern_selects_nothing_needs_no_clock(two_parts, tmp_path):
+    """llm_w4a4 inherits full_w4a4's expert pattern but selects no expert layer: neither the
+    capture nor the load asks for a step clock."""
+    ckpt, _ = two_parts
+    model = TwoParts(np.random.default_rng(0)).float()  # no clock attached
+    cfg = _config(act_mode_by_pattern={r"^nothing\.": "per_step_static"}, a4_min_sqnr_db=1.0)
+    assert cfg.quant.per_step
+    with torch.no_grad(), capture_stats(model, cfg, sample_rows=64) as cap:
+        for seed in range(2):
+            model.llm.fc(_rows(seed))
+            model.expert.fc(_rows(10 + seed))
+    stats = cap.save(tmp_path / "s.h5")
+    result = build_bundle(cfg, ckpt, tmp_path, calib=stats, jobs=1)
+    fresh = TwoParts(np.random.default_rng(0)).float()
+    load_bundle(fresh, result.path, cfg)
+    assert fresh.llm.fc.step_table is None and fresh.expert.fc.step_table is None
