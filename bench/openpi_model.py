@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
 from cases import recipes
 from duquant_pipeline.build import build_bundle
-from duquant_runtime import load_bundle
+from duquant_runtime import capture_stats, instrument, load_bundle
 from duquant_runtime.config import QuantConfig, resolve
 from testbeds import (
     _channel_factors,
@@ -332,6 +332,75 @@ def evaluate(
     }
 
 
+W4A4_CASES = {"W4A8 data-free": ("full_w4a8", False), "W4A8 --calib": ("full_w4a8_calib", True)}
+W4A4_CASES["W4A4 --calib"] = ("full_w4a4", True)
+
+
+def instrumented(model: nn.Module) -> nn.Module:
+    """A copy of the float model whose denoise_step sets the step clock (per-step layers read it)."""
+    out = copy.deepcopy(model)
+    instrument(out)
+    return out
+
+
+def evaluate_w4a4(
+    variant: str, model: nn.Module, episodes: list[Episode], args: argparse.Namespace, work: Path
+) -> dict[str, object]:
+    """The full policy (full_w4a8's selection) at W4A8 data-free, W4A8 --calib and W4A4 --calib,
+    statistics captured by ``sample_actions`` on other episodes; RTN W4A8 and W4A4 beside them."""
+    from safetensors.torch import save_model
+
+    ckpt = work / variant / "model.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    save_model(model, str(ckpt))
+    reference = actions(model, episodes, args.steps)
+    image_keys = tuple(episodes[0].observation.images)
+    calib = [episode(image_keys, 200 + s, args.batch) for s in range(args.calib_episodes)]
+    errors: dict[str, float] = {}
+    names: list[str] = []
+    fallback: dict[str, int] = {}
+    build_seconds: dict[str, float] = {}
+    for label, (preset, needs_calib) in W4A4_CASES.items():
+        config = resolve(preset).replace(name=f"{preset}_{variant}")
+        stats = None
+        if needs_calib:
+            probe = instrumented(model)
+            with torch.no_grad(), capture_stats(probe, config) as capture:
+                actions(probe, calib, args.steps)
+            stats = capture.save(work / variant / f"stats-{preset}.h5")
+            del probe
+        start = time.perf_counter()
+        result = build_bundle(config, ckpt, work / variant / "bundles", calib=stats, jobs=1)
+        build_seconds[label] = time.perf_counter() - start
+        fallback[label] = sum("a4_held_out_sqnr_db" in q for q in result.quality.values())
+        loaded = instrumented(model)
+        names = load_bundle(loaded, result.path, config).replaced
+        errors[label] = rel_error(actions(loaded, episodes, args.steps), reference)
+        del loaded
+    quant = resolve("full_w4a8").quant
+    rows = {}
+    for act_bits in (8, 4):
+        rtn = rtn_model(model, names, replace(quant, act_bits=act_bits))
+        rows[f"RTN W4A{act_bits}"] = rel_error(actions(rtn, episodes, args.steps), reference)
+    rows.update(errors)
+    return {
+        "errors": rows,
+        "ratio_vs_rtn_w4a8": {k: v / rows["RTN W4A8"] for k, v in rows.items()},
+        "replaced": len(names),
+        "a8_fallback_layers": fallback,
+        "build_seconds": build_seconds,
+    }
+
+
+def print_w4a4(variant: str, result: dict, note: str) -> None:
+    layers = result["replaced"]
+    print(f"\n{variant}: action-chunk relative L2 error vs fp32 ({note}), {layers} layers; (ratio to RTN W4A8)")
+    for label, error in result["errors"].items():
+        kept = result["a8_fallback_layers"].get(label)
+        extra = f"   {kept} layers kept at A8" if kept else ""
+        print(f"{label:<16}{error:>9.4f} ({result['ratio_vs_rtn_w4a8'][label]:.2f}){extra}")
+
+
 def print_table(variant: str, result: dict, note: str) -> None:
     replaced = result["replaced"]
     print(f"\n{variant}: action-chunk relative L2 error vs fp32 ({note}); (ratio to RTN)")
@@ -354,6 +423,12 @@ def main() -> None:
     ap.add_argument("--model-seed", type=int, default=0, help="seed of openpi's init and of the outliers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="artifacts/bench/openpi_model.json")
+    ap.add_argument(
+        "--w4a4",
+        action="store_true",
+        help="the full policy at W4A8 data-free, W4A8 --calib and W4A4 --calib (full_w4a4) against RTN W4A8 / W4A4",
+    )
+    ap.add_argument("--calib-episodes", type=int, default=4, help="episodes sample_actions runs for --calib statistics")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
@@ -381,11 +456,12 @@ def main() -> None:
                 preserved = rel_error(actions(model, episodes[:1], args.steps), before)
                 if preserved > 1e-3:
                     raise SystemExit(f"{variant}: coupling changed the actions by {preserved:.2e}")
-            result = evaluate(variant, model, episodes, args, Path(tmp))
+            run = evaluate_w4a4 if args.w4a4 else evaluate
+            result = run(variant, model, episodes, args, Path(tmp))
             result["coupling_change"] = preserved
             result["seconds"] = time.perf_counter() - start
             report["variants"][variant] = result
-            print_table(variant, result, note)
+            (print_w4a4 if args.w4a4 else print_table)(variant, result, note)
             print(f"({variant}: {result['seconds']:.0f} s)", file=sys.stderr)
     report["wall_seconds"] = time.perf_counter() - wall
     out = Path(args.out)

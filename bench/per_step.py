@@ -40,6 +40,7 @@ from baselines import RTNLinear
 from cases import recipes
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
+from duquant_pipeline.recipe import statistics_needed
 from duquant_runtime import DuQuantLinear, capture_stats, flow_step, instrument, load_bundle
 from duquant_runtime.config import DuQuantConfig, matches, resolve
 from timecond import TimeCondPolicy, build_timecond, flow_batch
@@ -54,6 +55,13 @@ HEADS = (("action_in_proj",), ("action_out_proj",), ("time_mlp_in", "time_mlp_ou
 def case_configs(percentile: float | None = None, only_recipes: str = "") -> dict[str, DuQuantConfig]:
     """W4A8 cases from ``dit_w4a8``, W4A4 from ``dit_w4a4`` (its act_percentile 99), each activation mode;
     ``only_recipes``: bench/cases.py's data-free recipes of ``dit_w4a8`` (per-token dynamic) instead."""
+    if only_recipes == "w4a4":  # the presets' quant and transform on dit_w4a8's selection
+        expert = resolve("dit_w4a8")
+        cases = {"W4A8 data-free": "dit_w4a8", "W4A8 --calib": "full_w4a8_calib", "W4A4 --calib": "full_w4a4"}
+        return {
+            label: expert.replace(name=preset, quant=resolve(preset).quant, transform=resolve(preset).transform)
+            for label, preset in cases.items()
+        }
     if only_recipes:
         return {f"W4A8 dynamic, {k}": c for k, c in recipes(resolve("dit_w4a8"), only_recipes).items()}
     out = {}
@@ -156,8 +164,8 @@ def evaluate(
         record(f"head {'+'.join(heads)} RTN W4A4", swap(float_model, list(heads), lambda x: RTNLinear(x, act_bits=4)))
     for label, config in cases.items():
         calib = None
-        if config.quant.act_mode != "per_token_dynamic":
-            calib = work / f"seed{seed}" / f"{config.quant.act_mode}.h5"
+        if config.quant.act_mode != "per_token_dynamic" or statistics_needed(config):
+            calib = work / f"seed{seed}" / f"{config.name}-{config.quant.act_mode}.h5"
             if not calib.exists():
                 captured = copy.deepcopy(float_model)
                 instrument(captured)
@@ -179,7 +187,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--act-percentile", type=float, default=None, help="override the preset's act_percentile")
     parser.add_argument("--cases", default="", help="only the cases whose label contains this")
-    parser.add_argument("--recipes", default="", help="compare only these data-free recipes (bench/cases.py)")
+    parser.add_argument(
+        "--recipes",
+        default="",
+        help="compare only these data-free recipes (bench/cases.py), or 'w4a4': W4A8 data-free / --calib, W4A4 --calib",
+    )
     parser.add_argument("--step-rows", type=int, default=256, help="capture_stats' rows kept per denoising step")
     parser.add_argument("--out", default="artifacts/bench/per_step.json")
     args = parser.parse_args()

@@ -89,23 +89,44 @@ def minilm_testbed() -> Testbed | None:
     return Testbed("minilm", model, config, run, calib_seeds=(1,), eval_seed=0)
 
 
+def like(base: DuQuantConfig, preset: str) -> DuQuantConfig:
+    """``preset``'s quant and transform on ``base``'s selection. These testbeds have no denoising
+    loop: a per-step preset's expert runs per-channel static, as its other layers."""
+    p = resolve(preset)
+    return DuQuantConfig(name=base.name, select=base.select, quant=p.quant, transform=p.transform).replace(
+        "quant", act_mode_by_pattern=()
+    )
+
+
+W4A4_CASES = {"W4A8 data-free": ("full_w4a8", False), "W4A8 --calib": ("full_w4a8_calib", True)}
+W4A4_CASES["W4A4 --calib"] = ("full_w4a4", True)
+
+
 def case_configs(base: DuQuantConfig, only: str = "") -> dict[str, tuple[DuQuantConfig, bool]]:
     """label -> (config with base's selection, built with --calib); ``only``: bench/cases.py's
-    recipes instead, data-free."""
+    recipes instead, data-free, or ``w4a4``: W4A8 data-free, W4A8 --calib and W4A4 --calib."""
+    if only == "w4a4":
+        return {label: (like(base, preset), calib) for label, (preset, calib) in W4A4_CASES.items()}
+    if only == "w4a4modes":  # the LLM's and vision's activation mode: static (per-token where better) or per-token
+        w4a4 = like(base, "full_w4a4")
+        static = w4a4.replace("quant", act_mode="per_channel_static")
+        return {
+            "W4A4 --calib, static (per-token where better)": (static, True),
+            "W4A4 --calib, per-token (the preset)": (w4a4, True),
+        }
+    if only == "w4a4margin":  # the margin over RTN W4A8 a layer kept at A4 must measure on held-out rows
+        w4a4 = like(base, "full_w4a4")
+        return {f"W4A4 --calib, margin {m:g} dB": (w4a4.replace("quant", a4_rtn_margin_db=m), True) for m in (0, 1, 2)}
     if only:
         default = DuQuantConfig(name=base.name, select=base.select, quant=resolve("full_w4a8").quant)
         return {label: (c, False) for label, c in recipes(default, only).items()}
 
-    def like(preset: str) -> DuQuantConfig:
-        p = resolve(preset)
-        return DuQuantConfig(name=base.name, select=base.select, quant=p.quant, transform=p.transform)
-
-    default = like("full_w4a8")
+    default = like(base, "full_w4a8")
     hadamard_only = default.replace("transform", equalize=(), rtn_candidate=False)
     return {
         "hadamard 64 only (previous default)": (hadamard_only, False),
         "default (per-layer choice)": (default, False),
-        "calib preset (--calib)": (like("full_w4a8_calib"), True),
+        "calib preset (--calib)": (like(base, "full_w4a8_calib"), True),
     }
 
 
@@ -154,9 +175,13 @@ def evaluate(tb: Testbed, work: Path, only: str = "") -> dict:
     capture.save(stats)
 
     rows: dict[str, dict] = {}
-    rtn = swap(model, names, RTNLinear)
-    rtn_layers = per_layer_sqnr(rtn, names, inputs, reference)
-    rows["RTN W4A8"] = {"layers": rtn_layers, "components": _components(tb, rtn, reference_out), "choices": {}}
+    for act_bits in (8, 4) if only.startswith("w4a4") else (8,):
+        rtn = swap(model, names, lambda lin, a=act_bits: RTNLinear(lin, 4, a))
+        rows[f"RTN W4A{act_bits}"] = {
+            "layers": per_layer_sqnr(rtn, names, inputs, reference),
+            "components": _components(tb, rtn, reference_out),
+            "choices": {},
+        }
     for label, (config, calib) in case_configs(tb.config, only).items():
         start = time.perf_counter()
         result = build_bundle(config, ckpt, work / "bundles", calib=stats if calib else None, jobs=1)
@@ -219,9 +244,15 @@ def main() -> None:
     ap.add_argument("--testbeds", default="coupled,plain,minilm")
     ap.add_argument("--seeds", type=int, default=1, help="pi0.5 testbeds per kind (different draws)")
     ap.add_argument("--out", default="artifacts/bench/trained.json")
-    ap.add_argument("--recipes", default="", help="compare only these data-free recipes (bench/cases.py)")
+    ap.add_argument(
+        "--recipes",
+        default="",
+        help="compare only these data-free recipes (bench/cases.py), or 'w4a4' (W4A8 data-free / --calib, W4A4 "
+        "--calib), 'w4a4modes' (static, per-token where better, against per-token), 'w4a4margin' (margins over RTN)",
+    )
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     wanted = args.testbeds.split(",")
     beds: list[Testbed] = []
     for kind in ("coupled", "plain", "strong"):

@@ -204,8 +204,8 @@ def test_full_w4a4_selects_the_policy_but_its_heads_and_runs_the_expert_per_step
         modes[part].add(cfg.quant.mode_for(la.name))
     assert modes == {
         "gemma_expert": {"per_step_static"},
-        "language_model": {"per_channel_static"},
-        "vision_tower": {"per_channel_static"},
+        "language_model": {"per_token_dynamic"},
+        "vision_tower": {"per_token_dynamic"},
     }
     assert cfg.quant.act_bits == 4 and cfg.quant.a4_min_sqnr_db > 0 and cfg.quant.gptq
 
