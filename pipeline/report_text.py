@@ -74,8 +74,11 @@ def _print_act_fallback(h: dict[str, Any], echo: Echo) -> None:
     threshold = h["config"]["quant"].get("a4_min_sqnr_db", 0.0)
     if not threshold:
         return
-    kept = h.get("act_fallback", [])
-    echo(f"A8 fallback  {threshold:g} dB held out: {len(kept)} layer(s) kept at 8-bit activations")
+    kept, q = h.get("act_fallback", []), h["config"]["quant"]
+    margin = q.get("a4_rtn_margin_db", 0.0)
+    rtn = f" or within {margin:g} dB of RTN W4A8" if margin else " or under RTN W4A8"
+    rtn = rtn if q.get("a4_vs_rtn_w4a8") else ""
+    echo(f"A8 fallback  {threshold:g} dB{rtn} held out: {len(kept)} layer(s) kept at 8-bit activations")
     for line in kept[:20]:
         echo(f"  {line}")
     if len(kept) > 20:
