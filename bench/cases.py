@@ -31,6 +31,14 @@ RECIPES: dict[str, dict[str, dict]] = {
 }
 
 
+# The W4A4 tables' cases (docs/benchmarks.md, "W4A4 for the whole policy"): label -> (preset, built with --calib).
+W4A4_CASES: dict[str, tuple[str, bool]] = {
+    "W4A8 data-free": ("full_w4a8", False),
+    "W4A8 --calib": ("full_w4a8_calib", True),
+    "W4A4 --calib": ("full_w4a4", True),
+}
+
+
 def recipe(base: DuQuantConfig, name: str) -> DuQuantConfig:
     """``base`` with the named recipe's overrides (its selection and name kept)."""
     if name not in RECIPES:

@@ -67,7 +67,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
-from cases import recipes
+from cases import W4A4_CASES, recipes
 from duquant_pipeline.build import build_bundle
 from duquant_runtime import capture_stats, instrument, load_bundle
 from duquant_runtime.config import QuantConfig, resolve
@@ -330,10 +330,6 @@ def evaluate(
         "action_norm_over_displacement": float(reference.norm() / (reference - noise).norm()),
         "build_seconds": build_seconds,
     }
-
-
-W4A4_CASES = {"W4A8 data-free": ("full_w4a8", False), "W4A8 --calib": ("full_w4a8_calib", True)}
-W4A4_CASES["W4A4 --calib"] = ("full_w4a4", True)
 
 
 def instrumented(model: nn.Module) -> nn.Module:

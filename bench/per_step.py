@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
-from cases import recipes
+from cases import W4A4_CASES, recipes
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
 from duquant_pipeline.recipe import statistics_needed
@@ -57,10 +57,9 @@ def case_configs(percentile: float | None = None, only_recipes: str = "") -> dic
     ``only_recipes``: bench/cases.py's data-free recipes of ``dit_w4a8`` (per-token dynamic) instead."""
     if only_recipes == "w4a4":  # the presets' quant and transform on dit_w4a8's selection
         expert = resolve("dit_w4a8")
-        cases = {"W4A8 data-free": "dit_w4a8", "W4A8 --calib": "full_w4a8_calib", "W4A4 --calib": "full_w4a4"}
         return {
             label: expert.replace(name=preset, quant=resolve(preset).quant, transform=resolve(preset).transform)
-            for label, preset in cases.items()
+            for label, (preset, _) in W4A4_CASES.items()
         }
     if only_recipes:
         return {f"W4A8 dynamic, {k}": c for k, c in recipes(resolve("dit_w4a8"), only_recipes).items()}

@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
-from cases import recipes
+from cases import W4A4_CASES, recipes
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.quality import sqnr_db
 from duquant_runtime import capture_stats, load_bundle
@@ -96,10 +96,6 @@ def like(base: DuQuantConfig, preset: str) -> DuQuantConfig:
     return DuQuantConfig(name=base.name, select=base.select, quant=p.quant, transform=p.transform).replace(
         "quant", act_mode_by_pattern=()
     )
-
-
-W4A4_CASES = {"W4A8 data-free": ("full_w4a8", False), "W4A8 --calib": ("full_w4a8_calib", True)}
-W4A4_CASES["W4A4 --calib"] = ("full_w4a4", True)
 
 
 def case_configs(base: DuQuantConfig, only: str = "") -> dict[str, tuple[DuQuantConfig, bool]]:

@@ -28,14 +28,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import RTNLinear
+from cases import W4A4_CASES
 from duquant_pipeline.build import build_bundle
 from duquant_pipeline.demo_model import load_demo_model
 from duquant_pipeline.demo_stats import capture_demo_stats, run_demo
 from duquant_runtime import attach_clock, load_bundle
 from duquant_runtime.config import resolve
 
-CASES = {"W4A8 data-free": ("full_w4a8", False), "W4A8 --calib": ("full_w4a8_calib", True)}
-CASES["W4A4 --calib"] = ("full_w4a4", True)
 STEPS = 10
 
 
@@ -81,7 +80,7 @@ def main() -> None:
     detail: dict[str, dict] = {}
     names: list[str] = []
     with tempfile.TemporaryDirectory(prefix="duquant-w4a4-") as tmp:
-        for label, (preset, calib) in CASES.items():
+        for label, (preset, calib) in W4A4_CASES.items():
             config = resolve(preset)
             stats = capture_demo_stats(args.checkpoint, config, Path(tmp) / f"{preset}.h5") if calib else None
             start = time.perf_counter()

@@ -97,8 +97,8 @@ def _check_calib(config: DuQuantConfig, layers: list[SelectedLayer], calib: str 
             f"{calib} was captured on another checkpoint: {wrong[0]} has in_features "
             f"{reader.meta[wrong[0]]['in_features']} there"
         )
-    stepped = [la.name for la in layers if config.quant.mode_for(la.name) == "per_step_static"]
-    if config.quant.per_step and stepped:
+    stepped = [la.name for la in layers if config.quant.runs_per_step(la.name)]
+    if stepped:
         _check_steps(config, reader, str(calib), stepped[0])
     return reader.digest
 

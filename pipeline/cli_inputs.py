@@ -64,10 +64,8 @@ def _act_note(quant: QuantConfig) -> str:
     }
     parts = [modes[quant.act_mode]] + [f"{modes[m]} on {p!r}" for p, m in quant.act_mode_by_pattern]
     if quant.a4_min_sqnr_db:
-        parts.append(f"A8 under {quant.a4_min_sqnr_db:g} dB held out")
-    if quant.a4_min_sqnr_db:
-        return f" ({'; '.join(parts)}: needs build --calib)"
-    if {quant.act_mode, *(m for _, m in quant.act_mode_by_pattern)} & {"per_step_static", "per_channel_static"}:
+        return f" ({'; '.join(parts)}; A8 under {quant.a4_min_sqnr_db:g} dB held out: needs build --calib)"
+    if quant.modes & {"per_step_static", "per_channel_static"}:
         return f" ({'; '.join(parts)}: needs calibration, or build --calib)"
     return ""
 

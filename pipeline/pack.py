@@ -153,9 +153,9 @@ def activation_choice(
     held = packer.held_out_sqnr(best)
     if packer.act_mode == "per_channel_static" and packer.act_bits > 0:
         packer.act_mode = "per_token_dynamic"
-        per_token = packer.held_out_sqnr(best)
-        if per_token > held:  # the same codes, measured (and packed) without static scales
-            best, held = packer.measure(best.tr, best.codes, best.scales, best.bits), per_token
+        per_token = packer.measure(best.tr, best.codes, best.scales, best.bits)  # the same codes, no scales
+        if per_token.sqnr > held:
+            best, held = per_token, per_token.sqnr
             choice += "+tok"
         else:
             packer.act_mode = "per_channel_static"

@@ -21,8 +21,8 @@ import torch
 from duquant_runtime.bundle import LayerPack
 from duquant_runtime.codes import pack_codes, storage_for_bits
 from duquant_runtime.config import DuQuantConfig
+from duquant_runtime.config_sections import STATIC_ACT_MODES
 from duquant_runtime.layer import DuQuantLinear
-from duquant_runtime.schema import STATIC_ACT_MODES
 from duquant_runtime.signature import weight_signature
 from duquant_runtime.stats import LayerStats
 
@@ -196,10 +196,10 @@ class LayerQuantizer:
     def held_out_sqnr(self, m: Measured) -> float:
         """The kept candidate's output SQNR on rows its static scales were not fitted to: the
         sample's two halves (each step's, per step), each measured with scales from the other.
-        Per-token layers fit nothing to the sample: measured on all of it."""
-        layer = self.runtime(dataclasses.replace(self.finished(m), act_scale=None))  # scales set per half
+        Per-token layers fit nothing to the sample: their output SQNR on all of it, as measured."""
         if not self.static:
-            return output_sqnr_db(layer, self.sample, self.w_ref)  # type: ignore[arg-type]
+            return m.figures["output_sqnr_db"]
+        layer = self.runtime(dataclasses.replace(self.finished(m), act_scale=None))  # scales set per half
         groups = self.stats.step_sample if self.per_step else self.stats.sample[None]  # type: ignore[union-attr]
         signal = noise = 0.0
         for rows in groups:

@@ -17,7 +17,7 @@ from typing import Any
 from duquant_runtime.bundle import BundleReader
 from duquant_runtime.bundle_records import EMBEDDING
 from duquant_runtime.config import QuantConfig, component_of, from_dict
-from duquant_runtime.schema import STATIC_ACT_MODES
+from duquant_runtime.config_sections import STATIC_ACT_MODES
 
 from .checkpoint import ITEMSIZE
 

@@ -12,10 +12,10 @@ import numpy as np
 
 from .bundle_records import EMBEDDING, LAYER_KINDS, LINEAR, REBUILD, LayerPack
 from .codes import INT4, INT8, scale_groups
+from .config_sections import ACT_MODES, MAX_FLOW_STEPS
 from .crc import crc32
 from .errors import BundleReadError, BundleVersionError
 from .h5file import Node
-from .schema import ACT_MODES, MAX_FLOW_STEPS
 from .stages import F32, StageKind, StageSpec, check_plan
 
 

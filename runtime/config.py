@@ -14,20 +14,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .schema import (
+from .config_checks import validate
+from .config_sections import (
     ACT_MODES,
-    CONFIG_SCHEMA,
     ROW_ROT_MODES,
-    SECTIONS,
     WEIGHT_SEARCHES,
-    DuQuantConfig,
     EmbedConfig,
     QuantConfig,
     SelectConfig,
     TransformConfig,
-    validate,
 )
+from .errors import ConfigError
+from .schema import CONFIG_SCHEMA, SECTIONS, DuQuantConfig
 from .selection import COMPONENTS, NEVER_UNLESS_LISTED, component_of, matches
 
 __all__ = [

@@ -62,10 +62,18 @@ class QuantConfig:
     a4_rtn_margin_db: float = 0.0
 
     @property
+    def modes(self) -> set[str]:
+        """Every activation mode the config names: ``act_mode`` and its patterns'."""
+        return {self.act_mode, *(mode for _, mode in self.act_mode_by_pattern)}
+
+    @property
     def per_step(self) -> bool:
         """Does any layer keep a static scale row per denoising step (and so need the step clock)?"""
-        modes = {self.act_mode, *(mode for _, mode in self.act_mode_by_pattern)}
-        return "per_step_static" in modes and self.act_bits > 0
+        return "per_step_static" in self.modes and self.act_bits > 0
+
+    def runs_per_step(self, layer: str) -> bool:
+        """Does ``layer`` keep a scale row per denoising step (and so read the step clock)?"""
+        return self.per_step and self.mode_for(layer) == "per_step_static"
 
     def mode_for(self, layer: str) -> str:
         """The layer's activation mode: the one its ``act_mode_by_pattern`` entries name, else

@@ -24,6 +24,7 @@ from torch import nn
 from . import stages as st
 from .actquant import ACT_EPS, fake_quant, per_token_scale
 from .bundle import LayerPack
+from .config_sections import QuantConfig
 from .errors import DuQuantError
 from .flowsteps import StepTable
 from .layer_buffers import (
@@ -39,7 +40,6 @@ from .layer_buffers import (
     weight_tensors,
 )
 from .lazy_weight import LazyWeight
-from .schema import QuantConfig
 from .stages import StageSpec
 
 WEIGHT_STORAGES = ("codes", "dequant")

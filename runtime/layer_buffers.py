@@ -14,9 +14,9 @@ import torch
 
 from .actquant import ACT_EPS
 from .bundle import LayerPack
+from .config_sections import STATIC_ACT_MODES
 from .errors import NotCalibratedError
 from .flowsteps import StepTable
-from .schema import STATIC_ACT_MODES
 
 # Kept across one load: (where the bundle stores an array shared by layers, torch dtype) -> its
 # tensor, so every layer linked to one stored array holds one tensor.

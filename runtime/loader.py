@@ -118,7 +118,7 @@ def _shows(progress: bool | None) -> bool:
 
 def _with_steps(options: BuildOptions, model: nn.Module, config: DuQuantConfig, header: BundleHeader) -> BuildOptions:
     """A per-step bundle's layers read the model's step clock: refused now, not at a forward, without one."""
-    if not (config.quant.per_step and any(config.quant.mode_for(n) == "per_step_static" for n in header.layer_names)):
+    if not any(config.quant.runs_per_step(n) for n in header.layer_names):
         return options
     return replace(options, step_table=step_table(model, config.quant.flow_steps, f"bundle {header.path.name}"))
 

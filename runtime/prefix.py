@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .config_sections import SelectConfig
 from .errors import ModelMismatchError, SelectionError
-from .schema import SelectConfig
 from .selection import matches
 
 

@@ -12,36 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config_checks import validate
-from .config_sections import (
-    ACT_MODES,
-    MAX_FLOW_STEPS,
-    ROW_ROT_MODES,
-    STATIC_ACT_MODES,
-    WEIGHT_SEARCHES,
-    EmbedConfig,
-    QuantConfig,
-    SelectConfig,
-    TransformConfig,
-)
+from .config_sections import EmbedConfig, QuantConfig, SelectConfig, TransformConfig
 from .errors import ConfigError
-
-__all__ = [
-    "ACT_MODES",
-    "CONFIG_SCHEMA",
-    "MAX_FLOW_STEPS",
-    "ROW_ROT_MODES",
-    "SCHEMA_1_REFUSED",
-    "SECTIONS",
-    "STATIC_ACT_MODES",
-    "WEIGHT_SEARCHES",
-    "DuQuantConfig",
-    "EmbedConfig",
-    "QuantConfig",
-    "SelectConfig",
-    "TransformConfig",
-    "validate",
-]
-
 
 # The fingerprint document's config schema: every field, always. Schema 1 (bundles of 0.1
 # and 0.2) left later fields out at their old defaults; it is no longer written or compared.
@@ -95,8 +67,7 @@ class DuQuantConfig:
             del d["embed"]
         if not self.quant.weight_bits_by_pattern:
             del d["quant"]["weight_bits_by_pattern"]
-        modes = {self.quant.act_mode, *(m for _, m in self.quant.act_mode_by_pattern)}
-        if "per_step_static" not in modes:  # 0.8: only per-step tables have steps
+        if "per_step_static" not in self.quant.modes:  # 0.8: only per-step tables have steps
             del d["quant"]["flow_steps"]
         # 0.10: per-layer activation modes and the A8 fallback
         if not self.quant.act_mode_by_pattern:

@@ -6,8 +6,8 @@ import difflib
 import re
 from collections.abc import Iterable
 
+from .config_sections import SelectConfig
 from .errors import SelectionError
-from .schema import SelectConfig
 
 # pi0.5's components by a marker in the module name (openpi's names; LeRobot's sit under
 # "model."), for bytes per component in inspect and the load report.

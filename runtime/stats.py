@@ -140,7 +140,7 @@ def capture_stats(
     cfg = resolve(config)
     linears = _selected_linears(model, cfg, name_prefix)
     names = list(linears)
-    stepped = {n for n in names if cfg.quant.per_step and cfg.quant.mode_for(n) == "per_step_static"}
+    stepped = {n for n in names if cfg.quant.runs_per_step(n)}
     table = None
     if stepped:  # only per-step layers read the clock (llm_w4a4 selects none of full_w4a4's)
         table = step_table(model, cfg.quant.flow_steps, f"capture_stats for config {cfg.name!r}")

@@ -115,7 +115,9 @@ def test_a_layer_under_the_threshold_is_kept_at_a8(two_parts, tmp_path):
         torch.testing.assert_close(fc.act_scale.float(), want.clamp_min(1e-8), rtol=1e-5, atol=1e-8)
     r = CliRunner().invoke(main, ["inspect", str(result.path), "--quality", "0"])
     assert r.exit_code == 0, r.output
-    assert f"A8 fallback  {threshold:g} dB held out: 1 layer(s) kept at 8-bit activations" in r.stdout  # no RTN rule set
+    assert (
+        f"A8 fallback  {threshold:g} dB held out: 1 layer(s) kept at 8-bit activations" in r.stdout
+    )  # no RTN rule set
     assert "  llm.fc (" in r.stdout and "a8 " in r.stdout
     from duquant_pipeline.plot import plot_report
     from duquant_pipeline.report import read_report
